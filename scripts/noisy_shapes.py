@@ -1,0 +1,212 @@
+"""A shapes dataset with known ground truth and attention-like label noise.
+
+    python scripts/noisy_shapes.py --out DIR --n 600 --size 64 --seed 0
+
+Writes the plain folder format that ``--source folder:DIR`` reads: images/<id>.png (RGB),
+masks/<id>.png (noisy labels), gt/<id>.png (truth), classes.jsonl ({"id", "classes"}).
+
+Each image shows 1-3 objects drawn from one co-occurring pair of VOC classes; a class fixes
+the object's shape, colour and texture, so a small CNN can learn it. The labels are made the
+way attention labels go wrong: each object's mask is seen through a 1/8-resolution score map
+(blobby), thresholded at a random level (boundaries too wide or too narrow), with a 255 band
+where the score is near the threshold; some objects are missing, some take the class of their
+pair partner (swapped), and some images get another image's label altogether (failed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from syntagen_st.classes import IGNORE_INDEX, NUM_CLASSES, VOC_CLASSES  # noqa: E402
+from syntagen_st.store import save_image, save_mask  # noqa: E402
+
+# Co-occurring pairs: a swap exchanges the two classes of a pair, as attention mixes up
+# objects that appear together.
+PAIRS: tuple[tuple[int, int], ...] = ((8, 12), (15, 13), (7, 6))  # cat-dog, person-horse, car-bus
+SHAPES: dict[int, str] = {8: "circle", 12: "square", 15: "triangle", 13: "ellipse", 7: "diamond", 6: "cross"}
+COLOURS: dict[int, tuple[int, int, int]] = {
+    8: (240, 130, 20), 12: (140, 40, 180), 15: (250, 150, 190),
+    13: (150, 20, 20), 7: (30, 90, 230), 6: (235, 220, 40),
+}
+TEXTURES: dict[int, str] = {8: "hstripes", 12: "vstripes", 15: "dots", 13: "checker", 7: "diagonal", 6: "plain"}
+MAX_OBJECTS = 3
+
+
+@dataclass(frozen=True)
+class Noise:
+    """Label-noise recipe; the defaults put labels near 0.6 mIoU (255 as a miss)."""
+
+    factor: int = 8
+    """The attention map's downsampling: labels are seen at size / factor."""
+    score_noise: float = 0.1
+    threshold: tuple[float, float] = (0.3, 0.6)
+    """Per-object threshold range: low dilates the object, high erodes it."""
+    band: float = 0.12
+    """Relative score band around the threshold that becomes 255."""
+    missing: float = 0.08
+    swapped: float = 0.12
+    failed: float = 0.06
+
+
+def _shape(kind: str, dx: np.ndarray, dy: np.ndarray, r: np.ndarray) -> np.ndarray:
+    ax, ay = np.abs(dx), np.abs(dy)
+    if kind == "circle":
+        return dx**2 + dy**2 <= r**2
+    if kind == "square":
+        return np.maximum(ax, ay) <= 0.85 * r
+    if kind == "triangle":
+        return (dy <= 0.7 * r) & (2 * ax <= dy + r)
+    if kind == "ellipse":
+        return (dx / (1.3 * r)) ** 2 + (dy / (0.7 * r)) ** 2 <= 1
+    if kind == "diamond":
+        return ax + ay <= 1.2 * r
+    if kind == "cross":
+        return ((ax <= 0.35 * r) & (ay <= r)) | ((ay <= 0.35 * r) & (ax <= r))
+    raise ValueError(kind)
+
+
+def _texture(kind: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    if kind == "hstripes":
+        return np.sin(y * np.pi / 3) > 0
+    if kind == "vstripes":
+        return np.sin(x * np.pi / 3) > 0
+    if kind == "dots":
+        return (x % 6 - 2.5) ** 2 + (y % 6 - 2.5) ** 2 < 4
+    if kind == "checker":
+        return (x // 4 + y // 4) % 2 == 0
+    if kind == "diagonal":
+        return np.sin((x + y) * np.pi / 4) > 0
+    return np.ones_like(x, dtype=bool)
+
+
+def _upsample(low: np.ndarray, size: int) -> np.ndarray:
+    """(N, C, h, w) -> (N, C, size, size), bilinear: what upsampling an attention map does."""
+    t = torch.from_numpy(low.astype(np.float32))
+    return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False).numpy()
+
+
+def make_dataset(n: int, size: int, seed: int, noise: Noise = Noise()) -> dict[str, np.ndarray | list]:
+    """images (n, size, size, 3) uint8, gt and masks (n, size, size) uint8, classes: named VOC ids."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+
+    pair = np.array(PAIRS)[rng.integers(len(PAIRS), size=n)]  # (n, 2)
+    count = rng.integers(1, MAX_OBJECTS + 1, size=n)
+    active = np.arange(MAX_OBJECTS)[None] < count[:, None]  # (n, K)
+    which = rng.integers(2, size=(n, MAX_OBJECTS))
+    cls = np.take_along_axis(pair, which, axis=1)  # (n, K)
+    partner = np.take_along_axis(pair, 1 - which, axis=1)
+    r = rng.uniform(0.12, 0.24, size=(n, MAX_OBJECTS)) * size
+    cx = rng.uniform(0.15, 0.85, size=(n, MAX_OBJECTS)) * size
+    cy = rng.uniform(0.15, 0.85, size=(n, MAX_OBJECTS)) * size
+
+    # Background: smooth low-frequency colour noise around a random muted tint.
+    tint = rng.uniform(60, 160, size=(n, 3, 1, 1))
+    image = tint + _upsample(rng.normal(0, 30, size=(n, 3, 4, 4)), size) + rng.normal(0, 8, size=(n, 3, size, size))
+
+    owner = np.full((n, size, size), -1, dtype=np.int64)  # painter's order: later objects on top
+    for k in range(MAX_OBJECTS):
+        dx, dy = x[None] - cx[:, k, None, None], y[None] - cy[:, k, None, None]
+        inside = np.zeros((n, size, size), dtype=bool)
+        for c, kind in SHAPES.items():
+            sel = active[:, k] & (cls[:, k] == c)
+            if sel.any():
+                inside[sel] = _shape(kind, dx[sel], dy[sel], r[sel, k, None, None])
+                shade = 0.6 + 0.4 * _texture(TEXTURES[c], x, y)
+                colour = np.array(COLOURS[c], dtype=np.float32)[None, :, None, None]
+                jitter = rng.uniform(0.85, 1.15, size=(int(sel.sum()), 1, 1, 1))
+                obj = colour * shade[None, None] * jitter
+                keep = inside[sel][:, None]
+                image[sel] = np.where(keep, obj, image[sel])
+        owner[inside] = k
+    image = np.clip(image, 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    gt = np.where(owner >= 0, np.take_along_axis(cls, np.maximum(owner, 0).reshape(n, -1), 1).reshape(owner.shape), 0)
+
+    # Attention-like labels: each visible object's mask seen at 1/factor resolution.
+    visible = (owner[:, None] == np.arange(MAX_OBJECTS)[None, :, None, None]).astype(np.float32)
+    low = visible.reshape(n, MAX_OBJECTS, size // noise.factor, noise.factor, size // noise.factor, noise.factor)
+    low = low.mean(axis=(3, 5)) + rng.normal(0, noise.score_noise, size=(n, MAX_OBJECTS, size // noise.factor, size // noise.factor))
+    score = _upsample(low, size)
+    roll = rng.uniform(size=(n, MAX_OBJECTS))
+    score[roll < noise.missing] = 0.0
+    label_cls = np.where(roll > 1 - noise.swapped, partner, cls)
+    ratio = score / rng.uniform(*noise.threshold, size=(n, MAX_OBJECTS, 1, 1))
+    top = ratio.argmax(axis=1)
+    best = np.take_along_axis(ratio, top[:, None], 1)[:, 0]
+    masks = np.take_along_axis(label_cls, top.reshape(n, -1), 1).reshape(top.shape)
+    masks = np.where(best >= 1 + noise.band, masks, 0)
+    masks = np.where(np.abs(best - 1) < noise.band, IGNORE_INDEX, masks).astype(np.uint8)
+    failed = rng.uniform(size=n) < noise.failed
+    masks[failed] = np.roll(masks, 1, axis=0)[failed]  # another image's label: unrelated
+
+    classes = [sorted({int(c) for c in cls[i, : count[i]]}) for i in range(n)]
+    return {"images": image, "gt": gt.astype(np.uint8), "masks": masks, "classes": classes, "failed": failed}
+
+
+def label_quality(labels: Iterable[np.ndarray], gts: Iterable[np.ndarray]) -> dict[str, float]:
+    """Label mIoU against ground truth with 255 counted as a miss, the same with 255 ignored,
+    and coverage (share of pixels not 255). Classes absent from both truth and labels are
+    left out of the mean."""
+    hist = np.zeros((NUM_CLASSES, NUM_CLASSES + 1), dtype=np.int64)  # last column: label 255
+    pixels = ignored = 0
+    for label, gt in zip(labels, gts):
+        valid = gt < NUM_CLASSES
+        lab = np.where(label[valid] == IGNORE_INDEX, NUM_CLASSES, label[valid]).astype(np.int64)
+        hist += np.bincount(gt[valid].astype(np.int64) * (NUM_CLASSES + 1) + lab,
+                            minlength=NUM_CLASSES * (NUM_CLASSES + 1)).reshape(hist.shape)
+        pixels += label.size
+        ignored += int(np.count_nonzero(label == IGNORE_INDEX))
+    tp = np.diag(hist[:, :NUM_CLASSES]).astype(np.float64)
+    predicted = hist[:, :NUM_CLASSES].sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        miss = tp / (hist.sum(axis=1) + predicted - tp)
+        ignore = tp / (hist[:, :NUM_CLASSES].sum(axis=1) + predicted - tp)
+    return {
+        "miou": float(np.nanmean(miss)),
+        "miou_ignore255": float(np.nanmean(ignore)),
+        "coverage": 1.0 - ignored / max(pixels, 1),
+    }
+
+
+def write_dataset(out: str | Path, data: dict, prefix: str = "") -> list[str]:
+    """The folder format: images/, masks/, gt/ and classes.jsonl; returns the ids."""
+    out = Path(out)
+    ids = [f"{prefix}{i:05d}" for i in range(len(data["images"]))]
+    for i, sample_id in enumerate(ids):
+        save_image(out / "images" / f"{sample_id}.png", data["images"][i])
+        save_mask(out / "masks" / f"{sample_id}.png", data["masks"][i])
+        save_mask(out / "gt" / f"{sample_id}.png", data["gt"][i])
+    rows = [{"id": s, "classes": [VOC_CLASSES[c] for c in data["classes"][i]]} for i, s in enumerate(ids)]
+    (out / "classes.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return ids
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--n", type=int, default=600)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.size % Noise().factor:
+        parser.error(f"--size must be a multiple of {Noise().factor}")
+    data = make_dataset(args.n, args.size, args.seed)
+    write_dataset(args.out, data)
+    q = label_quality(data["masks"], data["gt"])
+    print(f"{args.n} samples in {args.out}: label mIoU {q['miou']:.3f} (255 as miss), "
+          f"{q['miou_ignore255']:.3f} (255 ignored), coverage {q['coverage']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

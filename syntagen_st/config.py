@@ -1,0 +1,295 @@
+"""Typed configuration: one dataclass per stage, loaded from YAML and overridable from the CLI.
+
+``validate`` refuses bad values before any work starts; every message is one line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from .classes import FOREGROUND_CLASSES, canonical
+from .errors import UserError
+
+TINY_MODELS = ("tiny", "tiny-sd2")
+MAX_PAIRS = 10_000
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ConfigError(UserError):
+    """A value the user gave cannot work; the message is shown as one line."""
+
+
+@dataclass
+class ModelConfig:
+    """Which Stable Diffusion to load, and where to run it."""
+
+    pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    """Hub id, local diffusers folder, or 'tiny' / 'tiny-sd2' (random-initialised, offline)."""
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    """'auto': float16 on CUDA, float32 on CPU."""
+    device: str = "auto"
+    """'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:N'."""
+    scheduler: Literal["default", "ddim", "dpm", "euler"] = "default"
+
+
+@dataclass
+class GenerateConfig:
+    """Prompt sampling and the diffusion sampler."""
+
+    num_images: int = 1000
+    batch_size: int = 8
+    steps: int = 50
+    guidance_scale: float = 7.5
+    height: int = 512
+    width: int = 512
+    negative_prompt: str = ""
+    classes: list[str] = field(default_factory=lambda: list(FOREGROUND_CLASSES))
+    """Classes prompts may name (VOC names or display names)."""
+    max_classes_per_prompt: int = 3
+    prompts_file: str | None = None
+    """JSONL ({"prompt": ..., "classes": [...]}) or plain lines; replaces the built-in templates."""
+
+
+@dataclass
+class LabelConfig:
+    """Attention -> mask (Dataset Diffusion defaults, plus the presence gate)."""
+
+    tau: int = 4
+    """Power of the self-attention matrix."""
+    fg_threshold: float = 0.6
+    """Top class score at or above this: that class."""
+    band_threshold: float = 0.5
+    """Top score in [band_threshold, fg_threshold): 255 (unsure); below: background."""
+    presence_threshold: float = 0.2
+    """A class whose raw peak is below this fraction of the strongest class's peak is absent.
+    0 reproduces Dataset Diffusion, which forces every prompted class into the mask."""
+    cross_factor: int = 4
+    """Cross-attention is captured at latent / cross_factor (16x16 for 512 px)."""
+    self_factor: int = 2
+    """Self-attention is captured at latent / self_factor (32x32 for 512 px)."""
+
+
+@dataclass
+class TrainConfig:
+    """DeepLabv3 training; configs/protocol.yaml holds the competition's fixed protocol."""
+
+    arch: Literal[
+        "deeplabv3_resnet50", "deeplabv3_resnet101", "deeplabv3_mobilenet_v3_large",
+        "lraspp_mobilenet_v3_large",
+    ] = "deeplabv3_resnet50"
+    max_steps: int = 10_000
+    batch_size: int = 8
+    crop_size: int = 512
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    aux_weight: float = 0.5
+    scale_min: float = 0.5
+    scale_max: float = 2.0
+    backbone_weights: str = "imagenet"
+    """'imagenet' (torchvision's download), a local state-dict file, or 'none'."""
+    confidence_weighting: bool = False
+    """Weight each pixel's loss by its label confidence (pool samples only)."""
+    num_workers: int = 4
+    accelerator: str = "auto"
+    devices: str = "auto"
+    num_nodes: int = 1
+    precision: str = "auto"
+    """'auto': bf16-mixed on CUDA, 32 on CPU."""
+    logger: Literal["wandb", "csv", "none"] = "wandb"
+    wandb_project: str = "syntagen_st"
+    log_every: int = 50
+    val_every: int = 1000
+    """Evaluate on the validation data every N steps (when there is validation data)."""
+    checkpoint_every: int = 1000
+    val_panels: int = 4
+    """Validation images shown as image / label / prediction overlays on W&B."""
+
+
+@dataclass
+class RefineConfig:
+    """Self-training: relabel, filter, steer."""
+
+    folds: int = 2
+    """Cross-fitting folds: each sample is predicted by a model that never trained on it."""
+    relabel_confidence: float = 0.8
+    """The model replaces a label only where its probability is at least this."""
+    min_reliability: float = 0.6
+    """A class is relabelled only if the model's held-out IoU with the labels reaches this."""
+    keep_confidence: float = 0.5
+    """Where model and label disagree and the model is below this, the pixel becomes 255."""
+    drop_fraction: float = 0.1
+    """Fraction of each round's samples with the worst scores that are dropped."""
+    min_weight: float = 0.2
+    """Floor of a class's prompt weight relative to the mean, so no class starves."""
+    weakness_power: float = 1.0
+    """Sharpness of steering: prompt weight ~ weakness ** power."""
+
+
+@dataclass
+class LoopConfig:
+    """Rounds and budget of ``python -m syntagen_st.fit``."""
+
+    rounds: int = 3
+    generate_total: int = 10_000
+    max_pairs: int = MAX_PAIRS
+    budget_split: Literal["equal", "front"] = "front"
+    """'equal' shares; 'front' gives round 0 half the budget and splits the rest equally."""
+    round_steps: int = 2000
+    """Training steps of each round's (short) models."""
+    source: str = "sd"
+    """'sd' (generate with Stable Diffusion) or 'folder:PATH' (refine an existing dataset)."""
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    label: LabelConfig = field(default_factory=LabelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def is_local_path(ref: str) -> bool:
+    """A model reference names a folder when it looks like one or exists; otherwise a hub id."""
+    return ref.startswith(("/", "./", "../", "~")) or os.path.exists(os.path.expanduser(ref))
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def _fraction(name: str, value: float) -> None:
+    _check(0.0 <= value <= 1.0, f"{name} must be in [0, 1], got {value}")
+
+
+def validate_model(cfg: ModelConfig) -> None:
+    ref = cfg.pretrained
+    if ref in TINY_MODELS:
+        pass
+    elif is_local_path(ref):
+        path = os.path.expanduser(ref)
+        _check(os.path.isdir(path), f"model.pretrained: folder {ref!r} does not exist")
+        _check(
+            os.path.isfile(os.path.join(path, "model_index.json")),
+            f"model.pretrained: {ref!r} is not a diffusers pipeline folder (no model_index.json)",
+        )
+    else:
+        _check(bool(_HUB_ID.match(ref)), f"model.pretrained: {ref!r} is neither a folder nor a hub id")
+    _check(
+        cfg.device == "auto" or re.fullmatch(r"cpu|cuda(:\d+)?|mps", cfg.device) is not None,
+        f"model.device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}",
+    )
+
+
+def validate_generate(cfg: GenerateConfig, label: LabelConfig) -> None:
+    _check(cfg.num_images >= 0, f"generate.num_images must be >= 0, got {cfg.num_images}")
+    _check(cfg.batch_size >= 1, f"generate.batch_size must be >= 1, got {cfg.batch_size}")
+    _check(cfg.steps >= 1, f"generate.steps must be >= 1, got {cfg.steps}")
+    _check(cfg.guidance_scale >= 0, f"generate.guidance_scale must be >= 0, got {cfg.guidance_scale}")
+    # The captured layers sit at latent / (self_factor, cross_factor): sizes must divide down.
+    unit = 8 * max(label.cross_factor, label.self_factor)
+    for name in ("height", "width"):
+        value = getattr(cfg, name)
+        _check(value > 0 and value % 8 == 0, f"generate.{name} must be a positive multiple of 8, got {value}")
+        _check(
+            value % unit == 0,
+            f"generate.{name} must be a multiple of {unit} (8 x label.cross_factor), got {value}",
+        )
+    _check(len(cfg.classes) > 0, "generate.classes is empty")
+    for name in cfg.classes:
+        try:
+            canonical(name)
+        except ValueError as err:
+            raise ConfigError(f"generate.classes: {err}") from None
+    _check(cfg.max_classes_per_prompt >= 1, "generate.max_classes_per_prompt must be >= 1")
+    if cfg.prompts_file is not None:
+        _check(os.path.isfile(cfg.prompts_file), f"generate.prompts_file: {cfg.prompts_file!r} does not exist")
+
+
+def validate_label(cfg: LabelConfig) -> None:
+    _check(cfg.tau >= 0, f"label.tau must be >= 0, got {cfg.tau}")
+    for name in ("fg_threshold", "band_threshold", "presence_threshold"):
+        _fraction(f"label.{name}", getattr(cfg, name))
+    _check(
+        cfg.band_threshold <= cfg.fg_threshold,
+        f"label.band_threshold ({cfg.band_threshold}) must not exceed label.fg_threshold ({cfg.fg_threshold})",
+    )
+    for name in ("cross_factor", "self_factor"):
+        value = getattr(cfg, name)
+        _check(value >= 1 and value & (value - 1) == 0, f"label.{name} must be a power of 2, got {value}")
+
+
+def validate_train(cfg: TrainConfig) -> None:
+    for name in ("max_steps", "batch_size", "crop_size", "num_nodes", "log_every", "val_every", "checkpoint_every"):
+        _check(getattr(cfg, name) >= 1, f"train.{name} must be >= 1, got {getattr(cfg, name)}")
+    _check(cfg.num_workers >= 0, f"train.num_workers must be >= 0, got {cfg.num_workers}")
+    _check(cfg.lr > 0, f"train.lr must be > 0, got {cfg.lr}")
+    _check(0 < cfg.scale_min <= cfg.scale_max, "train.scale_min must be > 0 and <= train.scale_max")
+    _fraction("train.momentum", cfg.momentum)
+    _check(cfg.val_panels >= 0, f"train.val_panels must be >= 0, got {cfg.val_panels}")
+    # Flags such as --arch are mapped onto the config after parsing, past jsonargparse's type check.
+    from typing import get_args, get_type_hints
+
+    hints = get_type_hints(TrainConfig)
+    for name in ("arch", "logger"):
+        allowed = get_args(hints[name])
+        value = getattr(cfg, name)
+        _check(value in allowed, f"train.{name} must be one of {', '.join(allowed)}, got {value!r}")
+    if cfg.backbone_weights not in ("imagenet", "none"):
+        _check(
+            os.path.isfile(os.path.expanduser(cfg.backbone_weights)),
+            f"train.backbone_weights: file {cfg.backbone_weights!r} does not exist",
+        )
+
+
+def validate_refine(cfg: RefineConfig) -> None:
+    _check(cfg.folds >= 2, f"refine.folds must be >= 2, got {cfg.folds}")
+    for name in ("relabel_confidence", "min_reliability", "keep_confidence", "drop_fraction", "min_weight"):
+        _fraction(f"refine.{name}", getattr(cfg, name))
+    _check(cfg.drop_fraction < 1, "refine.drop_fraction must be < 1")
+    _check(cfg.weakness_power >= 0, f"refine.weakness_power must be >= 0, got {cfg.weakness_power}")
+
+
+def validate_loop(cfg: LoopConfig) -> None:
+    _check(cfg.rounds >= 1, f"loop.rounds must be >= 1, got {cfg.rounds}")
+    _check(
+        1 <= cfg.max_pairs <= MAX_PAIRS,
+        f"loop.max_pairs must be in [1, {MAX_PAIRS}] (the competition's limit), got {cfg.max_pairs}",
+    )
+    _check(cfg.round_steps >= 1, f"loop.round_steps must be >= 1, got {cfg.round_steps}")
+    if cfg.source == "sd":
+        _check(
+            cfg.generate_total >= cfg.rounds,
+            f"loop.generate_total ({cfg.generate_total}) is smaller than the number of rounds ({cfg.rounds})",
+        )
+    elif cfg.source.startswith("folder:"):
+        path = cfg.source[len("folder:"):]
+        _check(os.path.isdir(path), f"loop.source: folder {path!r} does not exist")
+    else:
+        _check(False, f"loop.source must be 'sd' or 'folder:PATH', got {cfg.source!r}")
+
+
+def validate(cfg: Config) -> Config:
+    """Check every section; raise ConfigError with one line on the first bad value."""
+    _check(bool(re.fullmatch(r"[\w.-]+", cfg.name)), f"name must be letters, digits, '.', '_' or '-', got {cfg.name!r}")
+    _check(0 <= cfg.seed < 2**63, f"seed must be in [0, 2**63), got {cfg.seed}")
+    validate_model(cfg.model)
+    validate_label(cfg.label)
+    validate_generate(cfg.generate, cfg.label)
+    validate_train(cfg.train)
+    validate_refine(cfg.refine)
+    validate_loop(cfg.loop)
+    return cfg

@@ -1,0 +1,248 @@
+"""Generate: prompts -> Stable Diffusion images with attention masks, written to a pool.
+
+``python -m syntagen_st.generate --config configs/smoke.yaml --num-images 16 --out runs/demo``
+
+Each sample's latent noise comes from its own CPU generator seeded from (run seed, sample id),
+so a sample is the same whatever the batch size or device count, and after a resume.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
+from tqdm.auto import tqdm
+
+from .attention import AttentionStore, capture_attention
+from .classes import VOC_CLASSES, class_index, display_name
+from .cli import config_from, config_parser, config_yaml, load_config_file, run_main
+from .config import Config, ConfigError, GenerateConfig, LabelConfig, ModelConfig, TINY_MODELS, is_local_path
+from .errors import UserError
+from .labels import attention_to_scores, scores_to_labels, upsample_scores
+from .prompts import PromptRecord, load_prompt_file, make_records
+from .store import Pool, atomic_write_text
+
+_SCHEDULERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"model.device is {name!r} but CUDA is not available")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """float16 on CUDA and float32 on CPU unless the config names a dtype."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if name == "float16" and device.type == "cpu":
+        raise ConfigError("model.dtype float16 needs a CUDA device; use float32 or bfloat16 on CPU")
+    return getattr(torch, name)
+
+
+def load_pipeline(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> StableDiffusionPipeline:
+    """A StableDiffusionPipeline from a hub id, a local diffusers folder, or the tiny builder."""
+    if cfg.pretrained in TINY_MODELS:
+        from .tiny import build_tiny_pipeline
+
+        pipe = build_tiny_pipeline(cfg.pretrained).to(dtype=dtype)
+    else:
+        ref = str(Path(cfg.pretrained).expanduser()) if is_local_path(cfg.pretrained) else cfg.pretrained
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                ref, revision=cfg.revision, torch_dtype=dtype, use_safetensors=True,
+                safety_checker=None, requires_safety_checker=False,
+            )
+        except (OSError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"cannot load Stable Diffusion from {cfg.pretrained!r}: {first}") from None
+    if cfg.scheduler != "default":
+        pipe.scheduler = _SCHEDULERS[cfg.scheduler].from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def class_token_groups(tokenizer, record: PromptRecord) -> list[list[int]]:
+    """Token positions of each appended class name in the tokenised class prompt.
+
+    The names are the last tokens before end-of-text, separated by one punctuation token each,
+    so they are found from the end; a prompt long enough to push them past the text encoder's
+    limit is refused rather than silently losing a class.
+    """
+    ids = tokenizer(record.class_prompt, truncation=False).input_ids
+    if len(ids) > tokenizer.model_max_length:
+        raise UserError(
+            f"sample {record.id}: the prompt is {len(ids)} tokens; the class names would fall past the "
+            f"text encoder's limit of {tokenizer.model_max_length}: shorten it: {record.prompt[:60]!r}"
+        )
+    end = len(ids) - 1
+    groups: list[list[int]] = []
+    for name in reversed(record.classes):
+        name_ids = tokenizer(display_name(name), add_special_tokens=False).input_ids
+        start = end - len(name_ids)
+        if ids[start:end] != name_ids:
+            raise RuntimeError(f"sample {record.id}: cannot find the tokens of {name!r} in its class prompt")
+        groups.append(list(range(start, end)))
+        end = start - 1
+    return groups[::-1]
+
+
+@dataclass
+class Sample:
+    record: PromptRecord
+    image: np.ndarray  # (H, W, 3) uint8
+    mask: np.ndarray  # (H, W) uint8, 0..20 and 255
+    scores: np.ndarray  # (K, hs, ws) float16, the K classes of ``class_ids``
+    class_ids: np.ndarray  # (K,) uint8
+
+    def manifest_row(self) -> dict:
+        present = sorted({int(v) for v in np.unique(self.mask)} - {0, 255})
+        return self.record.to_row() | {
+            "label_source": "attention",
+            "present": [VOC_CLASSES[v] for v in present],
+            "coverage": float((self.mask != 255).mean()),
+            "foreground": float(((self.mask != 0) & (self.mask != 255)).mean()),
+        }
+
+
+def label_sample(
+    record: PromptRecord, image: np.ndarray, cross: torch.Tensor, self_attn: torch.Tensor,
+    groups: list[list[int]], store: AttentionStore, cfg: LabelConfig,
+) -> Sample:
+    """One sample's averaged attention -> scores and mask."""
+    scores = attention_to_scores(cross, self_attn, groups, store.cross_hw, cfg.tau, cfg.presence_threshold)
+    class_ids = [class_index(c) for c in record.classes]
+    full = upsample_scores(scores, image.shape[:2])
+    mask = scores_to_labels(full, class_ids, cfg.fg_threshold, cfg.band_threshold)
+    return Sample(
+        record, image, mask.cpu().numpy(), scores.cpu().numpy().astype(np.float16), np.array(class_ids, dtype=np.uint8)
+    )
+
+
+class SampleGenerator:
+    """A loaded pipeline that turns prompt records into labelled samples."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.gen, self.label = cfg.generate, cfg.label
+        self.device = resolve_device(cfg.model.device)
+        self.dtype = resolve_dtype(cfg.model.dtype, self.device)
+        self.pipe = load_pipeline(cfg.model, self.device, self.dtype)
+        self.latent_hw = (self.gen.height // self.pipe.vae_scale_factor, self.gen.width // self.pipe.vae_scale_factor)
+
+    def generate(self, records: Sequence[PromptRecord], store: AttentionStore) -> list[Sample]:
+        """One batch (at most the store's capacity) of samples."""
+        groups = [class_token_groups(self.pipe.tokenizer, r) for r in records]
+        store.begin(len(records))
+        generators = [torch.Generator("cpu").manual_seed(r.seed) for r in records]
+        negative = [self.gen.negative_prompt] * len(records) if self.gen.negative_prompt else None
+        with torch.inference_mode():
+            out = self.pipe(
+                prompt=[r.class_prompt for r in records], negative_prompt=negative,
+                height=self.gen.height, width=self.gen.width, num_inference_steps=self.gen.steps,
+                guidance_scale=self.gen.guidance_scale, generator=generators, output_type="np",
+            )
+            images = (np.clip(out.images, 0, 1) * 255).round().astype(np.uint8)
+            cross, self_attn = store.means()
+            return [
+                label_sample(r, images[i], cross[i], self_attn[i], groups[i], store, self.label)
+                for i, r in enumerate(records)
+            ]
+
+    def fill(self, pool: Pool, records: Sequence[PromptRecord], progress: bool = True) -> int:
+        """Generate every record the pool lacks, a batch at a time; returns how many were made.
+
+        Each batch's files are written before its manifest shard, so a crash loses at most the
+        batch in flight and a rerun skips what is done.
+        """
+        done = pool.done_ids()
+        todo = [r for r in records if r.id not in done]
+        if not todo:
+            return 0
+        bar = tqdm(total=len(todo), desc="generate", unit="img", disable=not progress)
+        start = time.perf_counter()
+        batch_size = self.gen.batch_size
+        with capture_attention(
+            self.pipe.unet, min(batch_size, len(todo)), self.latent_hw, self.label.cross_factor,
+            self.label.self_factor, self.pipe.tokenizer.model_max_length,
+        ) as store:
+            for i in range(0, len(todo), batch_size):
+                samples = self.generate(todo[i : i + batch_size], store)
+                for s in samples:
+                    pool.write_sample(s.record.id, s.image, s.mask, scores=s.scores, class_ids=s.class_ids)
+                pool.write_manifest_shard(samples[0].record.id, [s.manifest_row() for s in samples])
+                bar.update(len(samples))
+                bar.set_postfix(img_per_s=f"{bar.n / (time.perf_counter() - start):.2f}")
+        bar.close()
+        return len(todo)
+
+
+def round_records(
+    cfg: Config, round_index: int, count: int, weights: dict[str, float] | None = None, first: int = 0
+) -> list[PromptRecord]:
+    """The prompt records of a round: from the prompt file when given, else the templates."""
+    prompt_file = load_prompt_file(cfg.generate.prompts_file) if cfg.generate.prompts_file else None
+    return make_records(
+        cfg.seed, round_index, range(first, first + count), cfg.generate.classes, weights,
+        cfg.generate.max_classes_per_prompt, prompt_file,
+    )
+
+
+# Values that may change between runs into the same folder without changing any sample.
+_FREE_KEYS = {"name", "generate.num_images", "generate.batch_size", "model.device", "train", "refine", "loop"}
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ, skipping those that do not change samples."""
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        dotted = f"{prefix}{key}"
+        if dotted in _FREE_KEYS:
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += config_differences(a, b, dotted + ".")
+        elif a != b:
+            diffs.append(f"{dotted}: {a!r} -> {b!r}")
+    return diffs
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = config_parser("python -m syntagen_st.generate", "Generate SD images with attention masks into a pool.")
+    parser.add_argument("--out", required=True, help="run folder; the pool goes to OUT/pool")
+    parser.add_argument("--num-images", type=int, help="shortcut for --generate.num_images")
+    parser.add_argument("--overwrite", action="store_true", help="delete an existing pool made with another config")
+    parser.add_argument("--no-progress", action="store_true")
+    ns = parser.parse_args(argv)
+    if ns.num_images is not None:
+        ns.generate.num_images = ns.num_images
+    cfg = config_from(parser, ns)
+    out = Path(ns.out)
+    saved = out / "config.yaml"
+    if saved.exists():
+        diffs = config_differences(load_config_file(str(saved)).to_dict(), cfg.to_dict())
+        if diffs and not ns.overwrite:
+            raise UserError(
+                f"{out} holds samples made with another config ({'; '.join(diffs[:3])}); "
+                "pass --overwrite to replace them or choose another --out"
+            )
+        if diffs:
+            shutil.rmtree(out / "pool", ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(saved, config_yaml(cfg))
+    generator = SampleGenerator(cfg)
+    made = generator.fill(Pool(out / "pool"), round_records(cfg, 0, cfg.generate.num_images), not ns.no_progress)
+    print(f"{made} new samples; the pool at {out / 'pool'} holds {len(Pool(out / 'pool').done_ids())}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main, "syntagen_st.generate")

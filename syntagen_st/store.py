@@ -1,0 +1,150 @@
+"""Files on disk: atomic writes, the sample pool, manifests and checksums.
+
+Every file is written to a temporary name in the same folder and renamed, so a reader never
+sees half a file. A manifest shard is written only after the files its rows describe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .classes import PALETTE
+from .errors import UserError
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _encode_image(image: Image.Image, fmt: str, **kwargs: Any) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def save_image(path: str | os.PathLike, image: Image.Image | np.ndarray, fmt: str = "PNG", **kwargs: Any) -> None:
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    atomic_write_bytes(path, _encode_image(image.convert("RGB"), fmt, **kwargs))
+
+
+def mask_to_png(mask: np.ndarray) -> Image.Image:
+    """An 8-bit palette PNG with the VOC palette (values 0..20 and 255)."""
+    if mask.dtype != np.uint8 or mask.ndim != 2:
+        raise ValueError(f"a mask must be a 2-D uint8 array, got {mask.dtype} {mask.shape}")
+    image = Image.fromarray(mask, mode="P")
+    image.putpalette(PALETTE)
+    return image
+
+
+def save_mask(path: str | os.PathLike, mask: np.ndarray) -> None:
+    atomic_write_bytes(path, _encode_image(mask_to_png(mask), "PNG"))
+
+
+def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_mask(path: str | os.PathLike) -> np.ndarray:
+    """Label values of a mask PNG (palette or grayscale); never palette colours."""
+    with Image.open(path) as image:
+        if image.mode not in ("P", "L"):
+            raise UserError(f"{path}: a mask must be a palette or grayscale PNG, got mode {image.mode}")
+        return np.array(image)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                rows.append(json.loads(line))
+    return rows
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
+
+
+class Pool:
+    """A folder of samples: images/, masks/ (attention labels), scores/, manifest/*.jsonl.
+
+    The manifest is a set of shards, one per written batch, each written atomically after the
+    files of its rows; a sample exists exactly when a manifest row names it.
+    """
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        self.images = self.root / "images"
+        self.masks = self.root / "masks"
+        self.scores = self.root / "scores"
+        self.manifest = self.root / "manifest"
+
+    def image_path(self, sample_id: str) -> Path:
+        return self.images / f"{sample_id}.png"
+
+    def mask_path(self, sample_id: str) -> Path:
+        return self.masks / f"{sample_id}.png"
+
+    def scores_path(self, sample_id: str) -> Path:
+        return self.scores / f"{sample_id}.npz"
+
+    def write_sample(self, sample_id: str, image: np.ndarray, mask: np.ndarray, **scores: np.ndarray) -> None:
+        save_image(self.image_path(sample_id), image)
+        save_mask(self.mask_path(sample_id), mask)
+        save_npz(self.scores_path(sample_id), **scores)
+
+    def write_manifest_shard(self, name: str, rows: list[dict]) -> None:
+        write_jsonl(self.manifest / f"{name}.jsonl", rows)
+
+    def rows(self) -> list[dict]:
+        """All manifest rows, in sample-id order."""
+        rows: list[dict] = []
+        for shard in sorted(self.manifest.glob("*.jsonl")):
+            rows.extend(read_jsonl(shard))
+        return sorted(rows, key=lambda row: row["id"])
+
+    def done_ids(self) -> set[str]:
+        return {row["id"] for row in self.rows()}
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter(self.rows())

@@ -1,0 +1,112 @@
+"""Tiny random-initialised Stable Diffusion pipelines, built offline from config.
+
+They have SD's layout (four UNet levels, cross-attention on the first three, a VAE that
+downsamples 8x) at a few thousand parameters, so the whole generator runs in tests and smoke
+runs on a CPU with no weights. ``tiny-sd2`` copies SD 2.x's differences: per-level head counts,
+linear projections, upcast attention and wider text states.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from .classes import FOREGROUND_CLASSES, display_name
+from .prompts import template_vocabulary
+
+MAX_LENGTH = 77
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # CLIP's byte-level alphabet: printable bytes map to themselves, the rest to unused code points.
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def build_tokenizer(words: set[str] | None = None) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer in memory: every byte is a token, and each word in ``words`` (the
+    template vocabulary by default) gets a merge path to a single whole-word token."""
+    alphabet = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for token in alphabet + [a + "</w>" for a in alphabet]:
+        vocab.setdefault(token, len(vocab))
+    merges: list[tuple[str, str]] = []
+    words = words if words is not None else template_vocabulary()
+    # Class-name words take the first (strongest) merges, longest first so that no shorter
+    # word's merge splits a longer one: each class name becomes whole-word tokens.
+    class_words = sorted({w for c in FOREGROUND_CLASSES for w in display_name(c).split()}, key=lambda w: (-len(w), w))
+    for word in class_words + sorted(words - set(class_words)):
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        left = pieces[0]
+        for right in pieces[1:]:
+            merge = (left, right)
+            left = left + right
+            if left not in vocab:
+                vocab[left] = len(vocab)
+                merges.append(merge)
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_LENGTH)
+
+
+def build_tiny_pipeline(variant: str = "tiny", seed: int = 0) -> StableDiffusionPipeline:
+    """A random-initialised pipeline of SD 1.x ('tiny') or SD 2.x ('tiny-sd2') layout."""
+    sd2 = variant == "tiny-sd2"
+    tokenizer = build_tokenizer()
+    text_dim = 64 if sd2 else 32
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=(16, 16, 32, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        cross_attention_dim=text_dim,
+        attention_head_dim=(2, 2, 4, 4) if sd2 else 2,
+        use_linear_projection=sd2,
+        upcast_attention=sd2,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        norm_num_groups=8,
+        latent_channels=4,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=text_dim,
+            intermediate_size=2 * text_dim,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=MAX_LENGTH,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            hidden_act="gelu" if sd2 else "quick_gelu",
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
+        prediction_type="v_prediction" if sd2 else "epsilon",
+    )
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
