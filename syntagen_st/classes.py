@@ -24,7 +24,8 @@ ALIASES: dict[str, str] = {
     "airplane": "aeroplane", "plane": "aeroplane", "bike": "bicycle", "dining table": "diningtable",
     "table": "diningtable", "motorcycle": "motorbike", "potted plant": "pottedplant",
     "plant": "pottedplant", "tv monitor": "tvmonitor", "tv": "tvmonitor", "monitor": "tvmonitor",
-    "couch": "sofa", "people": "person",
+    "couch": "sofa", "people": "person", "man": "person", "men": "person", "woman": "person",
+    "women": "person", "child": "person", "children": "person", "boy": "person", "girl": "person",
 }
 
 

@@ -12,6 +12,7 @@ from typing import Literal
 
 from .classes import FOREGROUND_CLASSES, canonical
 from .errors import UserError
+from .prompts import load_prompt_file
 
 TINY_MODELS = ("tiny", "tiny-sd2")
 MAX_PAIRS = 10_000
@@ -122,7 +123,14 @@ class RefineConfig:
     min_reliability: float = 0.6
     """A class is relabelled only if the model's held-out IoU with the labels reaches this."""
     keep_confidence: float = 0.5
-    """Where model and label disagree and the model is below this, the pixel becomes 255."""
+    """Where model and label disagree, the label stays only if the model gives its class at
+    least this probability (or attention is sure); otherwise the pixel becomes 255."""
+    label_sure: float = 0.8
+    """Attention confidence at or above which a label pixel is sure and survives disagreement."""
+    min_class_pixels: int = 1000
+    """A class needs this many held-out labelled pixels before its reliability counts."""
+    confidence_weight: float = 0.25
+    """Sample score = (1 - w) * model-label agreement + w * mean model confidence."""
     drop_fraction: float = 0.1
     """Fraction of each round's samples with the worst scores that are dropped."""
     min_weight: float = 0.2
@@ -217,6 +225,7 @@ def validate_generate(cfg: GenerateConfig, label: LabelConfig) -> None:
     _check(cfg.max_classes_per_prompt >= 1, "generate.max_classes_per_prompt must be >= 1")
     if cfg.prompts_file is not None:
         _check(os.path.isfile(cfg.prompts_file), f"generate.prompts_file: {cfg.prompts_file!r} does not exist")
+        load_prompt_file(cfg.prompts_file)  # a bad line is refused now, not mid-run
 
 
 def validate_label(cfg: LabelConfig) -> None:
@@ -257,8 +266,12 @@ def validate_train(cfg: TrainConfig) -> None:
 
 def validate_refine(cfg: RefineConfig) -> None:
     _check(cfg.folds >= 2, f"refine.folds must be >= 2, got {cfg.folds}")
-    for name in ("relabel_confidence", "min_reliability", "keep_confidence", "drop_fraction", "min_weight"):
+    for name in (
+        "relabel_confidence", "min_reliability", "keep_confidence", "drop_fraction", "min_weight",
+        "label_sure", "confidence_weight",
+    ):
         _fraction(f"refine.{name}", getattr(cfg, name))
+    _check(cfg.min_class_pixels >= 0, f"refine.min_class_pixels must be >= 0, got {cfg.min_class_pixels}")
     _check(cfg.drop_fraction < 1, "refine.drop_fraction must be < 1")
     _check(cfg.weakness_power >= 0, f"refine.weakness_power must be >= 0, got {cfg.weakness_power}")
 

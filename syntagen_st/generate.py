@@ -59,7 +59,7 @@ def load_pipeline(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) ->
         ref = str(Path(cfg.pretrained).expanduser()) if is_local_path(cfg.pretrained) else cfg.pretrained
         try:
             pipe = StableDiffusionPipeline.from_pretrained(
-                ref, revision=cfg.revision, torch_dtype=dtype, use_safetensors=True,
+                ref, revision=cfg.revision, dtype=dtype, use_safetensors=True,
                 safety_checker=None, requires_safety_checker=False,
             )
         except (OSError, ValueError) as err:
@@ -131,11 +131,12 @@ def label_sample(
 class SampleGenerator:
     """A loaded pipeline that turns prompt records into labelled samples."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, pipe: StableDiffusionPipeline | None = None) -> None:
+        """Load the configured pipeline, or use ``pipe`` (already on its device) as given."""
         self.gen, self.label = cfg.generate, cfg.label
         self.device = resolve_device(cfg.model.device)
         self.dtype = resolve_dtype(cfg.model.dtype, self.device)
-        self.pipe = load_pipeline(cfg.model, self.device, self.dtype)
+        self.pipe = pipe if pipe is not None else load_pipeline(cfg.model, self.device, self.dtype)
         self.latent_hw = (self.gen.height // self.pipe.vae_scale_factor, self.gen.width // self.pipe.vae_scale_factor)
 
     def generate(self, records: Sequence[PromptRecord], store: AttentionStore) -> list[Sample]:

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 
 from .classes import BACKGROUND, IGNORE_INDEX
 
+_MIN_CONTRAST = 1e-3
+
 
 def class_cross_maps(cross: torch.Tensor, token_groups: list[list[int]], hw: tuple[int, int]) -> torch.Tensor:
     """(Nc, T) cross-attention -> (K, hc, wc): each class's map is the mean over its name's tokens."""
@@ -63,6 +65,8 @@ def normalize_scores(raw: torch.Tensor, presence_threshold: float) -> torch.Tens
     norm = (flat - lo) / (hi - lo).clamp_min(1e-12)
     peaks = hi.squeeze(1)
     present = peaks >= presence_threshold * peaks.max()
+    # A map without contrast locates nothing; stretching it would only amplify rounding noise.
+    present &= (hi - lo).squeeze(1) > _MIN_CONTRAST * peaks
     norm = norm * present[:, None].to(norm.dtype)
     return norm.reshape(raw.shape)
 

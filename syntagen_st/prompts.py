@@ -140,17 +140,16 @@ def template_prompt(
 
 
 def _classes_in_text(text: str) -> tuple[str, ...]:
-    found: list[str] = []
+    """The classes a caption names, in the order they appear."""
     lowered = text.lower()
     names = {display_name(c): c for c in FOREGROUND_CLASSES} | {c: c for c in FOREGROUND_CLASSES} | ALIASES
-    # Longest names first, so "dining table" wins over "table".
+    first: dict[str, int] = {}
+    # Longest names first, so "dining table" wins over "table"; a match is blanked out in place.
     for name in sorted(names, key=len, reverse=True):
-        pattern = r"\b" + re.escape(name) + r"s?\b"
-        if re.search(pattern, lowered):
-            lowered = re.sub(pattern, " ", lowered)
-            if names[name] not in found:
-                found.append(names[name])
-    return tuple(found)
+        for match in re.finditer(r"\b" + re.escape(name) + r"(?:s|es)?\b", lowered):
+            first[names[name]] = min(first.get(names[name], match.start()), match.start())
+            lowered = lowered[: match.start()] + " " * (match.end() - match.start()) + lowered[match.end():]
+    return tuple(sorted(first, key=first.get))
 
 
 def load_prompt_file(path: str | Path) -> list[tuple[str, tuple[str, ...]]]:

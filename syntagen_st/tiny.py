@@ -77,6 +77,13 @@ def build_tiny_pipeline(variant: str = "tiny", seed: int = 0) -> StableDiffusion
         use_linear_projection=sd2,
         upcast_attention=sd2,
     )
+    # Random init gives near-uniform attention, whose maps are flat and whose masks are noise;
+    # sharper q/k make the tiny model's attention structured, like a trained one's.
+    with torch.no_grad():
+        for name, module in unet.named_modules():
+            if name.endswith(("attn1", "attn2")):
+                module.to_q.weight.mul_(4.0)
+                module.to_k.weight.mul_(4.0)
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,

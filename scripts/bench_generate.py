@@ -1,0 +1,110 @@
+"""Benchmark: generation with attention capture + labelling vs plain diffusers generation.
+
+Both arms use the real SD 1.5 architecture (UNet, VAE, CLIP ViT-L/14 text encoder) with random
+weights (weights do not change speed), run alternately in one process; prints the ratio.
+On a CPU use a reduced resolution and few steps; on CUDA, also images/s and peak memory.
+
+    python scripts/bench_generate.py --size 256 --steps 4 --batch 1 --reps 3          # CPU
+    python scripts/bench_generate.py --size 512 --steps 50 --batch 8 --reps 3         # GPU, fp16
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from syntagen_st.attention import capture_attention
+from syntagen_st.config import Config
+from syntagen_st.generate import SampleGenerator, round_records
+from syntagen_st.tiny import build_tokenizer
+
+
+def sd15_pipeline(dtype: torch.dtype, device: torch.device) -> StableDiffusionPipeline:
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=64, cross_attention_dim=768, attention_head_dim=8, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+    tokenizer = build_tokenizer()
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
+                              steps_offset=1, set_alpha_to_one=False)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device=device, dtype=dtype)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--reps", type=int, default=3)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    cfg = Config()
+    cfg.model.device = device.type
+    cfg.generate.height = cfg.generate.width = args.size
+    cfg.generate.steps, cfg.generate.batch_size = args.steps, args.batch
+    pipe = sd15_pipeline(dtype, device)
+    generator = SampleGenerator(cfg, pipe=pipe)
+    records = round_records(cfg, 0, args.batch)
+    prompts = [r.class_prompt for r in records]
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def plain() -> None:
+        gens = [torch.Generator().manual_seed(r.seed) for r in records]
+        with torch.inference_mode():
+            pipe(prompts, height=args.size, width=args.size, num_inference_steps=args.steps, generator=gens,
+                 output_type="np")
+
+    with capture_attention(pipe.unet, args.batch, generator.latent_hw, cfg.label.cross_factor,
+                           cfg.label.self_factor, 77) as store:
+        def captured() -> None:
+            generator.generate(records, store)
+
+        timings: dict[str, list[float]] = {"plain": [], "capture": []}
+        arms = {"plain": plain, "capture": captured}
+        for name, fn in arms.items():  # warm-up
+            fn()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        for _ in range(args.reps):
+            for name, fn in arms.items():
+                sync()
+                start = time.perf_counter()
+                fn()
+                sync()
+                timings[name].append(time.perf_counter() - start)
+    best = {k: min(v) for k, v in timings.items()}
+    print(f"device={device.type} size={args.size} steps={args.steps} batch={args.batch} reps={args.reps}")
+    print(f"plain {best['plain']:.3f}s  capture+labels {best['capture']:.3f}s  (best of {args.reps})")
+    if device.type == "cuda":
+        print(f"images/s with capture: {args.batch / best['capture']:.2f}; "
+              f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    print(f"ratio capture/plain: {best['capture'] / best['plain']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

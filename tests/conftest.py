@@ -1,0 +1,105 @@
+"""Shared fixtures. Everything runs offline on the CPU with tiny random-initialised models."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+import pytest  # noqa: E402
+
+from syntagen_st.config import Config  # noqa: E402
+
+
+def smoke_config(**generate) -> Config:
+    """The smoke config's generator settings, shrunk further for tests."""
+    cfg = Config()
+    cfg.model.pretrained = "tiny"
+    cfg.model.device = "cpu"
+    cfg.model.dtype = "float32"
+    cfg.generate.steps = 3
+    cfg.generate.height = cfg.generate.width = 64
+    cfg.generate.batch_size = 2
+    cfg.generate.num_images = 4
+    for key, value in generate.items():
+        setattr(cfg.generate, key, value)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_generator():
+    """One tiny SD 1.x-layout SampleGenerator for the whole session (64 px, 3 steps)."""
+    from syntagen_st.generate import SampleGenerator
+
+    return SampleGenerator(smoke_config())
+
+
+# ---------------------------------------------------------------- segmentation data (train / evaluate tests)
+
+SEG_COLOURS = {1: (220, 40, 40), 8: (40, 200, 40), 15: (40, 60, 220)}
+"""Tiny segmentation sets: one coloured rectangle per image, its colour names its class."""
+
+
+def _seg_pair(rng, size: int):
+    import numpy as np
+
+    image = rng.integers(90, 140, size=(size, size, 3), dtype=np.uint8)
+    mask = np.zeros((size, size), dtype=np.uint8)
+    cls = int(rng.choice(list(SEG_COLOURS)))
+    h, w = rng.integers(size // 3, size // 2 + 1, size=2)
+    y, x = rng.integers(0, size - h), rng.integers(0, size - w)
+    image[y : y + h, x : x + w] = SEG_COLOURS[cls]
+    mask[max(y - 1, 0) : y + h + 1, max(x - 1, 0) : x + w + 1] = 255  # VOC-style unsure border
+    mask[y : y + h, x : x + w] = cls
+    return image, mask
+
+
+@pytest.fixture(scope="session")
+def make_seg_dataset():
+    """make(root, kind="plain"|"voc"|"pool", n=8, size=64, seed=0) -> root: a tiny dataset on disk.
+
+    plain: images/*.png + masks/*.png; voc: VOCdevkit/VOC2012 with train.txt (first half) and
+    val.txt (second half); pool: images/, masks/, scores/*.npz, manifest/000.jsonl.
+    """
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from syntagen_st.store import Pool, save_image, save_mask
+
+    def make(root, kind: str = "plain", n: int = 8, size: int = 64, seed: int = 0) -> Path:
+        root = Path(root)
+        rng = np.random.default_rng(seed)
+        pairs = [_seg_pair(rng, size) for _ in range(n)]
+        ids = [f"s{i:04d}" for i in range(n)]
+        if kind == "plain":
+            for i, (image, mask) in zip(ids, pairs):
+                save_image(root / "images" / f"{i}.png", image)
+                save_mask(root / "masks" / f"{i}.png", mask)
+        elif kind == "voc":
+            voc = root / "VOCdevkit" / "VOC2012"
+            for i, (image, mask) in zip(ids, pairs):
+                (voc / "JPEGImages").mkdir(parents=True, exist_ok=True)
+                Image.fromarray(image).save(voc / "JPEGImages" / f"{i}.jpg", quality=95)
+                save_mask(voc / "SegmentationClass" / f"{i}.png", mask)
+            sets = voc / "ImageSets" / "Segmentation"
+            sets.mkdir(parents=True)
+            (sets / "train.txt").write_text("".join(f"{i}\n" for i in ids[: n // 2]))
+            (sets / "val.txt").write_text("".join(f"{i}\n" for i in ids[n // 2 :]))
+        elif kind == "pool":
+            pool = Pool(root)
+            rows = []
+            for i, (image, mask) in zip(ids, pairs):
+                cls = int(mask[(mask > 0) & (mask < 255)][0])
+                score = (mask == cls).astype(np.float16)[::4, ::4][None]
+                pool.write_sample(i, image, mask, class_ids=np.array([cls], np.uint8), scores=score)
+                rows.append({"id": i, "round": 0, "classes": [cls], "prompt": "p", "class_prompt": "c", "seed": 0})
+            pool.write_manifest_shard("000", rows)
+        else:
+            raise ValueError(kind)
+        return root
+
+    return make

@@ -1,0 +1,90 @@
+"""Bad values are refused before any work: one line on stderr, exit code 2."""
+
+import subprocess
+import sys
+
+import pytest
+
+from syntagen_st import generate as gen_mod
+from syntagen_st.cli import run_main
+from syntagen_st.prompts import load_prompt_file
+from syntagen_st.errors import UserError
+
+BASE = ["--config", "configs/smoke.yaml", "--no-progress"]
+
+
+def _fails(capsys, tmp_path, *extra: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(gen_mod.main, "syntagen_st.generate", [*BASE, "--out", str(tmp_path / "out"), *extra])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists(), "nothing may be written for a refused config"
+    return err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--generate.classes", '["person", "unicorn"]'], "unknown class name 'unicorn'"),
+        (["--generate.height", "100"], "multiple of 8"),
+        (["--generate.width", "72"], "multiple of 32"),
+        (["--model.pretrained", "./no/such/folder"], "does not exist"),
+        (["--model.pretrained", "not a model"], "neither a folder nor a hub id"),
+        (["--num-images", "-1"], "num_images must be >= 0"),
+        (["--generate.batch_size", "0"], "batch_size must be >= 1"),
+        (["--label.fg_threshold", "1.5"], "fg_threshold must be in [0, 1]"),
+        (["--label.band_threshold", "-0.1"], "band_threshold must be in [0, 1]"),
+        (["--label.band_threshold", "0.7"], "must not exceed"),
+        (["--generate.steps", "abc"], "generate.steps"),
+        (["--generate.prompts_file", "missing.txt"], "does not exist"),
+        (["--no-such-flag", "1"], "no-such-flag"),
+    ],
+)
+def test_bad_values_are_refused(capsys, tmp_path, args, message):
+    assert message in _fails(capsys, tmp_path, *args)
+
+
+def test_prompt_file_line_without_a_class_names_its_line(capsys, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a horse in a field\n\n# comment\na bowl of soup on a wooden counter\n")
+    err = _fails(capsys, tmp_path, "--generate.prompts_file", str(prompts))
+    assert f"{prompts}:4" in err and "names no known class" in err
+
+
+def test_prompt_files_plain_and_jsonl(tmp_path):
+    plain = tmp_path / "p.txt"
+    plain.write_text("A man riding a horse\nTwo cats on a couch next to a dining table\n")
+    assert load_prompt_file(plain) == [
+        ("A man riding a horse", ("person", "horse")),
+        ("Two cats on a couch next to a dining table", ("cat", "sofa", "diningtable")),
+    ]
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"prompt": "a rider", "classes": ["person", "Horse"]}\n{"prompt": "x", "classes": ["dragon"]}\n')
+    with pytest.raises(UserError, match=r"p.jsonl:2: unknown class name 'dragon'"):
+        load_prompt_file(jsonl)
+
+
+def test_existing_run_with_another_config_is_refused(capsys, tmp_path):
+    out = str(tmp_path / "run")
+    common = [*BASE, "--generate.height", "64", "--generate.width", "64", "--generate.steps", "1", "--num-images", "1"]
+    run = lambda *extra: run_main(gen_mod.main, "g", [*common, "--out", out, *extra])  # noqa: E731
+    with pytest.raises(SystemExit) as ok:
+        run()
+    assert ok.value.code == 0
+    with pytest.raises(SystemExit) as refused:
+        run("--seed", "5")
+    assert refused.value.code == 2 and "another config (seed: 0 -> 5)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as replaced:
+        run("--seed", "5", "--overwrite")
+    assert replaced.value.code == 0
+
+
+def test_module_entry_point_exits_2_with_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "syntagen_st.generate", *BASE, "--out", str(tmp_path / "o"), "--generate.height", "100"],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "syntagen_st.generate: error: generate.height must be a positive multiple of 8, got 100"]

@@ -1,0 +1,95 @@
+"""The attention -> mask math on hand-made tensors with known answers."""
+
+import torch
+
+from syntagen_st.classes import IGNORE_INDEX
+from syntagen_st.labels import (
+    attention_to_scores,
+    class_cross_maps,
+    normalize_scores,
+    propagate,
+    scores_to_labels,
+    upsample_scores,
+)
+
+
+def _block_cross(hw, blocks, tokens=5):
+    """Cross-attention (N, T): token t attends to its block with weight 1, elsewhere 0.05."""
+    h, w = hw
+    cross = torch.full((h * w, tokens), 0.05)
+    for token, (r0, r1, c0, c1) in blocks.items():
+        grid = torch.full((h, w), 0.05)
+        grid[r0:r1, c0:c1] = 1.0
+        cross[:, token] = grid.flatten()
+    return cross
+
+
+def test_block_with_identity_self_attention_gives_that_block():
+    cross = _block_cross((4, 4), {1: (0, 2, 0, 2)})
+    scores = attention_to_scores(cross, torch.eye(16), [[1]], (4, 4), tau=4, presence_threshold=0.2)
+    labels = scores_to_labels(scores, [13], fg_threshold=0.6, band_threshold=0.5)
+    expected = torch.zeros(4, 4, dtype=torch.uint8)
+    expected[:2, :2] = 13
+    assert torch.equal(labels, expected)
+
+
+def test_uncertainty_band_gives_ignore_and_low_gives_background():
+    scores = torch.tensor([[[0.9, 0.55, 0.2]]])  # (K=1, 1, 3)
+    labels = scores_to_labels(scores, [8], fg_threshold=0.6, band_threshold=0.5)
+    assert labels.tolist() == [[8, IGNORE_INDEX, 0]]
+
+
+def test_argmax_between_two_classes():
+    cross = _block_cross((4, 4), {1: (0, 4, 0, 2), 3: (0, 4, 2, 4)})
+    scores = attention_to_scores(cross, torch.eye(16), [[1], [3]], (4, 4), tau=1, presence_threshold=0.2)
+    labels = scores_to_labels(scores, [15, 13], 0.6, 0.5)
+    assert (labels[:, :2] == 15).all() and (labels[:, 2:] == 13).all()
+
+
+def test_weak_class_stays_out_but_min_max_alone_forces_it_in():
+    cross = _block_cross((4, 4), {1: (0, 2, 0, 2)})
+    cross[:, 2] = 0.01  # the second class's tokens attend almost nowhere ...
+    cross[15, 2] = 0.05  # ... with a faint peak in one corner
+    raw_groups = [[1], [2]]
+    gated = attention_to_scores(cross, torch.eye(16), raw_groups, (4, 4), tau=4, presence_threshold=0.2)
+    labels = scores_to_labels(gated, [13, 15], 0.6, 0.5)
+    assert 15 not in labels.unique().tolist()
+    assert (labels[:2, :2] == 13).all()
+    forced = attention_to_scores(cross, torch.eye(16), raw_groups, (4, 4), tau=4, presence_threshold=0.0)
+    assert 15 in scores_to_labels(forced, [13, 15], 0.6, 0.5).unique().tolist()
+
+
+def test_multi_token_class_uses_the_mean_of_its_tokens():
+    cross = torch.zeros(4, 4)
+    cross[:, 1] = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    cross[:, 2] = torch.tensor([0.0, 0.0, 1.0, 1.0])
+    maps = class_cross_maps(cross, [[1, 2]], (2, 2))
+    assert torch.allclose(maps.flatten(), torch.tensor([0.5, 0.0, 1.0, 0.5]))
+
+
+def test_self_attention_spreads_cross_attention_within_an_object():
+    # Pixels 0 and 1 form one object and attend to each other; cross-attention saw only pixel 0.
+    self_attn = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    maps = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
+    out = propagate(self_attn, maps, tau=4)
+    assert torch.allclose(out.flatten(), torch.tensor([0.5, 0.5, 0.0, 0.0]))
+
+
+def test_propagate_upsamples_cross_to_the_self_attention_grid():
+    maps = torch.ones(2, 2, 2)
+    out = propagate(torch.eye(16), maps, tau=4)
+    assert out.shape == (2, 4, 4)
+
+
+def test_normalize_empty_and_upsample():
+    assert normalize_scores(torch.zeros(0, 2, 2), 0.2).shape == (0, 2, 2)
+    up = upsample_scores(torch.rand(2, 4, 4), (16, 16))
+    assert up.shape == (2, 16, 16)
+    labels = scores_to_labels(torch.zeros(0, 8, 8), [], 0.6, 0.5)
+    assert (labels == 0).all()
+
+
+def test_flat_map_locates_nothing():
+    raw = torch.full((1, 4, 4), 0.2)
+    raw[0, 0, 0] += 1e-7  # rounding noise must not become a full-strength object
+    assert (normalize_scores(raw, 0.0) == 0).all()
