@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .attention import AttentionStore, capture_attention
 from .classes import VOC_CLASSES, class_index, display_name
 from .cli import config_from, config_parser, config_yaml, load_config_file, run_main
-from .config import Config, ConfigError, GenerateConfig, LabelConfig, ModelConfig, TINY_MODELS, is_local_path
+from .config import TINY_MODELS, Config, ConfigError, LabelConfig, ModelConfig, config_differences, is_local_path
 from .errors import UserError
 from .labels import attention_to_scores, scores_to_labels, upsample_scores
 from .prompts import PromptRecord, load_prompt_file, make_records
@@ -54,7 +54,9 @@ def load_pipeline(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) ->
     if cfg.pretrained in TINY_MODELS:
         from .tiny import build_tiny_pipeline
 
-        pipe = build_tiny_pipeline(cfg.pretrained).to(dtype=dtype)
+        pipe = build_tiny_pipeline(cfg.pretrained)
+        if dtype != torch.float32:
+            pipe = pipe.to(dtype=dtype)
     else:
         ref = str(Path(cfg.pretrained).expanduser()) if is_local_path(cfg.pretrained) else cfg.pretrained
         try:
@@ -201,21 +203,6 @@ def round_records(
 _FREE_KEYS = {"name", "generate.num_images", "generate.batch_size", "model.device", "train", "refine", "loop"}
 
 
-def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """The dotted keys whose values differ, skipping those that do not change samples."""
-    diffs = []
-    for key in sorted(set(old) | set(new)):
-        dotted = f"{prefix}{key}"
-        if dotted in _FREE_KEYS:
-            continue
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += config_differences(a, b, dotted + ".")
-        elif a != b:
-            diffs.append(f"{dotted}: {a!r} -> {b!r}")
-    return diffs
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = config_parser("python -m syntagen_st.generate", "Generate SD images with attention masks into a pool.")
     parser.add_argument("--out", required=True, help="run folder; the pool goes to OUT/pool")
@@ -229,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(ns.out)
     saved = out / "config.yaml"
     if saved.exists():
-        diffs = config_differences(load_config_file(str(saved)).to_dict(), cfg.to_dict())
+        diffs = config_differences(load_config_file(str(saved)).to_dict(), cfg.to_dict(), _FREE_KEYS)
         if diffs and not ns.overwrite:
             raise UserError(
                 f"{out} holds samples made with another config ({'; '.join(diffs[:3])}); "

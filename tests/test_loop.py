@@ -1,0 +1,198 @@
+"""The self-training loop: budgets, cross-fitting, the smoke run end to end, resume, bad values."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from syntagen_st import fit as fit_mod
+from syntagen_st.cli import run_main
+from syntagen_st.loop import fold_of, round_budgets
+from syntagen_st.store import save_mask
+
+# The smoke config, shrunk: 2 rounds of 6 images at 64 px, 4-step round models.
+SMALL = [
+    "--config", "configs/smoke.yaml", "--generate.height", "64", "--generate.width", "64", "--generate.steps", "2",
+    "--loop.rounds", "2", "--loop.generate_total", "12", "--loop.round_steps", "4", "--train.max_steps", "4",
+    "--train.crop_size", "32", "--refine.min_class_pixels", "10", "--refine.drop_fraction", "0.2", "--no-progress",
+]
+
+
+def test_round_budgets_add_up():
+    assert round_budgets(10_000, 3, "front") == [5000, 2500, 2500]
+    assert round_budgets(10, 3, "equal") == [4, 3, 3]
+    assert round_budgets(7, 1, "front") == [7]
+    for total, rounds in ((36, 3), (5, 5), (101, 4)):
+        for split in ("front", "equal"):
+            budgets = round_budgets(total, rounds, split)
+            assert sum(budgets) == total and len(budgets) == rounds and min(budgets) >= 0
+
+
+def test_folds_are_fixed_and_balanced():
+    ids = [f"r00_{i:06d}" for i in range(1000)]
+    folds = [fold_of(i, 2, 0) for i in ids]
+    assert folds == [fold_of(i, 2, 0) for i in ids]
+    assert 400 < sum(folds) < 600
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    skip = ("fold", "final", "wandb", "logs", "state.json", "export")
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not any(part.startswith(skip) for part in p.relative_to(root).parts)
+    }
+
+
+def test_smoke_loop_end_to_end_and_no_sample_is_relabelled_by_its_own_model(tmp_path, monkeypatch):
+    import syntagen_st.segmodel as segmodel
+    import syntagen_st.train as train_mod
+
+    trained_on: dict[str, set[str]] = {}
+    real_train, real_load, real_predict = train_mod.train, segmodel.load_model, segmodel.predict_proba
+
+    def spy_train(cfg, data, out, *args, **kwargs):
+        if not isinstance(data, (str, os.PathLike)):
+            trained_on[str(Path(out) / "model.safetensors")] = {s.image.stem for s in data}
+        return real_train(cfg, data, out, *args, **kwargs)
+
+    def spy_load(path, *args, **kwargs):
+        model = real_load(path, *args, **kwargs)
+        model.loaded_from = str(path)
+        return model
+
+    violations = []
+
+    def spy_predict(model, images, *args, **kwargs):
+        images = list(images)
+        seen = trained_on.get(getattr(model, "loaded_from", ""), set())
+        violations.extend(Path(i).stem for i in images if Path(i).stem in seen)
+        return real_predict(model, images, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "train", spy_train)
+    monkeypatch.setattr(segmodel, "load_model", spy_load)
+    monkeypatch.setattr(segmodel, "predict_proba", spy_predict)
+
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as done:
+        run_main(fit_mod.main, "fit", [*SMALL, "--out", str(out)])
+    assert done.value.code == 0
+    assert len(trained_on) == 4 and not violations
+
+    state = json.loads((out / "state.json").read_text())["done"]
+    assert state[-2:] == ["final/export", "final/train"]
+    rows = [json.loads(line) for line in (out / "rounds" / "1" / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and all(r["mask"].startswith("rounds/1/labels/") or not r["kept"] for r in rows)
+    dropped = [r for r in rows if not r["kept"]]
+    assert dropped and all(r["reason"] for r in dropped)
+    stats = json.loads((out / "rounds" / "0" / "stats.json").read_text())
+    weights = json.loads((out / "rounds" / "0" / "weights.json").read_text())
+    assert stats["weights"] == weights and abs(np.mean(list(weights.values())) - 1) < 1e-6
+    # Round 1's prompts were drawn with round 0's weights.
+    assert sorted(p.name for p in (out / "pool" / "images").iterdir())[-1] == "r01_000005.png"
+
+    manifest = json.loads((out / "export" / "manifest.json").read_text())
+    train_list = (out / "export" / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+    assert manifest["pairs"] == len(train_list) == sum(r["kept"] for r in rows)
+    checksum = (out / "final" / "checksum.txt").read_text().split()[0]
+    assert manifest["model_sha256"] == checksum
+    import hashlib
+
+    assert hashlib.sha256((out / "final" / "model.safetensors").read_bytes()).hexdigest() == checksum
+    # The final model trained on exactly the exported files.
+    from torchvision.datasets import VOCSegmentation
+
+    voc = VOCSegmentation(str(out / "export"), year="2012", image_set="train")
+    assert len(voc) == len(train_list)
+
+
+def test_kill_and_resume_gives_the_same_result(tmp_path):
+    env = os.environ | {"SYNTAGEN_PROGRESS": "0"}
+    cmd = [sys.executable, "-m", "syntagen_st.fit", *SMALL, "--loop.rounds", "2"]
+    subprocess.run([*cmd, "--out", str(tmp_path / "clean")], check=True, env=env, capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*cmd, "--out", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    # Kill -9 in the middle of round 0's second fold model.
+    while time.time() < deadline and not (killed / "rounds" / "0" / "fold1" / "train_config.yaml").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert "round0/fold1" not in json.loads((killed / "state.json").read_text())["done"]
+    subprocess.run([*cmd, "--out", str(killed)], check=True, env=env, capture_output=True)
+
+    clean, resumed = _tree(tmp_path / "clean"), _tree(killed)
+    assert clean.keys() == resumed.keys()
+    differing = [k for k in clean if clean[k] != resumed[k] and not k.endswith("config.yaml")]
+    assert not differing, differing
+
+
+def _refused(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(fit_mod.main, "syntagen_st.fit", list(argv))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--rounds", "0"], "loop.rounds must be >= 1"),
+        (["--loop.max_pairs", "10001"], "competition's limit"),
+        (["--loop.generate_total", "2", "--rounds", "3"], "smaller than the number of rounds"),
+        (["--source", "folder:/no/such/folder"], "does not exist"),
+        (["--source", "nonsense"], "must be 'sd' or 'folder:PATH'"),
+    ],
+)
+def test_bad_values_are_refused_before_any_work(capsys, tmp_path, args, message):
+    out = tmp_path / "run"
+    assert message in _refused(capsys, "--config", "configs/smoke.yaml", "--out", str(out), *args)
+    assert not out.exists()
+
+
+def test_folder_source_without_pairs_is_refused(capsys, tmp_path):
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    (tmp_path / "data" / "masks").mkdir()
+    err = _refused(capsys, "--config", "configs/smoke.yaml", "--out", str(tmp_path / "run"),
+                   "--source", f"folder:{tmp_path / 'data'}")
+    assert "holds no samples" in err and not (tmp_path / "run").exists()
+
+
+def test_existing_run_with_another_config_needs_resume_or_overwrite(capsys, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text(Path("configs/smoke.yaml").read_text())
+    err = _refused(capsys, "--config", "configs/smoke.yaml", "--out", str(out), "--seed", "3")
+    assert "another config (seed: 0 -> 3)" in err and "--resume" in err and "--overwrite" in err
+
+
+def test_folder_source_refines_an_existing_dataset(tmp_path):
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        image = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+        mask = np.zeros((32, 32), np.uint8)
+        mask[8:24, 8:24] = 8 if i % 2 else 12
+        (data / "images").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(data / "images" / f"img{i}.png")
+        save_mask(data / "masks" / f"img{i}.png", mask)
+    (data / "classes.jsonl").write_text("".join(
+        json.dumps({"id": f"img{i}", "classes": ["cat" if i % 2 else "dog"]}) + "\n" for i in range(8)))
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as done:
+        run_main(fit_mod.main, "fit", [*SMALL, "--rounds", "1", "--source", f"folder:{data}", "--out", str(out)])
+    assert done.value.code == 0
+    rows = [json.loads(line) for f in (out / "pool" / "manifest").glob("*.jsonl") for line in f.open()]
+    assert sorted(r["classes"][0] for r in rows) == ["cat"] * 4 + ["dog"] * 4
+    assert all(r["label_source"] == "folder" for r in rows)
+    assert (out / "final" / "checksum.txt").exists()
