@@ -97,7 +97,8 @@ def _upsample(low: np.ndarray, size: int) -> np.ndarray:
 
 
 def make_dataset(n: int, size: int, seed: int, noise: Noise = Noise()) -> dict[str, np.ndarray | list]:
-    """images (n, size, size, 3) uint8, gt and masks (n, size, size) uint8, classes: named VOC ids."""
+    """images (n, size, size, 3) uint8, gt and masks (n, size, size) uint8, classes (the named
+    VOC ids of each sample) and failed (bool (n,): the label belongs to another image)."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:size, 0:size].astype(np.float32)
 

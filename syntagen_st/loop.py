@@ -202,8 +202,10 @@ class Loop:
             if len(examples) < 8:
                 examples.append((a.sample.image, label, refined, pred))
 
-        # Each sample faces the filter once, in the round it joined.
-        drops = rf.select_drops({a.id: scores[a.id] for a in active if a.round == r}, cfg.drop_fraction)
+        # Each sample faces the filter once, in the round it joined; a model reliable for no
+        # foreground class cannot judge samples, so then nothing is dropped.
+        candidates = {a.id: scores[a.id] for a in active if a.round == r} if reliable[1:].any() else {}
+        drops = rf.select_drops(candidates, cfg.drop_fraction)
         rows = self._sample_rows(r, active, scores, drops)
         weakness = rf.class_weakness(totals.iou(), totals.mean_confidence(), totals.kept_share())
         weights = rf.prompt_weights(weakness, cfg.weakness_power, cfg.min_weight)

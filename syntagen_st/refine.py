@@ -138,10 +138,16 @@ def iou_from_confusion(confusion: np.ndarray) -> np.ndarray:
 
 def reliable_classes(confusion: np.ndarray, min_reliability: float, min_pixels: int) -> np.ndarray:
     """Bool (21,): held-out IoU of model vs labels >= ``min_reliability`` on >= ``min_pixels``
-    labelled pixels. Too few pixels is no evidence, so such a class stays unreliable."""
+    labelled pixels. Too few pixels is no evidence, so such a class stays unreliable.
+
+    Background counts as reliable only beside a reliable foreground class: a model that
+    predicts background everywhere agrees with most pixels of any label and knows nothing.
+    """
     iou = iou_from_confusion(confusion)
     support = confusion.sum(axis=1)
-    return (np.nan_to_num(iou, nan=0.0) >= min_reliability) & (support >= min_pixels)
+    reliable = (np.nan_to_num(iou, nan=0.0) >= min_reliability) & (support >= min_pixels)
+    reliable[BACKGROUND] &= bool(reliable[BACKGROUND + 1 :].any())
+    return reliable
 
 
 @dataclass

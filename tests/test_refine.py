@@ -1,0 +1,162 @@
+"""Refinement math on hand-made maps whose right answer is known."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from syntagen_st import refine
+from syntagen_st.classes import FOREGROUND_CLASSES, NUM_CLASSES
+
+CAT, DOG, HORSE = 8, 12, 13
+ALL_RELIABLE = np.ones(NUM_CLASSES, dtype=bool)
+
+
+def probs_for(pred: np.ndarray, p: float, second: np.ndarray | None = None) -> np.ndarray:
+    """A (21, H, W) softmax putting ``p`` on ``pred`` and the rest on ``second`` (or spread evenly)."""
+    probs = np.zeros((NUM_CLASSES, *pred.shape), dtype=np.float32)
+    if second is None:
+        probs[:] = (1 - p) / (NUM_CLASSES - 1)
+    else:
+        np.put_along_axis(probs, second[None].astype(np.intp), 1 - p, axis=0)
+    np.put_along_axis(probs, pred[None].astype(np.intp), p, axis=0)
+    return probs
+
+
+def relabel(label, probs, allowed, reliable=ALL_RELIABLE, **kw):
+    return refine.relabel(label, probs, allowed, reliable, relabel_confidence=0.8, keep_confidence=0.5, **kw)
+
+
+def test_confident_reliable_model_fixes_swapped_class_and_fills_unsure():
+    label = np.zeros((4, 4), np.uint8)
+    label[:2, :2] = CAT  # attention swapped: truly a dog
+    label[2, 2] = 255
+    truth = np.zeros((4, 4), np.uint8)
+    truth[:2, :2] = DOG
+    truth[2, 2] = DOG
+    out = relabel(label, probs_for(truth, 0.95), [CAT, DOG])
+    np.testing.assert_array_equal(out, truth)
+
+
+def test_disagreement_where_neither_is_confident_becomes_255():
+    label = np.full((2, 2), CAT, np.uint8)
+    model = np.full((2, 2), DOG, np.uint8)
+    probs = probs_for(model, 0.6, second=label)  # dog 0.6 < 0.8, cat 0.4 < 0.5
+    assert (relabel(label, probs, [CAT, DOG]) == 255).all()
+    # Sure attention keeps its label against a model that is not confident.
+    sure = np.array([[0.9, 0.1], [0.1, 0.1]], np.float32)
+    out = relabel(label, probs, [CAT, DOG], confidence=sure, sure_threshold=0.8)
+    np.testing.assert_array_equal(out, [[CAT, 255], [255, 255]])
+    # Agreement is never doubted, however unsure the model.
+    assert (relabel(label, probs_for(label, 0.3), [CAT, DOG]) == CAT).all()
+
+
+def test_class_the_prompt_did_not_name_never_appears():
+    label = np.array([[HORSE, HORSE], [CAT, 0]], np.uint8)
+    horse_model = probs_for(np.full((2, 2), HORSE, np.uint8), 0.99)  # confident, but unnamed
+    out = relabel(label, horse_model, [CAT])
+    assert HORSE not in out
+    np.testing.assert_array_equal(out[0], [255, 255])
+    # An unnamed label pixel takes the model's named class where it is confident and reliable.
+    probs = probs_for(np.full((2, 2), CAT, np.uint8), 0.9)
+    assert (relabel(label, probs, [CAT]) == CAT).all()
+
+
+def test_unreliable_class_is_left_alone():
+    label = np.full((2, 2), CAT, np.uint8)
+    dog_model = probs_for(np.full((2, 2), DOG, np.uint8), 0.95, second=label)
+    dog_unreliable = ALL_RELIABLE.copy()
+    dog_unreliable[DOG] = False
+    assert (relabel(label, dog_model, [CAT, DOG], dog_unreliable) == CAT).all()  # never written
+    cat_unreliable = ALL_RELIABLE.copy()
+    cat_unreliable[CAT] = False
+    assert (relabel(label, dog_model, [CAT, DOG], cat_unreliable) == CAT).all()  # labels untouched
+    weak_model = probs_for(np.full((2, 2), DOG, np.uint8), 0.6, second=label)
+    assert (relabel(label, weak_model, [CAT, DOG], cat_unreliable) == CAT).all()  # not doubted
+
+
+def test_model_is_restricted_to_named_classes():
+    probs = np.zeros((NUM_CLASSES, 1, 1), np.float32)
+    probs[HORSE], probs[CAT], probs[0] = 0.6, 0.3, 0.1
+    restricted = refine.restrict(probs, [CAT])
+    pred, top = refine.predict(restricted)
+    assert pred[0, 0] == CAT and top[0, 0] == pytest.approx(0.75)
+
+
+def test_relabel_refuses_bad_values():
+    with pytest.raises(ValueError, match="0..20 or 255"):
+        relabel(np.full((2, 2), 30, np.uint8), probs_for(np.zeros((2, 2), np.uint8), 0.9), [CAT])
+
+
+def test_reliability_needs_agreement_and_enough_pixels():
+    label = np.zeros((10, 10), np.uint8)
+    label[:5] = CAT
+    label[9, 9] = DOG
+    pred = label.copy()
+    pred[:5, :1] = 0  # cat IoU 45/50 = 0.9
+    confusion = refine.confusion_matrix(pred, label)
+    reliable = refine.reliable_classes(confusion, min_reliability=0.85, min_pixels=10)
+    assert reliable[0] and reliable[CAT]
+    assert not reliable[DOG]  # perfect, but one pixel is no evidence
+    assert not refine.reliable_classes(confusion, min_reliability=0.95, min_pixels=10)[CAT]
+    label[0, 0] = 255  # ignored
+    assert refine.confusion_matrix(pred, label).sum() == 99
+
+
+def test_background_only_model_is_not_reliable():
+    label = np.zeros((10, 10), np.uint8)
+    label[:2] = CAT
+    confusion = refine.confusion_matrix(np.zeros_like(label), label)  # background IoU 0.8
+    assert not refine.reliable_classes(confusion, min_reliability=0.5, min_pixels=1).any()
+
+
+def test_sample_score_counts_unsure_label_as_miss():
+    pred = np.full((2, 2), CAT, np.uint8)
+    top = np.full((2, 2), 0.8, np.float32)
+    full = refine.sample_score(np.full((2, 2), CAT, np.uint8), pred, top, [CAT], confidence_weight=0.0)
+    half = refine.sample_score(np.array([[CAT, CAT], [255, 255]], np.uint8), pred, top, [CAT], 0.0)
+    assert full.agreement == 1.0 and half.agreement == 0.5
+    mixed = refine.sample_score(np.full((2, 2), CAT, np.uint8), pred, top, [CAT], confidence_weight=0.5)
+    assert mixed.score == pytest.approx(0.9) and mixed.confidence == pytest.approx(0.8)
+
+
+def test_drop_selection_picks_the_worst_and_says_why():
+    def s(score):
+        return refine.SampleScore(agreement=score, confidence=0.5, score=score)
+
+    scores = {"a": s(0.9), "b": s(0.1), "c": s(0.5), "d": s(0.1), "e": s(0.7)}
+    dropped = refine.select_drops(scores, drop_fraction=0.4)
+    assert list(dropped) == ["b", "d"]  # tie at 0.1 broken by id
+    assert "score 0.100" in dropped["b"] and "worst 40%" in dropped["b"] and "agreement 0.100" in dropped["b"]
+    assert refine.select_drops(scores, drop_fraction=0.1) == {}
+    assert refine.select_drops({}, drop_fraction=0.5) == {}
+
+
+def test_class_totals_add_up_and_measure_kept_share():
+    label = np.array([[CAT, CAT], [0, 255]], np.uint8)
+    refined = np.array([[CAT, 255], [0, 0]], np.uint8)
+    pred = np.array([[CAT, 0], [0, 0]], np.uint8)
+    top = np.array([[0.9, 0.5], [0.7, 0.6]], np.float32)
+    totals = refine.class_totals(label, refined, pred, top) + refine.class_totals(label, refined, pred, top)
+    assert totals.kept_share()[CAT] == 0.5 and totals.kept_share()[0] == 1.0  # capped at 1
+    assert totals.mean_confidence()[CAT] == pytest.approx(0.9)
+    assert totals.iou()[CAT] == 0.5 and np.isnan(totals.iou()[DOG])
+
+
+def test_weakest_class_gets_the_most_weight():
+    iou = np.full(NUM_CLASSES, 0.8)
+    confidence = np.full(NUM_CLASSES, 0.9)
+    kept = np.full(NUM_CLASSES, 0.9)
+    iou[DOG], confidence[DOG] = 0.2, 0.4
+    iou[CAT] = np.nan  # never seen: maximally weak
+    weakness = refine.class_weakness(iou, confidence, kept)
+    assert weakness[CAT] == pytest.approx(1 - (0.9 + 0.9) / 3)
+    weights = refine.prompt_weights(weakness, power=2.0, min_weight=0.2)
+    assert set(weights) == set(FOREGROUND_CLASSES)
+    assert max(weights, key=weights.get) == "dog"
+    assert weights["cat"] > weights["horse"]
+    assert np.mean(list(weights.values())) == pytest.approx(1.0)
+    # The floor: no class falls below min_weight x the mean before normalising.
+    floored = refine.prompt_weights(np.eye(NUM_CLASSES)[DOG], power=1.0, min_weight=0.2)
+    assert min(floored.values()) > 0
+    assert refine.prompt_weights(np.zeros(NUM_CLASSES), 1.0, 0.2) == {n: 1.0 for n in FOREGROUND_CLASSES}
