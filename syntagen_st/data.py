@@ -87,6 +87,20 @@ def find_samples(path: str | os.PathLike, split: str = "train") -> list[Sample]:
     return samples
 
 
+def find_voc_samples(path: str | os.PathLike, split: str = "val") -> list[Sample]:
+    """The samples of a VOC tree's split; a UserError when ``path`` is not a VOC tree."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise UserError(f"{root}: no such folder")
+    voc = _voc_dir(root)
+    if voc is None:
+        raise UserError(f"{root}: not a VOC tree (expected VOCdevkit/VOC2012/JPEGImages and SegmentationClass)")
+    samples = _voc_samples(voc, split)
+    if not samples:
+        raise UserError(f"{voc}: ImageSets/Segmentation/{split}.txt lists no samples")
+    return samples
+
+
 def _manifest_ids(pool: Pool) -> list[str]:
     ids = []
     for shard in sorted(pool.manifest.glob("*.jsonl")):
@@ -164,7 +178,7 @@ def _plain_samples(root: Path) -> list[Sample]:
     images = sorted(p for p in (root / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     samples = [Sample(p, root / "masks" / f"{p.stem}.png") for p in images]
     paired = [s for s in samples if s.mask.exists()]
-    if not paired:
+    if samples and not paired:
         raise UserError(f"{root}: no image in images/ has a mask of the same name in masks/ (<stem>.png)")
     if len(paired) < len(samples):
         log.warning("%s: %d of %d images have no mask in masks/ and are left out", root, len(samples) - len(paired), len(samples))
@@ -278,15 +292,20 @@ class SegDataset(Dataset):
     consumer: an exception raised inside a loader worker would come back with its traceback.
     """
 
-    def __init__(self, samples: Sequence[Sample], transform: A.Compose, *, skip_corrupt: bool, confidence: bool = False) -> None:
+    def __init__(
+        self, samples: Sequence[Sample], transform: A.Compose, *, skip_corrupt: bool,
+        confidence: bool = False, min_length: int = 0,
+    ) -> None:
         self.samples = list(samples)
         self.transform = transform
         self.skip_corrupt = skip_corrupt
         self.confidence = confidence
+        # A dataset smaller than one batch is cycled so that drop_last still yields a batch.
+        self.length = max(len(self.samples), min_length)
         self.bad: dict[int, str] = {}
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return self.length
 
     def _item(self, index: int) -> dict:
         raw = load_sample(self.samples[index], self.confidence)
@@ -299,7 +318,7 @@ class SegDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         skipped = []
         for offset in range(len(self.samples)):
-            j = (index + offset) % len(self.samples)
+            j = (index % len(self.samples) + offset) % len(self.samples)
             if j in self.bad:
                 skipped.append(j)
                 continue
@@ -338,30 +357,38 @@ def raise_if_error(batch: dict) -> None:
         raise SampleError(batch["error"])
 
 
+def _seed_augmentation(worker_id: int) -> None:
+    # albumentations draws from its own generator, which seed_everything does not reach: seed
+    # it from the worker's torch seed so a seeded run augments the same way every time.
+    info = torch.utils.data.get_worker_info()
+    info.dataset.transform.set_random_seed(info.seed % 2**32)
+
+
 class SegDataModule(L.LightningDataModule):
     """Training batches (augmented, corrupt samples skipped) and full-resolution validation (batch 1)."""
 
     def __init__(self, train_samples: Sequence[Sample], cfg: TrainConfig, val_samples: Sequence[Sample] | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        # drop_last keeps batches full; a dataset smaller than one batch is repeated to fill it.
-        repeat = -(-cfg.batch_size // len(train_samples))
-        self.train_samples = list(train_samples) * repeat
+        self.train_samples = list(train_samples)
         self.val_samples = list(val_samples or [])
 
     def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
         workers = self.cfg.num_workers
+        if workers == 0:
+            dataset.transform.set_random_seed(torch.initial_seed() % 2**32)
         return DataLoader(
             dataset, batch_size=batch_size, shuffle=train, drop_last=train, num_workers=workers,
             # Step-based training runs many short epochs on small pools: keep workers alive.
             persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(), collate_fn=collate,
+            worker_init_fn=_seed_augmentation,
         )
 
     def train_dataloader(self) -> DataLoader:
         cfg = self.cfg
         dataset = SegDataset(
             self.train_samples, train_transform(cfg.crop_size, cfg.scale_min, cfg.scale_max),
-            skip_corrupt=True, confidence=cfg.confidence_weighting,
+            skip_corrupt=True, confidence=cfg.confidence_weighting, min_length=cfg.batch_size,
         )
         return self._loader(dataset, cfg.batch_size, train=True)
 

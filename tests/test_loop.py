@@ -17,11 +17,13 @@ from syntagen_st.cli import run_main
 from syntagen_st.loop import fold_of, round_budgets
 from syntagen_st.store import save_mask
 
-# The smoke config, shrunk: 2 rounds of 6 images at 64 px, 4-step round models.
+# The smoke config, shrunk: 2 rounds of 6 images at 64 px, 4-step round models. Every class
+# counts as reliable, so the relabel and drop paths run even with such weak models.
 SMALL = [
     "--config", "configs/smoke.yaml", "--generate.height", "64", "--generate.width", "64", "--generate.steps", "2",
     "--loop.rounds", "2", "--loop.generate_total", "12", "--loop.round_steps", "4", "--train.max_steps", "4",
-    "--train.crop_size", "32", "--refine.min_class_pixels", "10", "--refine.drop_fraction", "0.2", "--no-progress",
+    "--train.crop_size", "32", "--refine.min_class_pixels", "0", "--refine.min_reliability", "0", "--refine.drop_fraction", "0.2",
+    "--no-progress",
 ]
 
 

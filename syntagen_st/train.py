@@ -1,0 +1,204 @@
+"""Train DeepLabv3 on any dataset with the fixed protocol (or a shorter schedule).
+
+    python -m syntagen_st.train --data PATH --out DIR [--config configs/protocol.yaml]
+        [--val-data PATH] [--steps N] [--arch A] [--crop-size S] [--batch-size B] [--logger wandb|csv|none]
+
+Rerunning the same command resumes from DIR/checkpoints/last.ckpt. The final weights go to
+DIR/model.safetensors with their sha256 in DIR/checksum.txt, the settings to
+DIR/train_config.yaml; with validation data, the last evaluation goes to DIR/metrics.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import netrc
+import os
+import uuid
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import get_args, get_type_hints
+
+import lightning as L
+import torch
+import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from .cli import config_from, config_parser, run_main
+from .config import TrainConfig
+from .data import Sample, SegDataModule, find_samples
+from .metrics import summarize
+from .segmodel import SegModule, model_from_checkpoint, save_weights, write_checksum
+from .store import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+Data = str | os.PathLike | Sequence[Sample]
+
+
+def _samples(data: Data, split: str) -> list[Sample]:
+    return find_samples(data, split) if isinstance(data, (str, os.PathLike)) else list(data)
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The global step stored in a Lightning checkpoint, or None when there is none."""
+    if not path.is_file():
+        return None
+    return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
+
+
+def _has_wandb_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def make_logger(kind: str, out: Path, project: str, name: str):  # -> Logger | bool
+    """W&B (offline when WANDB_MODE is unset and no API key is known), CSV, or none (False).
+
+    The W&B run is our own (reinit="create_new"): WandbLogger would otherwise adopt any run
+    already open in the process (e.g. the loop's round log) and finishing it would end that one.
+    One run per output folder: a resumed training continues the same run.
+    """
+    if kind == "none":
+        return False
+    if kind == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        return CSVLogger(str(out), name="logs")
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    if rank_zero_only.rank != 0:  # DDP workers: a logger that never opens a run off rank 0
+        return WandbLogger(project=project, name=name)
+    id_file = out / "wandb_id.txt"
+    if not id_file.is_file():
+        atomic_write_text(id_file, uuid.uuid4().hex[:12] + "\n")
+    offline = "WANDB_MODE" not in os.environ and not _has_wandb_key()
+    run = wandb.init(
+        project=project, name=name, id=id_file.read_text().strip(), resume="allow",
+        dir=os.environ.get("WANDB_DIR") or str(out), mode="offline" if offline else None, reinit="create_new",
+    )
+    # WandbLogger's own x-axis setup, which it skips for a run it did not create.
+    run.define_metric("trainer/global_step")
+    run.define_metric("*", step_metric="trainer/global_step", step_sync=True)
+    return WandbLogger(experiment=run)
+
+
+def _precision(cfg: TrainConfig) -> str:
+    if cfg.precision != "auto":
+        return cfg.precision
+    on_gpu = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
+    return "bf16-mixed" if on_gpu else "32-true"
+
+
+def _devices(value: str) -> str | int:
+    return int(value) if value.lstrip("-").isdigit() else value
+
+
+def export(module_or_ckpt: SegModule | Path, out: Path) -> Path:
+    """DIR/model.safetensors and DIR/checksum.txt from a trained module or a checkpoint."""
+    if isinstance(module_or_ckpt, Path):
+        model, arch = model_from_checkpoint(module_or_ckpt)
+    else:
+        model, arch = module_or_ckpt.model, module_or_ckpt.cfg.arch
+    weights = out / WEIGHTS_NAME
+    save_weights(model, weights, arch)
+    write_checksum(weights)
+    return weights
+
+
+def train(
+    cfg: TrainConfig, data: Data, out: str | os.PathLike, val_data: Data | None = None,
+    *, seed: int = 0, run_name: str | None = None,
+) -> Path:
+    """Train (or resume) into ``out`` for cfg.max_steps steps; return the final safetensors path.
+
+    ``data`` / ``val_data`` are dataset folders (any kind find_samples knows) or sample lists.
+    Each call builds a fresh Trainer, so a loop may call it once per round with its own ``out``.
+    """
+    out = Path(out)
+    train_samples = _samples(data, "train")
+    val_samples = _samples(val_data, "val") if val_data is not None else []
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "train_config.yaml", config_yaml_train(cfg, seed))
+    last = out / "checkpoints" / "last.ckpt"
+    done = checkpoint_step(last)
+    if done is not None and done >= cfg.max_steps:
+        # Lightning would resume and train nothing: the weights are final, (re)export them.
+        log.info("%s: finished at step %d >= max_steps %d; exporting", last, done, cfg.max_steps)
+        return export(last, out)
+
+    L.seed_everything(seed, workers=True)
+    module = SegModule(cfg)
+    datamodule = SegDataModule(train_samples, cfg, val_samples)
+    logger = make_logger(cfg.logger, out, cfg.wandb_project, run_name or out.name)
+    checkpoints = ModelCheckpoint(
+        dirpath=out / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=cfg.checkpoint_every,
+    )
+    trainer = L.Trainer(
+        default_root_dir=out, max_steps=cfg.max_steps, accelerator=cfg.accelerator, devices=_devices(cfg.devices),
+        num_nodes=cfg.num_nodes, precision=_precision(cfg), logger=logger, callbacks=[checkpoints],
+        log_every_n_steps=cfg.log_every, limit_val_batches=1.0 if val_samples else 0,
+        val_check_interval=min(cfg.val_every, cfg.max_steps) if val_samples else None,
+        check_val_every_n_epoch=None, num_sanity_val_steps=0, benchmark=torch.cuda.is_available(),
+        enable_progress_bar=os.environ.get("SYNTAGEN_PROGRESS", "1") != "0",
+        enable_model_summary=False,
+    )
+    try:
+        # Ctrl-C: Lightning shuts down and exits with status 1; rerunning resumes from last.ckpt.
+        trainer.fit(module, datamodule=datamodule, ckpt_path=last if last.is_file() else None)
+        # ModelCheckpoint saves every N steps: make sure last.ckpt holds the final step too.
+        if checkpoint_step(last) != trainer.global_step:
+            trainer.save_checkpoint(last)
+        if val_samples and (module.val_metrics is None or module.val_metrics["step"] != trainer.global_step):
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+    finally:
+        if cfg.logger == "wandb" and trainer.is_global_zero:
+            logger.experiment.finish()
+    if module.corrupt:
+        warnings.warn(f"skipped {len(module.corrupt)} corrupt training samples (named in the warnings above)", stacklevel=2)
+    if not trainer.is_global_zero:
+        return out / WEIGHTS_NAME
+    if module.val_metrics is not None:
+        metrics = summarize(module.val_metrics["confusion"]) | {"step": trainer.global_step, "val_images": len(val_samples)}
+        atomic_write_json(out / "metrics.json", metrics)
+    return export(module, out)
+
+
+def config_yaml_train(cfg: TrainConfig, seed: int) -> str:
+    return yaml.safe_dump({"seed": seed, "train": dataclasses.asdict(cfg)}, sort_keys=False)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = config_parser("syntagen_st.train", "Train DeepLabv3 on a dataset with the fixed protocol.")
+    parser.add_argument("--data", required=True, help="a run, pool, VOC-style tree, or images/ + masks/ folder")
+    parser.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
+    parser.add_argument("--val-data", default=None, help="optional validation dataset (a VOC tree uses val.txt)")
+    parser.add_argument("--steps", type=int, default=None, help="= --train.max_steps")
+    hints = get_type_hints(TrainConfig)
+    parser.add_argument("--arch", default=None, choices=get_args(hints["arch"]), help="= --train.arch")
+    parser.add_argument("--crop-size", type=int, default=None, help="= --train.crop_size")
+    parser.add_argument("--batch-size", type=int, default=None, help="= --train.batch_size")
+    parser.add_argument("--logger", default=None, choices=get_args(hints["logger"]), help="= --train.logger")
+    parser.add_argument("--backbone-weights", default=None, help="imagenet, none, or a state-dict file (= --train.backbone_weights)")
+    ns = parser.parse_args(argv)
+    for flag, field in (("steps", "max_steps"), ("arch", "arch"), ("crop_size", "crop_size"),
+                        ("batch_size", "batch_size"), ("logger", "logger"), ("backbone_weights", "backbone_weights")):
+        if ns[flag] is not None:
+            ns[f"train.{field}"] = ns[flag]
+    cfg = config_from(parser, ns)
+    out = Path(ns.out)
+    weights = train(cfg.train, ns.data, out, ns.val_data, seed=cfg.seed, run_name=cfg.name if cfg.name != "run" else None)
+    print(f"weights: {weights}\nsha256: {(out / 'checksum.txt').read_text().split()[0]}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main, "syntagen_st.train")
