@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from . import refine as rf
@@ -166,7 +167,8 @@ class Loop:
 
         cfg = self.cfg.refine
         rdir = self.run_dir.round_dir(r)
-        models = [load_model(rdir / f"fold{k}" / "model.safetensors") for k in range(cfg.folds)]
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        models = [load_model(rdir / f"fold{k}" / "model.safetensors", device) for k in range(cfg.folds)]
         active = self.active()
 
         def held_out(a: Active) -> np.ndarray:
@@ -267,8 +269,6 @@ class Loop:
         atomic_write_json(manifest, meta)
 
     def evaluate_final(self) -> None:
-        import torch
-
         from .data import find_voc_samples
         from .evaluate import evaluate
         from .metrics import format_table
@@ -290,8 +290,6 @@ def _attention_confidence(sample: Sample, shape: tuple[int, int]) -> np.ndarray 
     """Per-pixel attention confidence of a label not yet refined (it has scores), else None."""
     if sample.scores is None:
         return None
-    import torch
-
     with np.load(sample.scores) as npz:
         scores = torch.from_numpy(npz["scores"].astype(np.float32))
     return confidence_map(scores, shape).numpy()

@@ -68,8 +68,7 @@ class RoundLogger:
         })
 
     def finish(self) -> None:
+        # Finish this logger's own run only: trainings open runs of their own beside it.
         if self._logger is not None:
-            import wandb
-
-            wandb.finish()
+            self._logger.experiment.finish()
             self._logger = None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import struct
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -103,3 +105,30 @@ def make_seg_dataset():
         return root
 
     return make
+
+
+def wandb_history_keys(run_file: str) -> set[str]:
+    """Keys of the history records in an offline run's .wandb file (LevelDB-style log of protobufs)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(run_file).read_bytes()
+    assert data[:4] == b":W&B"
+    block, pos, parts, keys = 32768, 7, [], set()
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # too little room for a record header: the block is padded
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0 and length == 0:
+            pos += left
+            continue
+        parts.append(data[pos + 7 : pos + 7 + length])
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST fragment: a whole record
+            record = pb.Record()
+            record.ParseFromString(b"".join(parts))
+            parts = []
+            if record.WhichOneof("record_type") == "history":
+                keys.update(item.key or "/".join(item.nested_key) for item in record.history.item)
+    return keys

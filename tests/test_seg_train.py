@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import struct
 import warnings
 from pathlib import Path
 
@@ -16,6 +15,8 @@ from syntagen_st.cli import run_main
 from syntagen_st.config import TrainConfig
 from syntagen_st.store import sha256_file
 from syntagen_st.train import checkpoint_step, train
+
+from conftest import wandb_history_keys
 
 STEPS = 12
 
@@ -127,33 +128,6 @@ def test_bad_arguments_are_one_line_exit_2(trained, capsys, change, expect):
             argv += [flag, value]
     code, _, err = run_cli(argv, capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and expect in err, err
-
-
-def wandb_history_keys(run_file: str) -> set[str]:
-    """Keys of the history records in an offline run's .wandb file (LevelDB-style log of protobufs)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = Path(run_file).read_bytes()
-    assert data[:4] == b":W&B"
-    block, pos, parts, keys = 32768, 7, [], set()
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        if left < 7:  # too little room for a record header: the block is padded
-            pos += left
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        if kind == 0 and length == 0:
-            pos += left
-            continue
-        parts.append(data[pos + 7 : pos + 7 + length])
-        pos += 7 + length
-        if kind in (1, 4):  # FULL or LAST fragment: a whole record
-            record = pb.Record()
-            record.ParseFromString(b"".join(parts))
-            parts = []
-            if record.WhichOneof("record_type") == "history":
-                keys.update(item.key or "/".join(item.nested_key) for item in record.history.item)
-    return keys
 
 
 def test_wandb_offline_run_holds_per_class_iou(tmp_path, trained, monkeypatch):

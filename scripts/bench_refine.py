@@ -1,0 +1,231 @@
+"""Does the self-training loop make the data better? Label quality and a downstream model, on shapes.
+
+    python scripts/bench_refine.py                      # the full benchmark (~12 CPU minutes)
+    python scripts/bench_refine.py --quick              # a ~2 minute sanity run; its figures mean nothing
+    python scripts/bench_refine.py --work DIR -- --refine.min_reliability 0.4   # extra flags go to fit
+
+Builds a noisy-shapes training set with known truth (scripts/noisy_shapes.py: blobby 1/8-resolution
+labels, boundary errors, missing objects, swapped classes, failed images) and a clean held-out set
+(its truth as labels), runs ``python -m syntagen_st.fit --source folder:TRAIN`` on the training set,
+and prints:
+1. label mIoU against the truth (255 counted as a miss) before and after refinement, for the
+   exported (kept) samples and for every sample's latest label, with coverage and the ignore-255
+   mIoU beside it; and how good each round's held-out fold models are against the truth;
+2. the clean held-out mIoU of two models trained with the same arch, steps and seed, one on the
+   unrefined labels of every sample, one on the refined labels of the kept samples.
+The loop's own final training is cut to one step: the two arms are trained here, on the same PNGs.
+
+Torch runs with --threads (default 1): on a shared 2-core machine, two OpenMP threads made each
+training step 10-25x slower than one as soon as another process wanted a core.
+Not a test: the figures depend on the seed and the budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from noisy_shapes import Noise, label_quality, make_dataset, write_dataset  # noqa: E402
+from syntagen_st import refine as rf  # noqa: E402
+from syntagen_st.classes import class_index  # noqa: E402
+from syntagen_st.cli import load_config_file  # noqa: E402
+from syntagen_st.data import Sample, find_samples, latest_refined  # noqa: E402
+from syntagen_st.evaluate import evaluate  # noqa: E402
+from syntagen_st.loop import fold_of  # noqa: E402
+from syntagen_st.segmodel import load_model, predict_proba  # noqa: E402
+from syntagen_st.store import Pool, load_mask, read_jsonl  # noqa: E402
+from syntagen_st.train import train  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Budget:
+    train_images: int
+    held_images: int
+    rounds: int
+    round_steps: int
+    arm_steps: int
+
+
+FULL = Budget(train_images=600, held_images=200, rounds=1, round_steps=600, arm_steps=1000)
+QUICK = Budget(train_images=96, held_images=32, rounds=1, round_steps=60, arm_steps=60)
+
+
+def fit_command(train_dir: Path, run: Path, budget: Budget, size: int, seed: int, extra: list[str]) -> list[str]:
+    """The loop on the folder: LR-ASPP from scratch, settings at which it beats the noise."""
+    return [
+        sys.executable, "-m", "syntagen_st.fit", "--config", str(REPO / "configs" / "smoke.yaml"),
+        "--source", f"folder:{train_dir}", "--rounds", str(budget.rounds), "--out", str(run), "--no-progress",
+        "--seed", str(seed), "--name", "bench_refine",
+        "--train.arch", "lraspp_mobilenet_v3_large", "--train.backbone_weights", "none",
+        "--train.crop_size", str(size), "--train.batch_size", "16", "--train.lr", "0.02",
+        "--train.logger", "none", "--train.max_steps", "1",
+        "--loop.round_steps", str(budget.round_steps), "--refine.folds", "2", "--refine.min_class_pixels", "1000",
+        *extra,
+    ]
+
+
+def run_fit(command: list[str], log_file: Path, threads: int) -> None:
+    env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "SYNTAGEN_PROGRESS": "0"}
+    with log_file.open("w") as log:
+        done = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
+    if done.returncode:
+        tail = "".join(log_file.read_text().splitlines(keepends=True)[-30:])
+        sys.exit(f"fit failed (exit {done.returncode}); the end of {log_file}:\n{tail}")
+
+
+def source_index(row: dict) -> int:
+    """The training-set index of a pool sample (its original file is <index>.png)."""
+    return int(Path(row["source"]).stem)
+
+
+def quality_line(name: str, before: dict[str, float], after: dict[str, float]) -> str:
+    return (
+        f"{name} (255=miss): {before['miou']:.3f} -> {after['miou']:.3f} "
+        f"(coverage {before['coverage']:.3f} -> {after['coverage']:.3f}; "
+        f"255 ignored {before['miou_ignore255']:.3f} -> {after['miou_ignore255']:.3f})"
+    )
+
+
+def label_report(run: Path, data: dict) -> None:
+    """Label quality before / after, over the exported samples and over every sample."""
+    rows = {row["id"]: row for row in Pool(run / "pool").rows()}
+    index = {sid: source_index(row) for sid, row in rows.items()}
+    latest = read_jsonl(latest_refined(run))
+    voc = run / "export" / "VOCdevkit" / "VOC2012"
+    exported = (voc / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+    gt, noisy = data["gt"], data["masks"]
+
+    every = [index[r["id"]] for r in latest]
+    before = label_quality(noisy[every], gt[every])
+    after = label_quality([load_mask(run / r["mask"]) for r in latest], gt[every])
+    print(quality_line(f"label mIoU, all {len(every)} samples' latest labels", before, after))
+
+    kept = [index[sid] for sid in exported]
+    after_kept = label_quality([load_mask(voc / "SegmentationClass" / f"{sid}.png") for sid in exported], gt[kept])
+    print(quality_line(f"label mIoU, exported {len(kept)} vs all {len(every)} unrefined", before, after_kept))
+    print(quality_line(f"label mIoU, exported {len(kept)}, same samples unrefined", label_quality(noisy[kept], gt[kept]), after_kept))
+
+    dropped = [index[r["id"]] for r in latest if not r["kept"]]
+    failed = int(data["failed"].sum())
+    print(f"dropped {len(dropped)} samples, {int(data['failed'][dropped].sum())} of the {failed} failed images among them")
+
+
+def round_report(run: Path, data: dict) -> None:
+    """Each round's fold models on the samples they did not train on, against the truth."""
+    cfg = load_config_file(str(run / "config.yaml"))
+    pool = Pool(run / "pool")
+    rows = pool.rows()
+    before = label_quality(data["masks"][[source_index(r) for r in rows]], data["gt"][[source_index(r) for r in rows]])
+    for r in range(cfg.loop.rounds):
+        rdir = run / "rounds" / str(r)
+        models = [load_model(rdir / f"fold{k}" / "model.safetensors") for k in range(cfg.refine.folds)]
+        free, named = [], []
+        for row in rows:
+            model = models[fold_of(row["id"], cfg.refine.folds, cfg.seed)]
+            probs = next(predict_proba(model, [pool.image_path(row["id"])]))
+            free.append(probs.argmax(0).astype(np.uint8))
+            named.append(rf.predict(rf.restrict(probs, [class_index(c) for c in row["classes"]]))[0])
+        gt = data["gt"][[source_index(row) for row in rows]]
+        stats = json.loads((rdir / "stats.json").read_text())
+        print(
+            f"round {r} fold models ({cfg.loop.round_steps} steps on {len(rows) * (cfg.refine.folds - 1) // cfg.refine.folds}"
+            f" samples), held-out vs truth: mIoU {label_quality(free, gt)['miou']:.3f}, "
+            f"{label_quality(named, gt)['miou']:.3f} restricted to named classes; unrefined labels {before['miou']:.3f}; "
+            f"reliable: {', '.join(stats['reliable']) or 'none'}; "
+            f"model-vs-label IoU {fmt_named(stats['iou_model_vs_labels'])}; "
+            f"{stats['pixels_relabelled']} pixels changed, {stats['dropped']} dropped"
+        )
+
+
+def fmt_named(values: dict[str, float | None]) -> str:
+    return " ".join(f"{name} {v:.2f}" for name, v in values.items() if v is not None)
+
+
+def arms_report(run: Path, train_dir: Path, held_dir: Path, steps: int, seed: int) -> None:
+    """Two models, same arch / steps / seed: unrefined labels of all samples vs refined kept ones."""
+    cfg = replace(load_config_file(str(run / "config.yaml")).train, max_steps=steps, checkpoint_every=steps, logger="none")
+    arms: dict[str, list[Sample]] = {"unrefined": find_samples(train_dir), "refined": find_samples(run)}
+    held = find_samples(held_dir)
+    miou = {}
+    for name, samples in arms.items():
+        weights = train(cfg, samples, run.parent / f"arm_{name}", seed=seed, run_name=f"bench-{name}")
+        miou[name] = evaluate(load_model(weights), held, "cpu")["mIoU"]
+        print(f"  {name}: {len(samples)} samples, {steps} steps -> held-out mIoU {miou[name]:.3f}", flush=True)
+    gain = miou["refined"] - miou["unrefined"]
+    print(
+        f"held-out model mIoU ({len(held)} clean images): unrefined {miou['unrefined']:.3f}, "
+        f"refined {miou['refined']:.3f} ({gain:+.3f}, x{miou['refined'] / miou['unrefined']:.3f})"
+    )
+
+
+def bench(work: Path, budget: Budget, size: int, seed: int, threads: int, extra: list[str]) -> None:
+    data = make_dataset(budget.train_images, size, seed)
+    held = make_dataset(budget.held_images, size, seed + 1)
+    write_dataset(work / "train", data)
+    write_dataset(work / "held", held | {"masks": held["gt"]})
+    print(f"noise: {Noise()}")
+    print(f"budget: {budget}, {size} px, seed {seed}, extra fit flags: {' '.join(extra) or 'none'}")
+    run = work / "run"
+    command = fit_command(work / "train", run, budget, size, seed, extra)
+    print("$ " + " ".join(command), flush=True)
+    start = time.time()
+    run_fit(command, work / "fit.log", threads)
+    print(f"loop: {time.time() - start:.0f} s wall", flush=True)
+    round_report(run, data)
+    label_report(run, data)
+    arms_report(run, work / "train", work / "held", budget.arm_steps, seed)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], usage="%(prog)s [options] [-- fit flags]")
+    parser.add_argument("--quick", action="store_true", help="a tiny configuration for a sanity run (~2 minutes)")
+    parser.add_argument("--work", default=None, help="folder for the data and the run (default: a temporary one)")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=None, help="loop rounds (default 1)")
+    parser.add_argument("--round-steps", type=int, default=None, help="steps of each round's fold models (default 600)")
+    parser.add_argument("--arm-steps", type=int, default=None, help="steps of each held-out comparison model (default 1000)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads here and in fit")
+    args, extra = parser.parse_known_args()
+    extra = [a for a in extra if a != "--"]
+    base = QUICK if args.quick else FULL
+    budget = replace(
+        base, rounds=args.rounds or base.rounds, round_steps=args.round_steps or base.round_steps,
+        arm_steps=args.arm_steps or base.arm_steps,
+    )
+    torch.set_num_threads(args.threads)
+    logging.getLogger("lightning").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*(random weights|LeafSpec)")
+    os.environ["SYNTAGEN_PROGRESS"] = "0"
+    start = time.time()
+
+    if args.work:
+        bench(Path(args.work), budget, args.size, args.seed, args.threads, extra)
+    else:
+        with tempfile.TemporaryDirectory(prefix="bench_refine_") as tmp:
+            bench(Path(tmp), budget, args.size, args.seed, args.threads, extra)
+    usage = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = sum(u.ru_utime + u.ru_stime for u in usage)
+    print(f"time: {time.time() - start:.0f} s wall, {cpu:.0f} s CPU")
+
+
+if __name__ == "__main__":
+    main()
