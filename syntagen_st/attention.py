@@ -17,6 +17,8 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 
+from .errors import UserError
+
 
 def layer_grid(name: str, num_levels: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
     """The spatial grid an attention layer works on, from its place in the UNet.
@@ -146,7 +148,7 @@ def plan_layers(
             plan[name] = "self"
     kinds = set(plan.values())
     if kinds != {"cross", "self"}:
-        raise ValueError(
+        raise UserError(
             f"the UNet has no {'cross' if 'cross' not in kinds else 'self'}-attention layer at "
             f"{cross_hw if 'cross' not in kinds else self_hw}; check label.cross_factor / label.self_factor"
         )

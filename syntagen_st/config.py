@@ -306,6 +306,13 @@ def validate_loop(cfg: LoopConfig) -> None:
             cfg.generate_total >= cfg.rounds,
             f"loop.generate_total ({cfg.generate_total}) is smaller than the number of rounds ({cfg.rounds})",
         )
+        # 'front' gives round 0 half: the other half must still give every later round an image.
+        later = cfg.generate_total - (cfg.generate_total + 1) // 2
+        _check(
+            cfg.budget_split != "front" or cfg.rounds == 1 or later >= cfg.rounds - 1,
+            f"loop.generate_total ({cfg.generate_total}) leaves a round without images under budget_split "
+            f"'front' with {cfg.rounds} rounds; raise it or use budget_split 'equal'",
+        )
     elif cfg.source.startswith("folder:"):
         path = cfg.source[len("folder:"):]
         _check(os.path.isdir(path), f"loop.source: folder {path!r} does not exist")

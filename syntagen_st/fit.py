@@ -8,6 +8,7 @@ records the model checksum. Rerunning the same command resumes a killed run.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +24,10 @@ from .store import atomic_write_text
 # Settings that change speed or where things run, not results.
 _FREE_KEYS = {"model.device", "generate.batch_size", "train.num_workers", "train.devices", "train.accelerator",
               "train.logger", "train.wandb_project"}
+
+
+# Settings a run may continue with after a change (--resume): the later steps use the new values.
+_RESUMABLE_KEYS = {"loop.rounds", "loop.generate_total", "loop.max_pairs", "loop.round_steps", "train"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -51,11 +56,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     root = Path(ns.out) if ns.out else Path("runs") / cfg.name
     saved = root / "config.yaml"
     if saved.exists():
-        diffs = config_differences(load_config_file(str(saved)).to_dict(), cfg.to_dict(), _FREE_KEYS)
+        old = load_config_file(str(saved)).to_dict()
+        diffs = config_differences(old, cfg.to_dict(), _FREE_KEYS)
         if diffs and not (ns.resume or ns.overwrite):
             raise UserError(
                 f"{root} holds a run with another config ({'; '.join(diffs[:3])}); "
                 "pass --resume to continue it with this config or --overwrite to start again"
+            )
+        fixed = config_differences(old, cfg.to_dict(), _FREE_KEYS | _RESUMABLE_KEYS)
+        if ns.resume and fixed:
+            raise UserError(
+                f"cannot resume {root} with changed {'; '.join(fixed[:3])}: its samples and folds depend on "
+                "them; pass --overwrite to start again"
             )
         if ns.overwrite:
             shutil.rmtree(root)
@@ -65,6 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(saved, config_yaml(cfg))
+    if ns.no_progress:
+        os.environ["SYNTAGEN_PROGRESS"] = "0"  # Lightning's bars too
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     Loop(cfg, Run(root), ns.voc_root, progress=not ns.no_progress).run()
     checksum = (root / "final" / "checksum.txt").read_text().split()[0]

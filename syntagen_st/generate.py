@@ -170,6 +170,8 @@ class SampleGenerator:
         todo = [r for r in records if r.id not in done]
         if not todo:
             return 0
+        for record in todo:  # an over-long prompt is refused now, not hours into the run
+            class_token_groups(self.pipe.tokenizer, record)
         bar = tqdm(total=len(todo), desc="generate", unit="img", disable=not progress)
         start = time.perf_counter()
         batch_size = self.gen.batch_size
@@ -188,13 +190,11 @@ class SampleGenerator:
         return len(todo)
 
 
-def round_records(
-    cfg: Config, round_index: int, count: int, weights: dict[str, float] | None = None, first: int = 0
-) -> list[PromptRecord]:
+def round_records(cfg: Config, round_index: int, count: int, weights: dict[str, float] | None = None) -> list[PromptRecord]:
     """The prompt records of a round: from the prompt file when given, else the templates."""
     prompt_file = load_prompt_file(cfg.generate.prompts_file) if cfg.generate.prompts_file else None
     return make_records(
-        cfg.seed, round_index, range(first, first + count), cfg.generate.classes, weights,
+        cfg.seed, round_index, range(count), cfg.generate.classes, weights,
         cfg.generate.max_classes_per_prompt, prompt_file,
     )
 

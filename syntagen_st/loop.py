@@ -23,17 +23,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from . import refine as rf
 from .classes import VOC_CLASSES, canonical, class_index
 from .config import Config
-from .data import Sample, find_samples, latest_refined
+from .data import Sample, find_samples, latest_refined, load_sample
 from .errors import UserError
 from .export import export_voc
-from .labels import confidence_map
 from .report import RoundLogger
-from .store import Pool, atomic_write_json, load_mask, read_jsonl, save_image, save_mask, sha256_file, write_jsonl
+from .store import Pool, atomic_write_json, atomic_write_text, read_jsonl, save_image, save_mask, sha256_file, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +45,11 @@ def round_budgets(total: int, rounds: int, split: str) -> list[int]:
     return [base + (1 if r < extra else 0) for r in range(rounds)]
 
 
-def fold_of(sample_id: str, folds: int, seed: int) -> int:
-    """A sample's cross-fitting fold, fixed by its id and the run seed."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:fold:{sample_id}".encode()).digest()[:8], "little") % folds
+def assign_folds(ids: list[str], folds: int, seed: int) -> dict[str, int]:
+    """Cross-fitting folds of a round's samples: a seeded shuffle dealt out in turn, so every
+    fold gets n // folds or one more, and a sample's fold depends only on the set and the seed."""
+    order = sorted(ids, key=lambda i: hashlib.sha256(f"{seed}:fold:{i}".encode()).digest())
+    return {sid: n % folds for n, sid in enumerate(order)}
 
 
 def derived_seed(seed: int, tag: str) -> int:
@@ -97,25 +97,29 @@ class Loop:
     # ------------------------------------------------------------------ driver
 
     def run(self) -> None:
-        loop = self.cfg.loop
-        budgets = round_budgets(loop.generate_total, loop.rounds, loop.budget_split)
-        for r in range(loop.rounds):
-            self._step(f"round{r}/data", lambda r=r: self.add_data(r, budgets))
+        rounds = self.cfg.loop.rounds
+        for r in range(rounds):
+            self._step(f"round{r}/data", lambda r=r: self.add_data(r))
             for k in range(self.cfg.refine.folds):
                 self._step(f"round{r}/fold{k}", lambda r=r, k=k: self.train_fold(r, k), restart=self.run_dir.round_dir(r) / f"fold{k}")
             self._step(f"round{r}/refine", lambda r=r: self.refine_round(r))
-        self._step("final/export", self.export_final)
-        self._step("final/train", self.train_final)
-        if self.voc_root:
-            self._step("final/evaluate", self.evaluate_final)
+        # Named after the round count: a run resumed with more rounds exports and trains again.
+        root = self.run_dir.root
+        self._step(f"final{rounds}/export", self.export_final, restart=root / "export")
+        self._step(f"final{rounds}/train", self.train_final, restart=root / "final" if self._final_stale() else None)
         self.reporter.finish()
+
+    def _final_stale(self) -> bool:
+        """A final model trained on an earlier export must not be resumed into this one."""
+        trained_on = self.run_dir.root / "final" / "export_manifest_sha256.txt"
+        return trained_on.exists() and trained_on.read_text().strip() != sha256_file(self.run_dir.root / "export" / "manifest.json")
 
     def _step(self, name: str, fn, restart: Path | None = None) -> None:
         if name in self.run_dir.done_steps():
             return
         if restart is not None and restart.exists():
-            # A short round model killed mid-way is retrained from scratch, so the result is
-            # the same as an uninterrupted run's (a Lightning resume would reshuffle the data).
+            # A step killed mid-way starts again from nothing, so the result is the same as an
+            # uninterrupted run's (a Lightning resume of a round model would reshuffle its data).
             shutil.rmtree(restart)
         log.info("step %s", name)
         fn()
@@ -123,16 +127,20 @@ class Loop:
 
     # ------------------------------------------------------------------ round steps
 
-    def add_data(self, r: int, budgets: list[int]) -> None:
-        source = self.cfg.loop.source
-        if source.startswith("folder:"):
+    def add_data(self, r: int) -> None:
+        loop = self.cfg.loop
+        if loop.source.startswith("folder:"):
             if r == 0:
-                import_folder(source[len("folder:"):], self.run_dir.pool)
+                import_folder(loop.source[len("folder:"):], self.run_dir.pool)
             return
         from .generate import SampleGenerator, round_records
 
-        weights = self.weights_for(r)
-        records = round_records(self.cfg, r, budgets[r], weights)
+        # What earlier rounds generated is subtracted, so resuming with more rounds spreads the
+        # rest of the budget instead of exceeding it.
+        earlier = sum(1 for row in self.run_dir.pool.rows() if row["round"] < r)
+        split = loop.budget_split if r == 0 else "equal"
+        count = round_budgets(loop.generate_total - earlier, loop.rounds - r, split)[0]
+        records = round_records(self.cfg, r, count, self.weights_for(r))
         SampleGenerator(self.cfg).fill(self.run_dir.pool, records, self.progress)
 
     def weights_for(self, r: int) -> dict[str, float] | None:
@@ -149,13 +157,17 @@ class Loop:
             out.append(Active(sample, tuple(row["classes"]), int(row["round"])))
         return out
 
+    def folds(self, active: list[Active]) -> dict[str, int]:
+        if len(active) < self.cfg.refine.folds:
+            raise UserError(f"{len(active)} samples are too few for refine.folds={self.cfg.refine.folds}; add data")
+        return assign_folds([a.id for a in active], self.cfg.refine.folds, self.cfg.seed)
+
     def train_fold(self, r: int, k: int) -> None:
         from .train import train
 
-        folds = self.cfg.refine.folds
-        samples = [a.sample for a in self.active() if fold_of(a.id, folds, self.cfg.seed) != k]
-        if not samples:
-            raise UserError(f"round {r}: fold {k} has no training samples; add data or lower refine.folds")
+        active = self.active()
+        fold = self.folds(active)
+        samples = [a.sample for a in active if fold[a.id] != k]
         cfg = copy.deepcopy(self.cfg.train)
         cfg.max_steps = self.cfg.loop.round_steps
         cfg.checkpoint_every = cfg.max_steps
@@ -167,13 +179,17 @@ class Loop:
 
         cfg = self.cfg.refine
         rdir = self.run_dir.round_dir(r)
+        # A redo after a crash must read the labels as they were before this round.
+        (rdir / "samples.jsonl").unlink(missing_ok=True)
+        previous = latest_refined(self.run_dir.root)
+        judged = {row["id"] for row in read_jsonl(previous) if row.get("judged")} if previous else set()
         device = "cuda" if torch.cuda.is_available() else "cpu"
         models = [load_model(rdir / f"fold{k}" / "model.safetensors", device) for k in range(cfg.folds)]
         active = self.active()
+        fold = self.folds(active)
 
         def held_out(a: Active) -> np.ndarray:
-            model = models[fold_of(a.id, cfg.folds, self.cfg.seed)]
-            return next(predict_proba(model, [a.sample.image]))
+            return next(predict_proba(models[fold[a.id]], [a.sample.image]))
 
         def allowed(a: Active) -> list[int]:
             return [class_index(c) for c in a.classes]
@@ -182,7 +198,7 @@ class Loop:
         confusion = np.zeros((len(VOC_CLASSES), len(VOC_CLASSES)), np.int64)
         for a in active:
             pred, _ = rf.predict(rf.restrict(held_out(a), allowed(a)))
-            confusion += rf.confusion_matrix(pred, load_mask(a.sample.mask))
+            confusion += rf.confusion_matrix(pred, load_sample(a.sample)["mask"])
         reliable = rf.reliable_classes(confusion, cfg.min_reliability, cfg.min_class_pixels)
 
         # Pass 2: relabel, score, and gather the class statistics.
@@ -192,8 +208,9 @@ class Loop:
         examples = []
         for a in active:
             probs = held_out(a)
-            label = load_mask(a.sample.mask)
-            confidence = _attention_confidence(a.sample, label.shape)
+            # Attention confidence exists for labels not yet refined (they have scores).
+            item = load_sample(a.sample, confidence=a.sample.scores is not None)
+            label, confidence = item["mask"], item.get("weight")
             refined = rf.relabel(label, probs, allowed(a), reliable, cfg.relabel_confidence, cfg.keep_confidence,
                                  confidence, cfg.label_sure)
             pred, top = rf.predict(rf.restrict(probs, allowed(a)))
@@ -204,11 +221,11 @@ class Loop:
             if len(examples) < 8:
                 examples.append((a.sample.image, label, refined, pred))
 
-        # Each sample faces the filter once, in the round it joined; a model reliable for no
-        # foreground class cannot judge samples, so then nothing is dropped.
-        candidates = {a.id: scores[a.id] for a in active if a.round == r} if reliable[1:].any() else {}
+        # Each sample faces the filter once, in the first round whose model can judge it: a
+        # model reliable for no foreground class cannot, so then nothing is dropped.
+        candidates = {a.id: scores[a.id] for a in active if a.id not in judged} if reliable[1:].any() else {}
         drops = rf.select_drops(candidates, cfg.drop_fraction)
-        rows = self._sample_rows(r, active, scores, drops)
+        rows = self._sample_rows(r, active, scores, drops, judged | set(candidates))
         weakness = rf.class_weakness(totals.iou(), totals.mean_confidence(), totals.kept_share())
         weights = rf.prompt_weights(weakness, cfg.weakness_power, cfg.min_weight)
         stats = {
@@ -228,14 +245,16 @@ class Loop:
         write_jsonl(rdir / "samples.jsonl", rows)
         self.reporter.log_round(r, stats, examples)
 
-    def _sample_rows(self, r: int, active: list[Active], scores: dict, drops: dict[str, str]) -> list[dict]:
+    def _sample_rows(
+        self, r: int, active: list[Active], scores: dict, drops: dict[str, str], judged: set[str]
+    ) -> list[dict]:
         previous = latest_refined(self.run_dir.root)
         rows = {row["id"]: row for row in read_jsonl(previous)} if previous else {}
         out = {i: row for i, row in rows.items() if not row["kept"]}  # dropped earlier: stays dropped
         for a in active:
             s = scores[a.id]
             out[a.id] = {
-                "id": a.id, "kept": a.id not in drops, "reason": drops.get(a.id),
+                "id": a.id, "kept": a.id not in drops, "reason": drops.get(a.id), "judged": a.id in judged,
                 "mask": f"rounds/{r}/labels/{a.id}.png",
                 "score": s.score, "agreement": s.agreement, "confidence": s.confidence,
             }
@@ -258,41 +277,28 @@ class Loop:
                    {"seed": self.cfg.seed, "config": config_yaml(self.cfg)})
 
     def train_final(self) -> None:
+        """The fixed protocol on exactly the exported files; with --voc-root it validates on VOC
+        val (W&B curves, final/metrics.json). A kill resumes through Lightning's checkpoint."""
+        from .metrics import format_table
         from .train import train
 
-        val = self.voc_root if self.voc_root else None
-        train(self.cfg.train, self.run_dir.root / "export", self.run_dir.root / "final", val_data=val,
+        root = self.run_dir.root
+        manifest = root / "export" / "manifest.json"
+        final = root / "final"
+        final.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(final / "export_manifest_sha256.txt", sha256_file(manifest) + "\n")
+        train(self.cfg.train, root / "export", final, val_data=self.voc_root,
               seed=derived_seed(self.cfg.seed, "final"), run_name=f"{self.cfg.name}-final")
-        manifest = self.run_dir.root / "export" / "manifest.json"
         meta = json.loads(manifest.read_text())
-        meta["model_sha256"] = (self.run_dir.root / "final" / "checksum.txt").read_text().split()[0]
+        meta["model_sha256"] = (final / "checksum.txt").read_text().split()[0]
         atomic_write_json(manifest, meta)
-
-    def evaluate_final(self) -> None:
-        from .data import find_voc_samples
-        from .evaluate import evaluate
-        from .metrics import format_table
-        from .segmodel import load_model
-
-        weights = self.run_dir.root / "final" / "model.safetensors"
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        metrics = evaluate(load_model(weights), find_voc_samples(self.voc_root, "val"), device, self.cfg.train.num_workers)
-        metrics |= {"weights_sha256": sha256_file(weights), "data": str(self.voc_root)}
-        atomic_write_json(self.run_dir.root / "final" / "metrics.json", metrics)
-        print(format_table(metrics))
+        atomic_write_text(final / "export_manifest_sha256.txt", sha256_file(manifest) + "\n")
+        if self.voc_root:
+            print(format_table(json.loads((final / "metrics.json").read_text())))
 
 
 def _named(values: np.ndarray) -> dict[str, float | None]:
     return {VOC_CLASSES[c]: (None if np.isnan(v) else round(float(v), 4)) for c, v in enumerate(values)}
-
-
-def _attention_confidence(sample: Sample, shape: tuple[int, int]) -> np.ndarray | None:
-    """Per-pixel attention confidence of a label not yet refined (it has scores), else None."""
-    if sample.scores is None:
-        return None
-    with np.load(sample.scores) as npz:
-        scores = torch.from_numpy(npz["scores"].astype(np.float32))
-    return confidence_map(scores, shape).numpy()
 
 
 def import_folder(path: str, pool: Pool) -> int:
@@ -316,9 +322,8 @@ def import_folder(path: str, pool: Pool) -> int:
         sid = f"r00_{index:06d}"
         if sid in done:
             continue
-        with Image.open(sample.image) as image:
-            rgb = np.asarray(image.convert("RGB"))
-        mask = load_mask(sample.mask)
+        item = load_sample(sample)  # a broken pair stops the import with one line naming its file
+        rgb, mask = item["image"], item["mask"]
         classes = named.get(sample.image.stem) or [VOC_CLASSES[v] for v in np.unique(mask) if 0 < v < len(VOC_CLASSES)]
         save_image(pool.image_path(sid), rgb)
         save_mask(pool.mask_path(sid), mask)

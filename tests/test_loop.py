@@ -14,7 +14,7 @@ from PIL import Image
 
 from syntagen_st import fit as fit_mod
 from syntagen_st.cli import run_main
-from syntagen_st.loop import fold_of, round_budgets
+from syntagen_st.loop import assign_folds, round_budgets
 from syntagen_st.store import save_mask
 
 # The smoke config, shrunk: 2 rounds of 6 images at 64 px, 4-step round models. Every class
@@ -38,10 +38,12 @@ def test_round_budgets_add_up():
 
 
 def test_folds_are_fixed_and_balanced():
-    ids = [f"r00_{i:06d}" for i in range(1000)]
-    folds = [fold_of(i, 2, 0) for i in ids]
-    assert folds == [fold_of(i, 2, 0) for i in ids]
-    assert 400 < sum(folds) < 600
+    ids = [f"r00_{i:06d}" for i in range(1001)]
+    folds = assign_folds(ids, 2, 0)
+    assert folds == assign_folds(list(reversed(ids)), 2, 0)
+    assert sorted(folds.values()).count(0) == 501
+    assert folds != assign_folds(ids, 2, 1)
+    assert sorted(assign_folds(ids[:3], 3, 0).values()) == [0, 1, 2]
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -89,7 +91,7 @@ def test_smoke_loop_end_to_end_and_no_sample_is_relabelled_by_its_own_model(tmp_
     assert len(trained_on) == 4 and not violations
 
     state = json.loads((out / "state.json").read_text())["done"]
-    assert state[-2:] == ["final/export", "final/train"]
+    assert state[-2:] == ["final2/export", "final2/train"]
     rows = [json.loads(line) for line in (out / "rounds" / "1" / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and all(r["mask"].startswith("rounds/1/labels/") or not r["kept"] for r in rows)
     dropped = [r for r in rows if not r["kept"]]
@@ -135,6 +137,48 @@ def test_kill_and_resume_gives_the_same_result(tmp_path):
     assert clean.keys() == resumed.keys()
     differing = [k for k in clean if clean[k] != resumed[k] and not k.endswith("config.yaml")]
     assert not differing, differing
+
+
+def _fit(*argv: str) -> None:
+    with pytest.raises(SystemExit) as done:
+        run_main(fit_mod.main, "fit", [*SMALL, *argv])
+    assert done.value.code == 0
+
+
+def test_redone_refine_and_resume_with_more_rounds(tmp_path, capsys):
+    out = tmp_path / "run"
+    _fit("--out", str(out))
+    round1 = {p: p.read_bytes() for p in sorted((out / "rounds" / "1").rglob("*")) if p.is_file() and "fold" not in str(p)}
+
+    # Killed after round 1's samples.jsonl was written but before the step was marked done:
+    # the redo must read the labels of round 0, not its own.
+    state = json.loads((out / "state.json").read_text())
+    (out / "state.json").write_text(json.dumps({"done": state["done"][: state["done"].index("round1/refine")]}))
+    _fit("--out", str(out))
+    assert {p: p.read_bytes() for p in round1} == round1
+
+    # More rounds: the new round gets the raised budget, and the export and final model follow.
+    old_checksum = (out / "final" / "checksum.txt").read_text()
+    assert "cannot resume" in _refused(capsys, *SMALL, "--out", str(out), "--rounds", "3", "--seed", "1", "--resume")
+    _fit("--out", str(out), "--rounds", "3", "--loop.generate_total", "15", "--resume")
+    assert sum(1 for r in json.loads("[" + ",".join(
+        line for f in (out / "pool" / "manifest").glob("*.jsonl") for line in f.read_text().splitlines()) + "]")
+        if r["round"] == 2) == 3
+    train_list = (out / "export" / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "train.txt").read_text()
+    assert "r02_" in train_list
+    assert json.loads((out / "state.json").read_text())["done"][-2:] == ["final3/export", "final3/train"]
+    manifest = json.loads((out / "export" / "manifest.json").read_text())
+    assert manifest["model_sha256"] == (out / "final" / "checksum.txt").read_text().split()[0]
+    assert (out / "final" / "checksum.txt").read_text() != old_checksum
+
+
+def test_folder_source_with_a_broken_mask_stops_with_one_line(capsys, tmp_path):
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(data / "images" / "a.png")
+    save_mask(data / "masks" / "a.png", np.full((16, 16), 38, np.uint8))
+    err = _refused(capsys, *SMALL, "--out", str(tmp_path / "run"), "--source", f"folder:{data}")
+    assert "a.png" in err and "outside 0..20" in err
 
 
 def _refused(capsys, *argv) -> str:
