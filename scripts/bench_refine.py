@@ -47,7 +47,7 @@ from syntagen_st.classes import class_index  # noqa: E402
 from syntagen_st.cli import load_config_file  # noqa: E402
 from syntagen_st.data import Sample, find_samples, latest_refined  # noqa: E402
 from syntagen_st.evaluate import evaluate  # noqa: E402
-from syntagen_st.loop import fold_of  # noqa: E402
+from syntagen_st.loop import assign_folds  # noqa: E402
 from syntagen_st.segmodel import load_model, predict_proba  # noqa: E402
 from syntagen_st.store import Pool, load_mask, read_jsonl  # noqa: E402
 from syntagen_st.train import train  # noqa: E402
@@ -132,26 +132,30 @@ def round_report(run: Path, data: dict) -> None:
     """Each round's fold models on the samples they did not train on, against the truth."""
     cfg = load_config_file(str(run / "config.yaml"))
     pool = Pool(run / "pool")
-    rows = pool.rows()
-    before = label_quality(data["masks"][[source_index(r) for r in rows]], data["gt"][[source_index(r) for r in rows]])
+    rows = {row["id"]: row for row in pool.rows()}
     for r in range(cfg.loop.rounds):
         rdir = run / "rounds" / str(r)
+        # The round's active samples are those it wrote a label for; folds are dealt over them.
+        ids = [row["id"] for row in read_jsonl(rdir / "samples.jsonl") if row["mask"].startswith(f"rounds/{r}/")]
+        fold = assign_folds(ids, cfg.refine.folds, cfg.seed)
         models = [load_model(rdir / f"fold{k}" / "model.safetensors") for k in range(cfg.refine.folds)]
         free, named = [], []
-        for row in rows:
-            model = models[fold_of(row["id"], cfg.refine.folds, cfg.seed)]
-            probs = next(predict_proba(model, [pool.image_path(row["id"])]))
+        for sid in ids:
+            probs = next(predict_proba(models[fold[sid]], [pool.image_path(sid)]))
             free.append(probs.argmax(0).astype(np.uint8))
-            named.append(rf.predict(rf.restrict(probs, [class_index(c) for c in row["classes"]]))[0])
-        gt = data["gt"][[source_index(row) for row in rows]]
+            named.append(rf.predict(rf.restrict(probs, [class_index(c) for c in rows[sid]["classes"]]))[0])
+        index = [source_index(rows[sid]) for sid in ids]
+        gt = data["gt"][index]
         stats = json.loads((rdir / "stats.json").read_text())
         print(
-            f"round {r} fold models ({cfg.loop.round_steps} steps on {len(rows) * (cfg.refine.folds - 1) // cfg.refine.folds}"
+            f"round {r} fold models ({cfg.loop.round_steps} steps on ~{len(ids) * (cfg.refine.folds - 1) // cfg.refine.folds}"
             f" samples), held-out vs truth: mIoU {label_quality(free, gt)['miou']:.3f}, "
-            f"{label_quality(named, gt)['miou']:.3f} restricted to named classes; unrefined labels {before['miou']:.3f}; "
+            f"{label_quality(named, gt)['miou']:.3f} restricted to named classes; "
+            f"unrefined labels {label_quality(data['masks'][index], gt)['miou']:.3f}; "
             f"reliable: {', '.join(stats['reliable']) or 'none'}; "
             f"model-vs-label IoU {fmt_named(stats['iou_model_vs_labels'])}; "
-            f"{stats['pixels_relabelled']} pixels changed, {stats['dropped']} dropped"
+            f"{stats['pixels_relabelled']} pixels changed, {stats['dropped']} dropped",
+            flush=True,
         )
 
 
@@ -212,7 +216,8 @@ def main() -> None:
         arm_steps=args.arm_steps or base.arm_steps,
     )
     torch.set_num_threads(args.threads)
-    logging.getLogger("lightning").setLevel(logging.WARNING)
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*(random weights|LeafSpec)")
     os.environ["SYNTAGEN_PROGRESS"] = "0"
     start = time.time()

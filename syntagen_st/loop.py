@@ -273,8 +273,11 @@ class Loop:
     def export_final(self) -> None:
         from .cli import config_yaml
 
-        export_voc(self.selected(), self.run_dir.root / "export",
-                   {"seed": self.cfg.seed, "config": config_yaml(self.cfg)})
+        meta = {"seed": self.cfg.seed, "config": config_yaml(self.cfg)}
+        if self.cfg.generate.prompts_file:
+            # Regenerating from the seed needs the very prompts the run drew from.
+            meta["prompts_file_sha256"] = sha256_file(self.cfg.generate.prompts_file)
+        export_voc(self.selected(), self.run_dir.root / "export", meta)
 
     def train_final(self) -> None:
         """The fixed protocol on exactly the exported files; with --voc-root it validates on VOC
