@@ -21,9 +21,10 @@ from .loop import Loop, Run
 from .store import atomic_write_text
 
 
-# Settings that change speed or where things run, not results.
-_FREE_KEYS = {"model.device", "generate.batch_size", "train.num_workers", "train.devices", "train.accelerator",
-              "train.logger", "train.wandb_project"}
+# Settings that do not change a run's results: speed, placement, names, and generate.num_images
+# (fit draws from loop.generate_total instead).
+_FREE_KEYS = {"name", "model.device", "generate.batch_size", "generate.num_images", "train.num_workers",
+              "train.devices", "train.accelerator", "train.logger", "train.wandb_project"}
 
 
 # Settings a run may continue with after a change (--resume): the later steps use the new values.
@@ -51,8 +52,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         find_samples(cfg.loop.source[len("folder:"):])
     if ns.voc_root:
         find_voc_samples(ns.voc_root, "val")
-    if cfg.train.backbone_weights == "imagenet":
-        logging.getLogger(__name__).info("the backbone's ImageNet weights come through torchvision's download")
     root = Path(ns.out) if ns.out else Path("runs") / cfg.name
     saved = root / "config.yaml"
     if saved.exists():
