@@ -263,12 +263,17 @@ class Loop:
     # ------------------------------------------------------------------ final steps
 
     def selected(self) -> list[Sample]:
-        """The best kept samples by their last score, at most max_pairs."""
+        """The best kept samples, at most max_pairs: by last score times the mean weight of the
+        sample's classes after the last round, so a full budget keeps the weak classes' samples."""
         last = latest_refined(self.run_dir.root)
         score = {row["id"]: row.get("score", 0.0) for row in read_jsonl(last)} if last else {}
-        samples = [a.sample for a in self.active()]
-        samples.sort(key=lambda s: (-score.get(s.image.stem, 0.0), s.image.stem))
-        return sorted(samples[: self.cfg.loop.max_pairs], key=lambda s: s.image.stem)
+        weights = self.weights_for(self.cfg.loop.rounds) or {}
+
+        def value(a: Active) -> float:
+            return score.get(a.id, 0.0) * float(np.mean([weights.get(c, 1.0) for c in a.classes] or [1.0]))
+
+        active = sorted(self.active(), key=lambda a: (-value(a), a.id))
+        return sorted((a.sample for a in active[: self.cfg.loop.max_pairs]), key=lambda s: s.image.stem)
 
     def export_final(self) -> None:
         from .cli import config_yaml

@@ -242,3 +242,24 @@ def test_folder_source_refines_an_existing_dataset(tmp_path):
     assert sorted(r["classes"][0] for r in rows) == ["cat"] * 4 + ["dog"] * 4
     assert all(r["label_source"] == "folder" for r in rows)
     assert (out / "final" / "checksum.txt").exists()
+
+
+def test_final_selection_keeps_the_best_within_max_pairs_favouring_weak_classes(tmp_path):
+    from syntagen_st.config import Config
+    from syntagen_st.loop import Loop, Run
+    from syntagen_st.store import Pool, atomic_write_json, write_jsonl
+
+    run = Run(tmp_path)
+    pool = Pool(tmp_path / "pool")
+    classes = {"r00_000000": ["cat"], "r00_000001": ["dog"], "r00_000002": ["cat"], "r00_000003": ["dog"]}
+    pool.write_manifest_shard("r00_000000", [{"id": i, "round": 0, "classes": c} for i, c in classes.items()])
+    scores = {"r00_000000": 0.9, "r00_000001": 0.6, "r00_000002": 0.5, "r00_000003": 0.1}
+    write_jsonl(run.round_dir(0) / "samples.jsonl", [
+        {"id": i, "kept": i != "r00_000003", "reason": None, "mask": f"pool/masks/{i}.png", "score": s}
+        for i, s in scores.items()])
+    atomic_write_json(run.round_dir(0) / "weights.json", {"cat": 0.5, "dog": 1.5})
+    cfg = Config()
+    cfg.loop.rounds, cfg.loop.max_pairs, cfg.train.logger = 1, 2, "none"
+    chosen = [s.image.stem for s in Loop(cfg, run).selected()]
+    # 0.9 x 0.5 = 0.45 and 0.6 x 1.5 = 0.9 beat 0.5 x 0.5; the dropped sample never counts.
+    assert chosen == ["r00_000000", "r00_000001"]
