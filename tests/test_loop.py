@@ -263,3 +263,12 @@ def test_final_selection_keeps_the_best_within_max_pairs_favouring_weak_classes(
     chosen = [s.image.stem for s in Loop(cfg, run).selected()]
     # 0.9 x 0.5 = 0.45 and 0.6 x 1.5 = 0.9 beat 0.5 x 0.5; the dropped sample never counts.
     assert chosen == ["r00_000000", "r00_000001"]
+
+
+def test_fit_evaluates_the_final_model_on_voc_val(tmp_path, make_seg_dataset, capsys):
+    voc = make_seg_dataset(tmp_path / "voc", kind="voc", n=4, size=32)
+    out = tmp_path / "run"
+    _fit("--out", str(out), "--rounds", "1", "--loop.generate_total", "4", "--voc-root", str(voc))
+    metrics = json.loads((out / "final" / "metrics.json").read_text())
+    assert metrics["val_images"] == 2 and "miou" in {k.lower() for k in metrics}
+    assert "background" in capsys.readouterr().out
