@@ -182,7 +182,8 @@ class Loop:
         # A redo after a crash must read the labels as they were before this round.
         (rdir / "samples.jsonl").unlink(missing_ok=True)
         previous = latest_refined(self.run_dir.root)
-        judged = {row["id"] for row in read_jsonl(previous) if row.get("judged")} if previous else set()
+        earlier = {row["id"]: row for row in read_jsonl(previous)} if previous else {}
+        judged = {i for i, row in earlier.items() if row.get("judged")}
         device = "cuda" if torch.cuda.is_available() else "cpu"
         models = [load_model(rdir / f"fold{k}" / "model.safetensors", device) for k in range(cfg.folds)]
         active = self.active()
@@ -225,7 +226,7 @@ class Loop:
         # model reliable for no foreground class cannot, so then nothing is dropped.
         candidates = {a.id: scores[a.id] for a in active if a.id not in judged} if reliable[1:].any() else {}
         drops = rf.select_drops(candidates, cfg.drop_fraction)
-        rows = self._sample_rows(r, active, scores, drops, judged | set(candidates))
+        rows = _sample_rows(r, earlier, active, scores, drops, judged | set(candidates))
         weakness = rf.class_weakness(totals.iou(), totals.mean_confidence(), totals.kept_share())
         weights = rf.prompt_weights(weakness, cfg.weakness_power, cfg.min_weight)
         stats = {
@@ -245,20 +246,6 @@ class Loop:
         write_jsonl(rdir / "samples.jsonl", rows)
         self.reporter.log_round(r, stats, examples)
 
-    def _sample_rows(
-        self, r: int, active: list[Active], scores: dict, drops: dict[str, str], judged: set[str]
-    ) -> list[dict]:
-        previous = latest_refined(self.run_dir.root)
-        rows = {row["id"]: row for row in read_jsonl(previous)} if previous else {}
-        out = {i: row for i, row in rows.items() if not row["kept"]}  # dropped earlier: stays dropped
-        for a in active:
-            s = scores[a.id]
-            out[a.id] = {
-                "id": a.id, "kept": a.id not in drops, "reason": drops.get(a.id), "judged": a.id in judged,
-                "mask": f"rounds/{r}/labels/{a.id}.png",
-                "score": s.score, "agreement": s.agreement, "confidence": s.confidence,
-            }
-        return [out[i] for i in sorted(out)]
 
     # ------------------------------------------------------------------ final steps
 
@@ -303,6 +290,21 @@ class Loop:
         atomic_write_text(final / "export_manifest_sha256.txt", sha256_file(manifest) + "\n")
         if self.voc_root:
             print(format_table(json.loads((final / "metrics.json").read_text())))
+
+
+def _sample_rows(
+    r: int, earlier: dict[str, dict], active: list[Active], scores: dict, drops: dict[str, str], judged: set[str]
+) -> list[dict]:
+    """Round r's samples.jsonl: every active sample, plus those dropped in earlier rounds."""
+    out = {i: row for i, row in earlier.items() if not row["kept"]}
+    for a in active:
+        s = scores[a.id]
+        out[a.id] = {
+            "id": a.id, "kept": a.id not in drops, "reason": drops.get(a.id), "judged": a.id in judged,
+            "mask": f"rounds/{r}/labels/{a.id}.png",
+            "score": s.score, "agreement": s.agreement, "confidence": s.confidence,
+        }
+    return [out[i] for i in sorted(out)]
 
 
 def _named(values: np.ndarray) -> dict[str, float | None]:
