@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,16 +190,20 @@ class Loop:
         active = self.active()
         fold = self.folds(active)
 
-        def held_out(a: Active) -> np.ndarray:
-            return next(predict_proba(models[fold[a.id]], [a.sample.image]))
+        def held_out() -> Iterator[tuple[Active, np.ndarray]]:
+            """Every active sample with its held-out probabilities, fold by fold, in batches."""
+            for k, model in enumerate(models):
+                group = [a for a in active if fold[a.id] == k]
+                images = [a.sample.image for a in group]
+                yield from zip(group, predict_proba(model, images, batch_size=self.cfg.train.batch_size))
 
         def allowed(a: Active) -> list[int]:
             return [class_index(c) for c in a.classes]
 
         # Pass 1: held-out agreement per class decides which classes the model may relabel.
         confusion = np.zeros((len(VOC_CLASSES), len(VOC_CLASSES)), np.int64)
-        for a in active:
-            pred, _ = rf.predict(rf.restrict(held_out(a), allowed(a)))
+        for a, probs in held_out():
+            pred, _ = rf.predict(rf.restrict(probs, allowed(a)))
             confusion += rf.confusion_matrix(pred, load_sample(a.sample)["mask"])
         reliable = rf.reliable_classes(confusion, cfg.min_reliability, cfg.min_class_pixels)
 
@@ -207,8 +212,7 @@ class Loop:
         scores: dict[str, rf.SampleScore] = {}
         relabelled = 0
         examples = []
-        for a in active:
-            probs = held_out(a)
+        for a, probs in held_out():
             # Attention confidence exists for labels not yet refined (they have scores).
             item = load_sample(a.sample, confidence=a.sample.scores is not None)
             label, confidence = item["mask"], item.get("weight")
