@@ -14,6 +14,9 @@ import pytest  # noqa: E402
 
 from syntagen_st.config import Config  # noqa: E402
 
+SMOKE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
+"""The shipped smoke config, found from the tests folder so pytest may run from anywhere."""
+
 
 def smoke_config(**generate) -> Config:
     """The smoke config's generator settings, shrunk further for tests."""

@@ -10,7 +10,9 @@ from syntagen_st.cli import run_main
 from syntagen_st.prompts import load_prompt_file
 from syntagen_st.errors import UserError
 
-BASE = ["--config", "configs/smoke.yaml", "--no-progress"]
+from conftest import SMOKE
+
+BASE = ["--config", SMOKE, "--no-progress"]
 
 
 def _fails(capsys, tmp_path, *extra: str) -> str:

@@ -11,7 +11,7 @@ from syntagen_st.generate import SampleGenerator, class_token_groups, round_reco
 from syntagen_st.prompts import PromptRecord, append_classes
 from syntagen_st.store import Pool, load_mask
 
-from conftest import smoke_config
+from conftest import SMOKE, smoke_config
 
 
 def _pool_arrays(pool: Pool):
@@ -138,7 +138,7 @@ def test_sd2_layout_yields_masks(tmp_path):
 
 def test_cli_writes_a_run_and_resumes(tmp_path, capsys):
     out = tmp_path / "demo"
-    argv = ["--config", "configs/smoke.yaml", "--generate.height", "64", "--generate.width", "64",
+    argv = ["--config", SMOKE, "--generate.height", "64", "--generate.width", "64",
             "--generate.steps", "2", "--num-images", "3", "--out", str(out), "--no-progress"]
     assert gen_mod.main(argv) == 0
     assert (out / "config.yaml").exists()

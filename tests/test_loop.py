@@ -17,10 +17,12 @@ from syntagen_st.cli import run_main
 from syntagen_st.loop import assign_folds, round_budgets
 from syntagen_st.store import save_mask
 
+from conftest import SMOKE
+
 # The smoke config, shrunk: 2 rounds of 6 images at 64 px, 4-step round models. Every class
 # counts as reliable, so the relabel and drop paths run even with such weak models.
 SMALL = [
-    "--config", "configs/smoke.yaml", "--generate.height", "64", "--generate.width", "64", "--generate.steps", "2",
+    "--config", SMOKE, "--generate.height", "64", "--generate.width", "64", "--generate.steps", "2",
     "--loop.rounds", "2", "--loop.generate_total", "12", "--loop.round_steps", "4", "--train.max_steps", "4",
     "--train.crop_size", "32", "--refine.min_class_pixels", "0", "--refine.min_reliability", "0", "--refine.drop_fraction", "0.2",
     "--no-progress",
@@ -202,14 +204,14 @@ def _refused(capsys, *argv) -> str:
 )
 def test_bad_values_are_refused_before_any_work(capsys, tmp_path, args, message):
     out = tmp_path / "run"
-    assert message in _refused(capsys, "--config", "configs/smoke.yaml", "--out", str(out), *args)
+    assert message in _refused(capsys, "--config", SMOKE, "--out", str(out), *args)
     assert not out.exists()
 
 
 def test_folder_source_without_pairs_is_refused(capsys, tmp_path):
     (tmp_path / "data" / "images").mkdir(parents=True)
     (tmp_path / "data" / "masks").mkdir()
-    err = _refused(capsys, "--config", "configs/smoke.yaml", "--out", str(tmp_path / "run"),
+    err = _refused(capsys, "--config", SMOKE, "--out", str(tmp_path / "run"),
                    "--source", f"folder:{tmp_path / 'data'}")
     assert "holds no samples" in err and not (tmp_path / "run").exists()
 
@@ -217,8 +219,8 @@ def test_folder_source_without_pairs_is_refused(capsys, tmp_path):
 def test_existing_run_with_another_config_needs_resume_or_overwrite(capsys, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "config.yaml").write_text(Path("configs/smoke.yaml").read_text())
-    err = _refused(capsys, "--config", "configs/smoke.yaml", "--out", str(out), "--seed", "3")
+    (out / "config.yaml").write_text(Path(SMOKE).read_text())
+    err = _refused(capsys, "--config", SMOKE, "--out", str(out), "--seed", "3")
     assert "another config (seed: 0 -> 3)" in err and "--resume" in err and "--overwrite" in err
 
 
