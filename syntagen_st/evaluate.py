@@ -19,6 +19,7 @@ from torch import nn
 
 from .cli import config_from, config_parser, run_main
 from .data import Sample, eval_loader, find_samples, find_voc_samples, raise_if_error
+from .device import resolve_device
 from .errors import UserError
 from .metrics import confusion_metric, format_table, summarize
 from .store import atomic_write_json, sha256_file
@@ -51,12 +52,6 @@ def evaluate(model: nn.Module, samples: Sequence[Sample], device: str | torch.de
     return summarize(confusion.compute().cpu()) | {"images": len(samples)}
 
 
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     from .segmodel import load_model
 
@@ -73,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     samples = find_voc_samples(ns.voc_root, "val") if ns.voc_root is not None else find_samples(ns.data, "val")
     weights = resolve_weights(ns.target)
     model = load_model(weights)
-    metrics = evaluate(model, samples, _device(ns.device), cfg.train.num_workers)
+    metrics = evaluate(model, samples, resolve_device(ns.device, "--device"), cfg.train.num_workers)
     metrics |= {"weights": str(weights), "weights_sha256": sha256_file(weights), "data": str(ns.voc_root or ns.data)}
     out = Path(ns.out) if ns.out else weights.parent / "metrics.json"
     atomic_write_json(out, metrics)

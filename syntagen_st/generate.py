@@ -23,21 +23,13 @@ from .attention import AttentionStore, capture_attention
 from .classes import VOC_CLASSES, class_index, display_name
 from .cli import config_from, config_parser, config_yaml, load_config_file, run_main
 from .config import TINY_MODELS, Config, ConfigError, LabelConfig, ModelConfig, config_differences, is_local_path
+from .device import resolve_device
 from .errors import UserError
 from .labels import attention_to_scores, scores_to_labels, upsample_scores
 from .prompts import PromptRecord, load_prompt_file, make_records
 from .store import Pool, atomic_write_text
 
 _SCHEDULERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"model.device is {name!r} but CUDA is not available")
-    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -136,7 +128,7 @@ class SampleGenerator:
     def __init__(self, cfg: Config, pipe: StableDiffusionPipeline | None = None) -> None:
         """Load the configured pipeline, or use ``pipe`` (already on its device) as given."""
         self.gen, self.label = cfg.generate, cfg.label
-        self.device = resolve_device(cfg.model.device)
+        self.device = resolve_device(cfg.model.device, "model.device")
         self.dtype = resolve_dtype(cfg.model.dtype, self.device)
         self.pipe = pipe if pipe is not None else load_pipeline(cfg.model, self.device, self.dtype)
         self.latent_hw = (self.gen.height // self.pipe.vae_scale_factor, self.gen.width // self.pipe.vae_scale_factor)

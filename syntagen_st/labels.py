@@ -111,10 +111,3 @@ def attention_to_scores(
         hs, ws = _square_factors(self_attn.shape[0], maps.shape[-2:])
         return maps.new_zeros((0, hs, ws))
     return normalize_scores(propagate(self_attn, maps, tau), presence_threshold)
-
-
-def confidence_map(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(K, h, w) scores -> (H, W) confidence of the top class (0 where there is no class)."""
-    if scores.shape[0] == 0:
-        return torch.zeros(size)
-    return upsample_scores(scores, size).max(dim=0).values

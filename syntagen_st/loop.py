@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from . import refine as rf
 from .classes import VOC_CLASSES, canonical, class_index
 from .config import Config
 from .data import Sample, find_samples, latest_refined, load_sample
+from .device import resolve_device
 from .errors import UserError
 from .export import export_voc
 from .report import RoundLogger
@@ -185,7 +185,7 @@ class Loop:
         previous = latest_refined(self.run_dir.root)
         earlier = {row["id"]: row for row in read_jsonl(previous)} if previous else {}
         judged = {i for i, row in earlier.items() if row.get("judged")}
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device("auto")
         models = [load_model(rdir / f"fold{k}" / "model.safetensors", device) for k in range(cfg.folds)]
         active = self.active()
         fold = self.folds(active)

@@ -90,3 +90,13 @@ def test_module_entry_point_exits_2_with_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "syntagen_st.generate: error: generate.height must be a positive multiple of 8, got 100"]
+
+
+def test_device_names_are_checked():
+    from syntagen_st.config import ConfigError
+    from syntagen_st.device import resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    with pytest.raises(ConfigError, match="--device must be auto, cpu, cuda or cuda:N, got 'gpu'"):
+        resolve_device("gpu", "--device")

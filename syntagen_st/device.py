@@ -1,0 +1,21 @@
+"""Which torch device a command runs on."""
+
+from __future__ import annotations
+
+import torch
+
+from .config import ConfigError
+
+
+def resolve_device(name: str, key: str = "device") -> torch.device:
+    """'auto' is CUDA when available, else the CPU; a named device must exist (``key`` names
+    the setting in the error)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"{key} must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{key} is {name!r} but CUDA is not available")
+    return device
