@@ -13,7 +13,6 @@ counts it, evaluation stops with one line naming the file.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -101,21 +100,11 @@ def find_voc_samples(path: str | os.PathLike, split: str = "val") -> list[Sample
     return samples
 
 
-def _manifest_ids(pool: Pool) -> list[str]:
-    ids = []
-    for shard in sorted(pool.manifest.glob("*.jsonl")):
-        try:
-            ids.extend(row["id"] for row in read_jsonl(shard))
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as err:
-            raise UserError(f"{shard}: unreadable manifest shard ({err})") from None
-    return sorted(set(ids))
-
-
 def _pool_samples(pool: Pool) -> list[Sample]:
     # Missing files of a listed sample surface when it is loaded (skipped in training).
     return [
         Sample(pool.image_path(i), pool.mask_path(i), pool.scores_path(i) if pool.scores_path(i).exists() else None)
-        for i in _manifest_ids(pool)
+        for i in sorted({row["id"] for row in pool.rows()})
     ]
 
 
@@ -130,10 +119,7 @@ def _run_samples(run: Path) -> list[Sample]:
     refined_file = latest_refined(run)
     if refined_file is None:
         return samples
-    try:
-        refined = {row["id"]: row for row in read_jsonl(refined_file)}
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as err:
-        raise UserError(f"{refined_file}: unreadable ({err})") from None
+    refined = {row["id"]: row for row in read_jsonl(refined_file, "refinement file", required=("id",))}
     out = []
     for sample in samples:
         row = refined.get(sample.image.stem)

@@ -92,12 +92,19 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                rows.append(json.loads(line))
+def read_jsonl(path: str | os.PathLike, what: str = "JSON-lines file", required: tuple[str, ...] = ()) -> list[dict]:
+    """The objects of a JSON-lines file, each with the ``required`` keys; a UserError naming
+    the file when it is not one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: unreadable {what} ({err})") from None
+    if not all(isinstance(row, dict) for row in rows):
+        raise UserError(f"{path}: unreadable {what} (a line is not a JSON object)")
+    for key in required:
+        if not all(key in row for row in rows):
+            raise UserError(f"{path}: unreadable {what} (a row has no {key!r})")
     return rows
 
 
@@ -140,7 +147,7 @@ class Pool:
         """All manifest rows, in sample-id order."""
         rows: list[dict] = []
         for shard in sorted(self.manifest.glob("*.jsonl")):
-            rows.extend(read_jsonl(shard))
+            rows.extend(read_jsonl(shard, "manifest shard", required=("id",)))
         return sorted(rows, key=lambda row: row["id"])
 
     def done_ids(self) -> set[str]:
