@@ -216,7 +216,7 @@ def main() -> None:
         arm_steps=args.arm_steps or base.arm_steps,
     )
     torch.set_num_threads(args.threads)
-    for name in ("lightning.pytorch", "lightning.fabric"):
+    for name in ("pytorch_lightning", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*(random weights|LeafSpec)")
     os.environ["SYNTAGEN_PROGRESS"] = "0"

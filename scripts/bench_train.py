@@ -21,7 +21,7 @@ import time
 import warnings
 from pathlib import Path
 
-import lightning as L
+import pytorch_lightning as pl
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -52,7 +52,7 @@ class Batches(Dataset):
         return {"image": self.images[i], "mask": self.masks[i], "index": i, "bad": []}
 
 
-class StepTimes(L.Callback):
+class StepTimes(pl.Callback):
     def __init__(self, sync: bool) -> None:
         self.sync, self.ends = sync, []
 
@@ -64,7 +64,7 @@ class StepTimes(L.Callback):
 
 def lightning_steps(cfg: TrainConfig, loader: DataLoader, precision: str, accelerator: str) -> list[float]:
     timer = StepTimes(sync=accelerator == "gpu")
-    trainer = L.Trainer(
+    trainer = pl.Trainer(
         max_steps=cfg.max_steps, accelerator=accelerator, devices=1, precision=precision, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         limit_val_batches=0, num_sanity_val_steps=0, callbacks=[timer],

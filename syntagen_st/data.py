@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import albumentations as A
 import cv2
-import lightning as L
+import pytorch_lightning as pl
 import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
@@ -350,7 +350,7 @@ def _seed_augmentation(worker_id: int) -> None:
     info.dataset.transform.set_random_seed(info.seed % 2**32)
 
 
-class SegDataModule(L.LightningDataModule):
+class SegDataModule(pl.LightningDataModule):
     """Training batches (augmented, corrupt samples skipped) and full-resolution validation (batch 1)."""
 
     def __init__(self, train_samples: Sequence[Sample], cfg: TrainConfig, val_samples: Sequence[Sample] | None = None) -> None:

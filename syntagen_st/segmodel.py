@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-import lightning as L
+import pytorch_lightning as pl
 import numpy as np
 import safetensors.torch
 import torch
@@ -127,7 +127,7 @@ def _cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Ten
     return (per_pixel * w).sum() / w.sum().clamp_min(1e-6)
 
 
-class SegModule(L.LightningModule):
+class SegModule(pl.LightningModule):
     """Training (SGD + poly decay per step) and validation (per-class IoU, W&B panels)."""
 
     def __init__(self, train: TrainConfig | dict) -> None:
@@ -223,7 +223,7 @@ class PolyDecay:
 
 def log_wandb_panels(logger: Any, iou: list[float], miou: float, panels: list, step: int) -> None:
     """Per-class IoU table + bar chart and image / label / prediction overlays, on W&B only."""
-    from lightning.pytorch.loggers import WandbLogger
+    from pytorch_lightning.loggers import WandbLogger
 
     if not isinstance(logger, WandbLogger):
         return

@@ -20,10 +20,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import get_args, get_type_hints
 
-import lightning as L
+import pytorch_lightning as pl
 import torch
 import yaml
-from lightning.pytorch.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 from .cli import config_from, config_parser, run_main
 from .config import TrainConfig
@@ -68,12 +68,12 @@ def make_logger(kind: str, out: Path, project: str, name: str):  # -> Logger | b
     if kind == "none":
         return False
     if kind == "csv":
-        from lightning.pytorch.loggers import CSVLogger
+        from pytorch_lightning.loggers import CSVLogger
 
         return CSVLogger(str(out), name="logs")
     import wandb
-    from lightning.pytorch.loggers import WandbLogger
-    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+    from pytorch_lightning.loggers import WandbLogger
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
     if rank_zero_only.rank != 0:  # DDP workers: a logger that never opens a run off rank 0
         return WandbLogger(project=project, name=name)
@@ -135,14 +135,14 @@ def train(
         log.info("%s: finished at step %d >= max_steps %d; exporting", last, done, cfg.max_steps)
         return export(last, out)
 
-    L.seed_everything(seed, workers=True)
+    pl.seed_everything(seed, workers=True)
     module = SegModule(cfg)
     datamodule = SegDataModule(train_samples, cfg, val_samples)
     logger = make_logger(cfg.logger, out, cfg.wandb_project, run_name or out.name)
     checkpoints = ModelCheckpoint(
         dirpath=out / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=cfg.checkpoint_every,
     )
-    trainer = L.Trainer(
+    trainer = pl.Trainer(
         default_root_dir=out, max_steps=cfg.max_steps, accelerator=cfg.accelerator, devices=_devices(cfg.devices),
         num_nodes=cfg.num_nodes, precision=_precision(cfg), logger=logger, callbacks=[checkpoints],
         log_every_n_steps=cfg.log_every, limit_val_batches=1.0 if val_samples else 0,
