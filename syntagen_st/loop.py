@@ -31,7 +31,7 @@ from .data import Sample, find_samples, latest_refined, load_sample
 from .device import resolve_device
 from .errors import UserError
 from .export import export_voc
-from .report import RoundLogger
+from .dashboards import RoundLogger
 from .store import Pool, atomic_write_json, atomic_write_text, read_jsonl, save_image, save_mask, sha256_file, write_jsonl
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ import numpy as np
 
 from syntagen_st.classes import FOREGROUND_CLASSES, VOC_CLASSES
 from syntagen_st.config import Config
-from syntagen_st.report import RoundLogger
+from syntagen_st.dashboards import RoundLogger
 from syntagen_st.store import save_image
 
 from conftest import wandb_history_keys
