@@ -19,14 +19,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-import albumentations as A
-import cv2
-import pytorch_lightning as pl
-import numpy as np
-import torch
-from albumentations.pytorch import ToTensorV2
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+# albumentations asks PyPI for a newer version at import; a run must not wait on the network.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import albumentations as A  # noqa: E402
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
+from albumentations.pytorch import ToTensorV2  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from .classes import IGNORE_INDEX, NUM_CLASSES
 from .config import TrainConfig
@@ -343,6 +346,11 @@ def raise_if_error(batch: dict) -> None:
         raise SampleError(batch["error"])
 
 
+def usable_cpus() -> int:
+    """The cores this process may run on (the affinity mask, not the machine's total)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _seed_augmentation(worker_id: int) -> None:
     # albumentations draws from its own generator, which seed_everything does not reach: seed
     # it from the worker's torch seed so a seeded run augments the same way every time.
@@ -360,7 +368,8 @@ class SegDataModule(pl.LightningDataModule):
         self.val_samples = list(val_samples or [])
 
     def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
-        workers = self.cfg.num_workers
+        # More workers than usable cores only queue behind each other (and torch warns).
+        workers = min(self.cfg.num_workers, usable_cpus())
         if workers == 0:
             dataset.transform.set_random_seed(torch.initial_seed() % 2**32)
         return DataLoader(

@@ -18,6 +18,7 @@ from .config import config_differences
 from .data import find_samples, find_voc_samples
 from .errors import UserError
 from .loop import Loop, Run
+from .preflight import preflight
 from .store import atomic_write_text
 
 
@@ -52,6 +53,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         find_samples(cfg.loop.source[len("folder:"):])
     if ns.voc_root:
         find_voc_samples(ns.voc_root, "val")
+    if cfg.loop.source == "sd":
+        print(preflight(cfg, cfg.loop.generate_total), flush=True)
+    loop, train = cfg.loop, cfg.train
+    print(f"then {loop.rounds} rounds x {cfg.refine.folds} fold models x {loop.round_steps} steps, and a final "
+          f"{train.arch} training of {train.max_steps:,} steps at batch {train.batch_size}", flush=True)
     root = Path(ns.out) if ns.out else Path("runs") / cfg.name
     saved = root / "config.yaml"
     if saved.exists():

@@ -205,6 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.num_images is not None:
         ns.generate.num_images = ns.num_images
     cfg = config_from(parser, ns)
+    from .preflight import preflight
+
+    print(preflight(cfg, cfg.generate.num_images), flush=True)
     out = Path(ns.out)
     saved = out / "config.yaml"
     if saved.exists():

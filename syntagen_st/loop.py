@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import logging
 import math
 import shutil
 from collections.abc import Iterator
@@ -33,8 +32,8 @@ from .errors import UserError
 from .export import export_voc
 from .dashboards import RoundLogger
 from .store import Pool, atomic_write_json, atomic_write_text, read_jsonl, save_image, save_mask, sha256_file, write_jsonl
+from .summary import round_summary, step_title
 
-log = logging.getLogger(__name__)
 
 
 def round_budgets(total: int, rounds: int, split: str) -> list[int]:
@@ -122,7 +121,7 @@ class Loop:
             # A step killed mid-way starts again from nothing, so the result is the same as an
             # uninterrupted run's (a Lightning resume of a round model would reshuffle its data).
             shutil.rmtree(restart)
-        log.info("step %s", name)
+        print(step_title(name, self.cfg.loop.rounds, self.cfg.refine.folds), flush=True)
         fn()
         self.run_dir.mark_done(name)
 
@@ -210,7 +209,7 @@ class Loop:
         # Pass 2: relabel, score, and gather the class statistics.
         totals = rf.ClassTotals()
         scores: dict[str, rf.SampleScore] = {}
-        relabelled = 0
+        relabelled = pixels = 0
         examples = []
         for a, probs in held_out():
             # Attention confidence exists for labels not yet refined (they have scores).
@@ -222,6 +221,7 @@ class Loop:
             scores[a.id] = rf.sample_score(label, pred, top, allowed(a), cfg.confidence_weight)
             totals = totals + rf.class_totals(label, refined, pred, top)
             relabelled += int((refined != label).sum())
+            pixels += label.size
             save_mask(rdir / "labels" / f"{a.id}.png", refined)
             if len(examples) < 8:
                 examples.append((a.sample.image, label, refined, pred))
@@ -239,6 +239,8 @@ class Loop:
             "dropped": len(drops),
             "drop_reasons": sorted(set(drops.values())),
             "pixels_relabelled": relabelled,
+            "pixels": pixels,
+            "classes_in_pool": sorted({c for a in active for c in a.classes}, key=class_index),
             "iou_model_vs_labels": _named(totals.iou()),
             "reliable": [VOC_CLASSES[c] for c in np.flatnonzero(reliable)],
             "weakness": _named(weakness),
@@ -249,6 +251,7 @@ class Loop:
         # samples.jsonl makes the round's labels current: it is written last.
         write_jsonl(rdir / "samples.jsonl", rows)
         self.reporter.log_round(r, stats, examples)
+        print(round_summary(stats, drops, self.cfg.loop.rounds), flush=True)
 
 
     # ------------------------------------------------------------------ final steps

@@ -29,6 +29,7 @@ from .cli import config_from, config_parser, run_main
 from .config import TrainConfig
 from .data import Sample, SegDataModule, find_samples
 from .metrics import summarize
+from .progress import StepProgressBar, quiet_lightning
 from .segmodel import SegModule, model_from_checkpoint, save_weights, write_checksum
 from .store import atomic_write_json, atomic_write_text
 
@@ -135,20 +136,23 @@ def train(
         log.info("%s: finished at step %d >= max_steps %d; exporting", last, done, cfg.max_steps)
         return export(last, out)
 
-    pl.seed_everything(seed, workers=True)
+    quiet_lightning()
+    pl.seed_everything(seed, workers=True, verbose=False)
     module = SegModule(cfg)
     datamodule = SegDataModule(train_samples, cfg, val_samples)
     logger = make_logger(cfg.logger, out, cfg.wandb_project, run_name or out.name)
     checkpoints = ModelCheckpoint(
         dirpath=out / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=cfg.checkpoint_every,
     )
+    show_progress = os.environ.get("SYNTAGEN_PROGRESS", "1") != "0"
     trainer = pl.Trainer(
         default_root_dir=out, max_steps=cfg.max_steps, accelerator=cfg.accelerator, devices=_devices(cfg.devices),
-        num_nodes=cfg.num_nodes, precision=_precision(cfg), logger=logger, callbacks=[checkpoints],
+        num_nodes=cfg.num_nodes, precision=_precision(cfg), logger=logger,
+        callbacks=[checkpoints, *([StepProgressBar(run_name or out.name)] if show_progress else [])],
         log_every_n_steps=cfg.log_every, limit_val_batches=1.0 if val_samples else 0,
         val_check_interval=min(cfg.val_every, cfg.max_steps) if val_samples else None,
         check_val_every_n_epoch=None, num_sanity_val_steps=0, benchmark=torch.cuda.is_available(),
-        enable_progress_bar=os.environ.get("SYNTAGEN_PROGRESS", "1") != "0",
+        enable_progress_bar=show_progress,
         enable_model_summary=False,
     )
     try:
