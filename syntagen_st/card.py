@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .classes import VOC_CLASSES
+
 OTHER_LICENCES = (
     ("DeepLabv3 / LR-ASPP code (torchvision)", "BSD-3-Clause"),
     ("syntagen_st (the code that made the data)", "MIT"),
@@ -22,7 +24,8 @@ def _model_line(sd: dict) -> str:
 def _class_table(classes: dict) -> list[str]:
     labelled = sum(v["pixels"] for k, v in classes.items() if k != "ignore") or 1
     rows = ["| class | images | pixels | share of labelled pixels |", "| --- | ---: | ---: | ---: |"]
-    for name, v in classes.items():
+    for name in [*VOC_CLASSES, "ignore"]:
+        v = classes.get(name, {"images": 0, "pixels": 0})
         share = "" if name == "ignore" else f"{100 * v['pixels'] / labelled:.2f}%"
         label = "ignore (255, unsure)" if name == "ignore" else name
         rows.append(f"| {label} | {v['images']} | {v['pixels']} | {share} |")
@@ -37,7 +40,7 @@ def render_card(sub: dict) -> str:
     if not sub["valid_entry"]:
         lines += ["> **Not a valid SyntaGen competition entry**: " + "; ".join(sub["not_an_entry"]) + ".", ""]
     lines += [
-        f"{sub['pairs']} image / mask pairs made by syntagen_st from Stable Diffusion alone, for the CVPR 2024 "
+        f"{sub['pairs']} image / mask pairs made by syntagen_st from `{sd['id']}` alone, for the CVPR 2024 "
         "SyntaGen competition's rules (at most 10,000 pairs of 512x512 images, the 21 VOC labels).",
         "",
         "- `image/<id>.jpg`: RGB, JPEG quality 95; `mask/<id>.png`: 8-bit palette PNG with the VOC palette, "
