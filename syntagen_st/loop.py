@@ -32,7 +32,7 @@ from .device import resolve_device
 from .errors import UserError
 from .export import dataset_digest, export_run, record_model, verify_files
 from .dashboards import RoundLogger
-from .store import Pool, atomic_write_json, atomic_write_text, read_jsonl, save_image, save_mask, sha256_file, write_jsonl
+from .store import Pool, atomic_write_json, atomic_write_text, read_jsonl, save_image, save_mask, write_jsonl
 
 log = logging.getLogger(__name__)
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 import yaml
 from jsonargparse import ArgumentParser
 from PIL import Image
@@ -254,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--into", default=None, help="--full's run folder (default: SOURCE-reproduced beside it)")
     parser.add_argument("--model", default=None, help="the SD weights here (hub id or folder), if not where recorded")
     parser.add_argument("--device", default=None, help="model.device for generation (auto, cpu, cuda:N)")
-    parser.add_argument("--batch-size", type=int, default=None, help="generate.batch_size (samples do not depend on it)")
+    parser.add_argument("--batch-size", type=int, default=None, help="generate.batch_size (bit-exact only with the recorded one)")
     parser.add_argument("--min-psnr", type=float, default=None, help="also accept images at or above this PSNR (dB)")
     parser.add_argument("--no-progress", action="store_true")
     ns = parser.parse_args(argv)
@@ -269,7 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0 if full(source, cfg, into) else 1
         ids = pick_ids(source.rows, ns.ids, ns.sample, ns.sample_seed)
         print(f"regenerating {len(ids)} of {len(source.rows)} samples of {source.label} "
-              f"({cfg.model.pretrained} on {cfg.model.device}, seed {cfg.seed})")
+              f"({cfg.model.pretrained} on {cfg.model.device}, batch {cfg.generate.batch_size}, "
+              f"{torch.get_num_threads()} CPU threads, seed {cfg.seed})")
         results = regenerate(source, cfg, ids, not ns.no_progress)
         identical = print_samples(results, source.labels_are)
         close = ns.min_psnr is not None and min(r["psnr"] for r in results) >= ns.min_psnr
