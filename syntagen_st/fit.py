@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from .cli import config_from, config_parser, config_yaml, load_config_file, run_
 from .config import config_differences
 from .data import find_samples, find_voc_samples
 from .errors import UserError
+from .export import not_an_entry_warning, read_submission
 from .loop import Loop, Run
 from .preflight import preflight
 from .store import atomic_write_text
@@ -87,7 +89,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     Loop(cfg, Run(root), ns.voc_root, progress=not ns.no_progress).run()
     checksum = (root / "final" / "checksum.txt").read_text().split()[0]
-    print(f"done: {root}/export ({root}/export/manifest.json), model sha256 {checksum}")
+    print(f"done: {root}/export ({root}/export/submission.json), model sha256 {checksum}")
+    warning = not_an_entry_warning(read_submission(root / "export"))
+    if warning:
+        print(warning, file=sys.stderr)
     return 0
 
 

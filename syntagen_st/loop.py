@@ -29,9 +29,9 @@ from .config import Config
 from .data import Sample, find_samples, latest_refined, load_sample
 from .device import resolve_device
 from .errors import UserError
-from .export import export_voc
+from .export import dataset_digest, export_run, record_model, verify_files
 from .dashboards import RoundLogger
-from .store import Pool, atomic_write_json, atomic_write_text, read_jsonl, save_image, save_mask, sha256_file, write_jsonl
+from .store import Pool, atomic_write_json, atomic_write_text, read_jsonl, save_image, save_mask, write_jsonl
 from .summary import round_summary, step_title
 
 
@@ -111,8 +111,8 @@ class Loop:
 
     def _final_stale(self) -> bool:
         """A final model trained on an earlier export must not be resumed into this one."""
-        trained_on = self.run_dir.root / "final" / "export_manifest_sha256.txt"
-        return trained_on.exists() and trained_on.read_text().strip() != sha256_file(self.run_dir.root / "export" / "manifest.json")
+        trained_on = self.run_dir.root / "final" / "export_digest.txt"
+        return trained_on.exists() and trained_on.read_text().strip() != dataset_digest(self.run_dir.root / "export")
 
     def _step(self, name: str, fn, restart: Path | None = None) -> None:
         if name in self.run_dir.done_steps():
@@ -270,13 +270,8 @@ class Loop:
         return sorted((a.sample for a in active[: self.cfg.loop.max_pairs]), key=lambda s: s.image.stem)
 
     def export_final(self) -> None:
-        from .cli import config_yaml
-
-        meta = {"seed": self.cfg.seed, "config": config_yaml(self.cfg)}
-        if self.cfg.generate.prompts_file:
-            # Regenerating from the seed needs the very prompts the run drew from.
-            meta["prompts_file_sha256"] = sha256_file(self.cfg.generate.prompts_file)
-        export_voc(self.selected(), self.run_dir.root / "export", meta)
+        """The entry layout, VOC tree, submission.json and card in RUN/export (export.py's function)."""
+        export_run(self.cfg, self.run_dir.root, self.selected(), self.run_dir.root / "export", self.progress)
 
     def train_final(self) -> None:
         """The fixed protocol on exactly the exported files; with --voc-root it validates on VOC
@@ -285,16 +280,15 @@ class Loop:
         from .train import train
 
         root = self.run_dir.root
-        manifest = root / "export" / "manifest.json"
+        export = root / "export"
         final = root / "final"
+        verify_files(export)  # the files on disk are those submission.json lists
         final.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(final / "export_manifest_sha256.txt", sha256_file(manifest) + "\n")
-        train(self.cfg.train, root / "export", final, val_data=self.voc_root,
+        atomic_write_text(final / "export_digest.txt", dataset_digest(export) + "\n")
+        # The export's VOC tree links to its entry files: the model reads exactly those bytes.
+        train(self.cfg.train, export, final, val_data=self.voc_root,
               seed=derived_seed(self.cfg.seed, "final"), run_name=f"{self.cfg.name}-final")
-        meta = json.loads(manifest.read_text())
-        meta["model_sha256"] = (final / "checksum.txt").read_text().split()[0]
-        atomic_write_json(manifest, meta)
-        atomic_write_text(final / "export_manifest_sha256.txt", sha256_file(manifest) + "\n")
+        record_model(export, (final / "checksum.txt").read_text().split()[0])
         if self.voc_root:
             print(format_table(json.loads((final / "metrics.json").read_text())))
 

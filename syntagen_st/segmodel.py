@@ -23,6 +23,7 @@ import torchvision
 from PIL import Image
 from torch import nn
 
+from .checkpoints import read_checkpoint
 from .classes import IGNORE_INDEX, NUM_CLASSES, VOC_CLASSES
 from .config import TrainConfig
 from .data import denormalize, eval_transform, raise_if_error
@@ -275,9 +276,8 @@ def write_checksum(weights: Path) -> str:
 def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, str]:
     """The network of a Lightning checkpoint written by SegModule, and its arch."""
     path = Path(path)
+    ckpt = read_checkpoint(path)
     try:
-        # Our own checkpoints hold plain hyperparameters; Lightning's AttributeDict needs full unpickling.
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
         arch = ckpt["hyper_parameters"]["train"]["arch"]
         state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     except Exception as err:  # noqa: BLE001

@@ -25,9 +25,11 @@ import torch
 import yaml
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from .checkpoints import read_checkpoint
 from .cli import config_from, config_parser, run_main
 from .config import TrainConfig
 from .data import Sample, SegDataModule, find_samples
+from .errors import UserError
 from .metrics import summarize
 from .progress import StepProgressBar, quiet_lightning
 from .segmodel import SegModule, model_from_checkpoint, save_weights, write_checksum
@@ -47,7 +49,10 @@ def checkpoint_step(path: Path) -> int | None:
     """The global step stored in a Lightning checkpoint, or None when there is none."""
     if not path.is_file():
         return None
-    return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
+    ckpt = read_checkpoint(path)
+    if not isinstance(ckpt.get("global_step"), int):
+        raise UserError(f"{path}: not a Lightning training checkpoint (no global_step)")
+    return ckpt["global_step"]
 
 
 def _has_wandb_key() -> bool:
