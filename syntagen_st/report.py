@@ -155,7 +155,7 @@ class Page:
     def __init__(self, facts: RunFacts, progress: bool = False) -> None:
         self.facts = facts
         self.pool = Pool(facts.root / "pool")
-        self.rows = facts.sample_rows()
+        self.rows = facts.sample_rows
         self.classes = facts.classes
         self.ids, self.view = self._dataset_view()
         self.scan: LabelScan = scan_labels(

@@ -8,8 +8,11 @@ becomes a line in ``RunFacts.missing`` instead of an error. Only a folder that i
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -93,16 +96,21 @@ class RunFacts:
             named.update(c for c in row.get("classes") or [] if c in FOREGROUND_CLASSES)
         return [c for c in FOREGROUND_CLASSES if c in named] or list(FOREGROUND_CLASSES)
 
+    @cached_property
     def sample_rows(self) -> dict[str, dict]:
         """The latest finished round's row of every sample (kept or dropped)."""
         latest = self.latest
         return {row["id"]: row for row in latest.rows} if latest else {}
 
+    @cached_property
+    def exported(self) -> set[str]:
+        return set(self.export.ids) if self.export else set()
+
     def label_path(self, sample_id: str) -> Path:
         """The sample's current label: exported, else latest refined, else the attention label."""
-        if self.export and sample_id in set(self.export.ids):
+        if sample_id in self.exported:
             return self.export.mask_path(sample_id)
-        row = self.sample_rows().get(sample_id)
+        row = self.sample_rows.get(sample_id)
         if row and row.get("mask"):
             return self.root / row["mask"]
         return Pool(self.root / "pool").mask_path(sample_id)
@@ -172,7 +180,8 @@ def _read_text(path: Path) -> str | None:
 def _read_state(root: Path, missing: list[str]) -> tuple[list[str], dict[str, float]]:
     state = _read_json(root / "state.json")
     if state is None:
-        missing.append("no readable state.json: step status and durations unknown")
+        missing.append("state.json is unreadable: step status and durations unknown" if (root / "state.json").exists()
+                       else "no step has finished yet (no state.json)")
         return [], {}
     seconds = state.get("seconds") if isinstance(state.get("seconds"), dict) else {}
     return [str(s) for s in state.get("done", [])], {str(k): float(v) for k, v in seconds.items()}
@@ -243,13 +252,18 @@ class LabelScan:
     unreadable: list[str]
 
 
-def _read_label(path: Path | None) -> np.ndarray | None:
-    """Label values of a palette / grayscale PNG; None when it is missing or not a mask."""
+def _read_label(path: Path | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """Label values of a palette / grayscale PNG and its pixels per class (21,); None when it
+    is missing or not a mask."""
     if path is None:
         return None
     try:
         with Image.open(path) as image:
-            return np.asarray(image) if image.mode in ("P", "L") else None
+            if image.mode not in ("P", "L"):
+                return None
+            image.load()
+            # PIL's histogram of the index image is several times faster than np.bincount.
+            return np.asarray(image), np.asarray(image.histogram()[:NUM_CLASSES], dtype=np.int64)
     except (OSError, ValueError):
         return None
 
@@ -259,24 +273,42 @@ def change_shares(before: np.ndarray, after: np.ndarray) -> tuple[float, float]:
     if before.shape != after.shape:
         return float("nan"), float("nan")
     changed = before != after
-    return float(changed.mean()), float((changed & (after == IGNORE_INDEX)).mean())
+    count = np.count_nonzero(changed)
+    ignored = np.count_nonzero(after[changed] == IGNORE_INDEX) if count else 0
+    return count / after.size, ignored / after.size
+
+
+def _scan_one(paths: tuple[Path | None, Path | None]) -> tuple[np.ndarray, float, float] | None:
+    """(pixels per class, changed share, ignored share) of one sample; None if its label is unreadable."""
+    after = _read_label(paths[0])
+    if after is None:
+        return None
+    before = _read_label(paths[1])
+    return (after[1], *(change_shares(before[0], after[0]) if before is not None else (float("nan"), float("nan"))))
+
+
+PARALLEL_FROM = 2000
+"""Samples from which the scan runs in worker processes (below, starting them costs more)."""
 
 
 def scan_labels(ids: Iterable[str], current: dict[str, Path], attention: dict[str, Path], progress: bool = False) -> LabelScan:
-    """Decode each sample's current label (and its attention label, to measure the change) once."""
+    """Decode each sample's current label and its attention label once (in parallel for big runs)."""
     ids = list(ids)
     pixels = np.zeros((len(ids), NUM_CLASSES), np.int64)
     changed = np.full(len(ids), np.nan)
     to_ignore = np.full(len(ids), np.nan)
     unreadable = []
-    for n, sid in enumerate(tqdm(ids, desc="report: labels", disable=not progress, leave=False)):
-        after = _read_label(current.get(sid))
-        if after is None:
-            unreadable.append(sid)
-            continue
-        # PIL's histogram of the index image is several times faster than np.bincount.
-        pixels[n] = np.asarray(Image.fromarray(after).histogram()[:NUM_CLASSES], dtype=np.int64)
-        before = _read_label(attention.get(sid))
-        if before is not None:
-            changed[n], to_ignore[n] = change_shares(before, after)
+    jobs = [(current.get(sid), attention.get(sid)) for sid in ids]
+    workers = min(os.cpu_count() or 1, 8)
+    pool = ProcessPoolExecutor(workers) if len(ids) >= PARALLEL_FROM and workers > 1 else None
+    try:
+        results = pool.map(_scan_one, jobs, chunksize=128) if pool else map(_scan_one, jobs)
+        for n, result in enumerate(tqdm(results, total=len(ids), desc="report: labels", disable=not progress, leave=False)):
+            if result is None:
+                unreadable.append(ids[n])
+                continue
+            pixels[n], changed[n], to_ignore[n] = result
+    finally:
+        if pool:
+            pool.shutdown()
     return LabelScan(ids, pixels, changed, to_ignore, unreadable)
