@@ -102,10 +102,10 @@ def class_balance(names: Sequence[str], image_share: Sequence[float], pixel_shar
 
 
 def thumbnail(image: np.ndarray, size: int = THUMB, nearest: bool = False) -> np.ndarray:
-    """``image`` scaled so its longest side is ``size`` (masks with nearest neighbours)."""
+    """``image`` scaled, up or down, so its longest side is ``size`` (masks with nearest neighbours)."""
     pil = Image.fromarray(image)
     scale = size / max(pil.size)
-    if scale < 1:
+    if scale != 1:
         pil = pil.resize((max(1, round(pil.width * scale)), max(1, round(pil.height * scale))),
                          Image.NEAREST if nearest else Image.LANCZOS)
     return np.asarray(pil)

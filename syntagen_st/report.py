@@ -270,11 +270,19 @@ class Page:
 
     # ------------------------------------------------------------ 2. IoU over rounds
 
+    def _weights(self, stats: dict) -> dict[str, float]:
+        """A round's prompt weights over the run's classes, scaled to mean 1 over them (weights.json
+        spreads mean 1 over all 20 VOC classes, which misleads for a run that uses fewer)."""
+        raw = {c: stats.get("weights", {}).get(c) for c in self.classes}
+        known = [w for w in raw.values() if isinstance(w, (int, float))]
+        mean = float(np.mean(known)) if known and np.mean(known) > 0 else 1.0
+        return {c: (w / mean if isinstance(w, (int, float)) else math.nan) for c, w in raw.items()}
+
     def _weak(self) -> set[str]:
         """Classes the latest round steered towards: at least WEAK_WEIGHT x a uniform share of prompts."""
         latest = self.facts.latest
-        weights = latest.stats.get("weights", {}) if latest else {}
-        return {c for c in self.classes if (weights.get(c) or 0.0) >= WEAK_WEIGHT}
+        weights = self._weights(latest.stats) if latest else {}
+        return {c for c in self.classes if weights.get(c, 0.0) >= WEAK_WEIGHT}
 
     def iou(self) -> str:
         done = self.facts.finished_rounds
@@ -284,6 +292,7 @@ class Page:
         rounds = [r.index for r in done]
         iou = {c: [r.stats.get("iou_model_vs_labels", {}).get(c) for r in done] for c in self.classes}
         latest = done[-1].stats
+        next_weight = self._weights(latest)
         intro = (
             "<p>Each round trains fold models on the current labels; each sample is predicted by the model that did "
             "not train on it, and the IoU of those predictions against the labels is shown per class. High: the model "
@@ -300,7 +309,7 @@ class Page:
             values = [r.stats.get("iou_model_vs_labels", {}).get(c) for r in done]
             rows.append([c + (" ▲ weak" if c in weak else ""), *(pct(v) for v in values),
                          pct(latest.get("weakness", {}).get(c)) if c != "background" else "",
-                         f"{latest['weights'][c]:.2f}" if c in latest.get("weights", {}) else "",
+                         f"{next_weight[c]:.2f}" if c in next_weight else "",
                          "yes" if c in reliable else "no"])
         header = ["class", *(f"round {r} IoU %" for r in rounds), f"weakness % (r{rounds[-1]})",
                   f"next weight (r{rounds[-1]})", f"may relabel (r{rounds[-1]})"]
@@ -320,14 +329,15 @@ class Page:
         for r in done:
             used_by = "final\nselection" if r.index + 1 >= planned else f"r{r.index + 1}"
             columns.append(used_by)
-            for c in self.classes:
-                weights[c].append(float(r.stats.get("weights", {}).get(c, math.nan)))
+            for c, w in self._weights(r.stats).items():
+                weights[c].append(w)
         plot = img(figures.weights_heatmap(columns, weights), "prompt weights per round and class")
         return (
             "<p>How often each class is named in a round's prompts, relative to a uniform share (1.00). Column "
             "<em>rN</em> holds the weights round N drew its prompts with, set after round N−1 from the weakness of each "
-            "class; the last column weights the final selection of the exported pairs. Red: more than uniform.</p>"
-            + plot)
+            "class; the last column weights the final selection of the exported pairs. Red: more than uniform."
+            + (f" Scaled to mean 1 over the run's {len(self.classes)} classes (weights.json spreads mean 1 over all 20)."
+               if len(self.classes) < len(VOC_CLASSES) - 1 else "") + "</p>" + plot)
 
     # ------------------------------------------------------------ 4. balance
 
