@@ -134,7 +134,8 @@ def test_a_failing_report_warns_and_the_run_goes_on(tmp_path, monkeypatch, caplo
 
 
 def test_change_shares_count_changed_and_ignored_pixels():
-    before = np.array([[1, 1], [0, 0]], np.uint8)
-    after = np.array([[1, 255], [8, 0]], np.uint8)
+    # A pixel that was 255 already and stays 255 is no change.
+    before = np.array([[1, 1], [0, 255]], np.uint8)
+    after = np.array([[1, 255], [8, 255]], np.uint8)
     assert change_shares(before, after) == (0.5, 0.25)
     assert all(np.isnan(change_shares(before, after[:1])))
