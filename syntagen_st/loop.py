@@ -17,6 +17,8 @@ import hashlib
 import json
 import math
 import shutil
+import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,8 +87,13 @@ class Run:
             return []
         return json.loads(self.state_file.read_text())["done"]
 
-    def mark_done(self, step: str) -> None:
-        atomic_write_json(self.state_file, {"done": [*self.done_steps(), step]})
+    def mark_done(self, step: str, seconds: float | None = None) -> None:
+        """Record ``step`` as done, with how long it took (the report shows the durations)."""
+        state = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
+        state["done"] = [*state.get("done", []), step]
+        if seconds is not None:
+            state.setdefault("seconds", {})[step] = round(seconds, 3)
+        atomic_write_json(self.state_file, state)
 
 
 class Loop:
@@ -103,11 +110,22 @@ class Loop:
             for k in range(self.cfg.refine.folds):
                 self._step(f"round{r}/fold{k}", lambda r=r, k=k: self.train_fold(r, k), restart=self.run_dir.round_dir(r) / f"fold{k}")
             self._step(f"round{r}/refine", lambda r=r: self.refine_round(r))
+            self._write_report()
         # Named after the round count: a run resumed with more rounds exports and trains again.
         root = self.run_dir.root
         self._step(f"final{rounds}/export", self.export_final, restart=root / "export")
         self._step(f"final{rounds}/train", self.train_final, restart=root / "final" if self._final_stale() else None)
         self.reporter.finish()
+        self._write_report()
+
+    def _write_report(self) -> None:
+        """The HTML report of the run so far; a failure to write it never stops the run."""
+        try:
+            from .report import write_report
+
+            write_report(self.run_dir.root)
+        except Exception as err:  # noqa: BLE001 - a figure that fails must not cost a training run
+            warnings.warn(f"report not written: {type(err).__name__}: {err}", stacklevel=2)
 
     def _final_stale(self) -> bool:
         """A final model trained on an earlier export must not be resumed into this one."""
@@ -122,8 +140,9 @@ class Loop:
             # uninterrupted run's (a Lightning resume of a round model would reshuffle its data).
             shutil.rmtree(restart)
         print(step_title(name, self.cfg.loop.rounds, self.cfg.refine.folds), flush=True)
+        start = time.perf_counter()
         fn()
-        self.run_dir.mark_done(name)
+        self.run_dir.mark_done(name, time.perf_counter() - start)
 
     # ------------------------------------------------------------------ round steps
 
@@ -223,6 +242,7 @@ class Loop:
             relabelled += int((refined != label).sum())
             pixels += label.size
             save_mask(rdir / "labels" / f"{a.id}.png", refined)
+            save_mask(rdir / "pred" / f"{a.id}.png", pred)  # the held-out prediction, for the report
             if len(examples) < 8:
                 examples.append((a.sample.image, label, refined, pred))
 

@@ -49,7 +49,7 @@ def test_folds_are_fixed_and_balanced():
 
 
 def _tree(root: Path) -> dict[str, bytes]:
-    skip = ("fold", "final", "wandb", "logs", "state.json", "export")
+    skip = ("fold", "final", "wandb", "logs", "state.json", "export", "report")
     return {
         str(p.relative_to(root)): p.read_bytes()
         for p in sorted(root.rglob("*"))
