@@ -208,7 +208,7 @@ def open_writer(cfg: Config) -> Iterator[CaptionWriter]:
     clip = clip_tokenizer(cfg.model)
     log.info("loading the language model %s", cfg.generate.llm)
     model, tokenizer = load_llm(cfg.generate.llm, cfg.generate.llm_revision, device)
-    writer = CaptionWriter(model, tokenizer, cfg.generate, lambda text: len(clip(text).input_ids), clip.model_max_length)
+    writer = CaptionWriter(model, tokenizer, cfg.generate, lambda text: len(clip(text, verbose=False).input_ids), clip.model_max_length)
     try:
         yield writer
     finally:

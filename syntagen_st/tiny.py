@@ -188,11 +188,16 @@ def train_tiny_llm(model, tokenizer, chats: list[list[dict]], steps: int = 200, 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model.train()
     loss = torch.tensor(float("nan"))
-    for _ in range(steps):
-        idx = torch.randint(len(texts), (batch_size,), generator=generator)
-        loss = model(input_ids=enc["input_ids"][idx], attention_mask=enc["attention_mask"][idx], labels=labels[idx]).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # matrices this small only lose time to thread hand-offs
+    try:
+        for _ in range(steps):
+            idx = torch.randint(len(texts), (batch_size,), generator=generator)
+            loss = model(input_ids=enc["input_ids"][idx], attention_mask=enc["attention_mask"][idx], labels=labels[idx]).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
     model.eval()
     return float(loss.detach())
