@@ -3,6 +3,7 @@
 The real path uses a tiny GPT-2 chat model trained for a few seconds (conftest.tiny_llm_dir).
 """
 
+import contextlib
 import gc
 import json
 import logging
@@ -237,7 +238,28 @@ def test_generate_with_llm_prompts_saves_them_first_and_resumes_and_reproduces_w
 ):
     n = 6
     clean = tmp_path / "clean"
+    # The language model and Stable Diffusion are never loaded at the same time.
+    held = {"llm": False, "sd": False, "llm_used": False}
+    real_open, real_load = llm_writer.open_writer, gen_mod.load_pipeline
+
+    @contextlib.contextmanager
+    def tracked_open(cfg):
+        assert not held["sd"], "the language model loaded while Stable Diffusion was held"
+        with real_open(cfg) as writer:
+            held["llm"] = held["llm_used"] = True
+            yield writer
+        held["llm"] = False
+
+    def checked_load(*args):
+        assert not held["llm"], "Stable Diffusion loaded while the language model was held"
+        held["sd"] = True
+        return real_load(*args)
+
+    monkeypatch.setattr(llm_writer, "open_writer", tracked_open)
+    monkeypatch.setattr(gen_mod, "load_pipeline", checked_load)
     assert gen_mod.main(_llm_args(tiny_llm_dir, clean, n)) == 0
+    assert held["llm_used"] and held["sd"]
+    monkeypatch.undo()
     saved = load_round_prompts(prompts_path(clean, 0), 0)
     rows, arrays = _pool_state(clean)
     assert len(saved) == len(rows) == n
