@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +59,7 @@ def load_round_prompts(path: str | Path, round_index: int) -> list[PromptRecord]
 
 def llm_records(
     cfg: Config, round_index: int, indices: range, weights: dict[str, float] | None,
-    seen: list[PromptRecord] = (), writer=None, rejections: list[Verdict] | None = None,
+    seen: Sequence[PromptRecord] = (), writer=None, rejections: list[Verdict] | None = None,
 ) -> tuple[list[PromptRecord], dict]:
     """Records for ``indices`` with captions from the language model (``writer``, or the
     configured model loaded for this call and freed after), and the writer's statistics."""
@@ -102,7 +103,7 @@ def llm_records(
 
 
 def new_records(
-    cfg: Config, round_index: int, indices: range, weights: dict[str, float] | None, seen: list[PromptRecord] = ()
+    cfg: Config, round_index: int, indices: range, weights: dict[str, float] | None, seen: Sequence[PromptRecord] = ()
 ) -> tuple[list[PromptRecord], dict | None]:
     """Fresh records for ``indices`` from the configured source (and the LLM's statistics)."""
     gen = cfg.generate
