@@ -26,7 +26,8 @@ from .config import TINY_MODELS, Config, ConfigError, LabelConfig, ModelConfig, 
 from .device import resolve_device
 from .errors import UserError
 from .labels import attention_to_scores, scores_to_labels, upsample_scores
-from .prompts import PromptRecord, load_prompt_file, make_records
+from .prompt_rounds import round_records
+from .prompts import PromptRecord
 from .store import Pool, atomic_write_text
 
 _SCHEDULERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
@@ -182,15 +183,6 @@ class SampleGenerator:
         return len(todo)
 
 
-def round_records(cfg: Config, round_index: int, count: int, weights: dict[str, float] | None = None) -> list[PromptRecord]:
-    """The prompt records of a round: from the prompt file when given, else the templates."""
-    prompt_file = load_prompt_file(cfg.generate.prompts_file) if cfg.generate.prompts_file else None
-    return make_records(
-        cfg.seed, round_index, range(count), cfg.generate.classes, weights,
-        cfg.generate.max_classes_per_prompt, prompt_file,
-    )
-
-
 # Values that may change between runs into the same folder without changing any sample.
 _FREE_KEYS = {"name", "generate.num_images", "generate.batch_size", "model.device", "train", "refine", "loop"}
 
@@ -219,10 +211,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         if diffs:
             shutil.rmtree(out / "pool", ignore_errors=True)
+            shutil.rmtree(out / "prompts", ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(saved, config_yaml(cfg))
-    generator = SampleGenerator(cfg)
-    made = generator.fill(Pool(out / "pool"), round_records(cfg, 0, cfg.generate.num_images), not ns.no_progress)
+    # Prompts first: a language model writing them is freed before Stable Diffusion loads.
+    records = round_records(cfg, 0, cfg.generate.num_images, run_root=out)
+    made = SampleGenerator(cfg).fill(Pool(out / "pool"), records, not ns.no_progress)
     print(f"{made} new samples; the pool at {out / 'pool'} holds {len(Pool(out / 'pool').done_ids())}")
     return 0
 

@@ -159,7 +159,8 @@ class Loop:
         earlier = sum(1 for row in self.run_dir.pool.rows() if row["round"] < r)
         split = loop.budget_split if r == 0 else "equal"
         count = round_budgets(loop.generate_total - earlier, loop.rounds - r, split)[0]
-        records = round_records(self.cfg, r, count, self.weights_for(r))
+        # Prompts are saved (and a language model writing them freed) before SD loads.
+        records = round_records(self.cfg, r, count, self.weights_for(r), self.run_dir.root)
         SampleGenerator(self.cfg).fill(self.run_dir.pool, records, self.progress)
 
     def weights_for(self, r: int) -> dict[str, float] | None:

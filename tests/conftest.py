@@ -135,3 +135,24 @@ def wandb_history_keys(run_file: str) -> set[str]:
             if record.WhichOneof("record_type") == "history":
                 keys.update(item.key or "/".join(item.nested_key) for item in record.history.item)
     return keys
+
+
+# ---------------------------------------------------------------- tiny chat language model (LLM prompt tests)
+
+LLM_CLASSES = ("dog", "sofa")
+"""The classes the tiny chat model learns to write captions of."""
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_dir(tmp_path_factory) -> Path:
+    """A 2-layer GPT-2 chat model trained for a few seconds on template captions of dogs and
+    sofas, saved as a transformers folder (so tests load it as a user's local model)."""
+    from syntagen_st.tiny import build_tiny_llm, tiny_chat_corpus, train_tiny_llm
+
+    chats = tiny_chat_corpus(list(LLM_CLASSES))
+    model, tokenizer = build_tiny_llm(chats)
+    train_tiny_llm(model, tokenizer, chats, steps=60)
+    folder = tmp_path_factory.mktemp("tiny-llm")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
