@@ -84,7 +84,13 @@ class Run:
     def done_steps(self) -> list[str]:
         if not self.state_file.exists():
             return []
-        return json.loads(self.state_file.read_text())["done"]
+        try:
+            done = json.loads(self.state_file.read_text())["done"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+            done = err
+        if not isinstance(done, list) or not all(isinstance(step, str) for step in done):
+            raise UserError(f"{self.state_file}: unreadable run state ({done!r}); pass --overwrite to start again")
+        return done
 
     def mark_done(self, step: str) -> None:
         atomic_write_json(self.state_file, {"done": [*self.done_steps(), step]})
@@ -92,7 +98,7 @@ class Run:
 
 class Loop:
     def __init__(self, cfg: Config, run: Run, voc_root: str | None = None, progress: bool = True) -> None:
-        self.cfg, self.run_dir, self.voc_root, self.progress = cfg, run, voc_root, progress
+        self.cfg, self.folder, self.voc_root, self.progress = cfg, run, voc_root, progress
         self.reporter = RoundLogger(cfg, run.root)
 
     # ------------------------------------------------------------------ driver
@@ -102,21 +108,21 @@ class Loop:
         for r in range(rounds):
             self._step(f"round{r}/data", lambda r=r: self.add_data(r))
             for k in range(self.cfg.refine.folds):
-                self._step(f"round{r}/fold{k}", lambda r=r, k=k: self.train_fold(r, k), restart=self.run_dir.round_dir(r) / f"fold{k}")
+                self._step(f"round{r}/fold{k}", lambda r=r, k=k: self.train_fold(r, k), restart=self.folder.round_dir(r) / f"fold{k}")
             self._step(f"round{r}/refine", lambda r=r: self.refine_round(r))
         # Named after the round count: a run resumed with more rounds exports and trains again.
-        root = self.run_dir.root
+        root = self.folder.root
         self._step(f"final{rounds}/export", self.export_final, restart=root / "export")
         self._step(f"final{rounds}/train", self.train_final, restart=root / "final" if self._final_stale() else None)
         self.reporter.finish()
 
     def _final_stale(self) -> bool:
         """A final model trained on an earlier export must not be resumed into this one."""
-        trained_on = self.run_dir.root / "final" / "export_manifest_sha256.txt"
-        return trained_on.exists() and trained_on.read_text().strip() != sha256_file(self.run_dir.root / "export" / "manifest.json")
+        trained_on = self.folder.root / "final" / "export_manifest_sha256.txt"
+        return trained_on.exists() and trained_on.read_text().strip() != sha256_file(self.folder.root / "export" / "manifest.json")
 
     def _step(self, name: str, fn, restart: Path | None = None) -> None:
-        if name in self.run_dir.done_steps():
+        if name in self.folder.done_steps():
             return
         if restart is not None and restart.exists():
             # A step killed mid-way starts again from nothing, so the result is the same as an
@@ -124,7 +130,7 @@ class Loop:
             shutil.rmtree(restart)
         log.info("step %s", name)
         fn()
-        self.run_dir.mark_done(name)
+        self.folder.mark_done(name)
 
     # ------------------------------------------------------------------ round steps
 
@@ -132,28 +138,28 @@ class Loop:
         loop = self.cfg.loop
         if loop.source.startswith("folder:"):
             if r == 0:
-                import_folder(loop.source[len("folder:"):], self.run_dir.pool)
+                import_folder(loop.source[len("folder:"):], self.folder.pool)
             return
         from .generate import SampleGenerator, round_records
 
         # What earlier rounds generated is subtracted, so resuming with more rounds spreads the
         # rest of the budget instead of exceeding it.
-        earlier = sum(1 for row in self.run_dir.pool.rows() if row["round"] < r)
+        earlier = sum(1 for row in self.folder.pool.rows() if row["round"] < r)
         split = loop.budget_split if r == 0 else "equal"
         count = round_budgets(loop.generate_total - earlier, loop.rounds - r, split)[0]
         records = round_records(self.cfg, r, count, self.weights_for(r))
-        SampleGenerator(self.cfg).fill(self.run_dir.pool, records, self.progress)
+        SampleGenerator(self.cfg).fill(self.folder.pool, records, self.progress)
 
     def weights_for(self, r: int) -> dict[str, float] | None:
         if r == 0:
             return None
-        return json.loads((self.run_dir.round_dir(r - 1) / "weights.json").read_text())
+        return json.loads((self.folder.round_dir(r - 1) / "weights.json").read_text())
 
     def active(self) -> list[Active]:
         """Kept samples with their current (latest refined) labels, in id order."""
-        rows = {row["id"]: row for row in self.run_dir.pool.rows()}
+        rows = {row["id"]: row for row in self.folder.pool.rows()}
         out = []
-        for sample in find_samples(self.run_dir.root):
+        for sample in find_samples(self.folder.root):
             row = rows[sample.image.stem]
             out.append(Active(sample, tuple(row["classes"]), int(row["round"])))
         return out
@@ -172,17 +178,17 @@ class Loop:
         cfg = copy.deepcopy(self.cfg.train)
         cfg.max_steps = self.cfg.loop.round_steps
         cfg.checkpoint_every = cfg.max_steps
-        train(cfg, samples, self.run_dir.round_dir(r) / f"fold{k}", seed=derived_seed(self.cfg.seed, f"r{r}k{k}"),
+        train(cfg, samples, self.folder.round_dir(r) / f"fold{k}", seed=derived_seed(self.cfg.seed, f"r{r}k{k}"),
               run_name=f"{self.cfg.name}-r{r}-fold{k}")
 
     def refine_round(self, r: int) -> None:
         from .segmodel import load_model, predict_proba
 
         cfg = self.cfg.refine
-        rdir = self.run_dir.round_dir(r)
+        rdir = self.folder.round_dir(r)
         # A redo after a crash must read the labels as they were before this round.
         (rdir / "samples.jsonl").unlink(missing_ok=True)
-        previous = latest_refined(self.run_dir.root)
+        previous = latest_refined(self.folder.root)
         earlier = {row["id"]: row for row in read_jsonl(previous)} if previous else {}
         judged = {i for i, row in earlier.items() if row.get("judged")}
         device = resolve_device("auto")
@@ -256,7 +262,7 @@ class Loop:
     def selected(self) -> list[Sample]:
         """The best kept samples, at most max_pairs: by last score times the mean weight of the
         sample's classes after the last round, so a full budget keeps the weak classes' samples."""
-        last = latest_refined(self.run_dir.root)
+        last = latest_refined(self.folder.root)
         score = {row["id"]: row.get("score", 0.0) for row in read_jsonl(last)} if last else {}
         weights = self.weights_for(self.cfg.loop.rounds) or {}
 
@@ -273,7 +279,7 @@ class Loop:
         if self.cfg.generate.prompts_file:
             # Regenerating from the seed needs the very prompts the run drew from.
             meta["prompts_file_sha256"] = sha256_file(self.cfg.generate.prompts_file)
-        export_voc(self.selected(), self.run_dir.root / "export", meta)
+        export_voc(self.selected(), self.folder.root / "export", meta)
 
     def train_final(self) -> None:
         """The fixed protocol on exactly the exported files; with --voc-root it validates on VOC
@@ -281,7 +287,7 @@ class Loop:
         from .metrics import format_table
         from .train import train
 
-        root = self.run_dir.root
+        root = self.folder.root
         manifest = root / "export" / "manifest.json"
         final = root / "final"
         final.mkdir(parents=True, exist_ok=True)

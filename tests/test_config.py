@@ -92,11 +92,18 @@ def test_module_entry_point_exits_2_with_one_line(tmp_path):
         "syntagen_st.generate: error: generate.height must be a positive multiple of 8, got 100"]
 
 
-def test_device_names_are_checked():
+def test_device_names_are_checked(monkeypatch):
+    import torch
+
     from syntagen_st.config import ConfigError
     from syntagen_st.device import resolve_device
 
     assert resolve_device("cpu").type == "cpu"
-    assert resolve_device("auto").type in ("cpu", "cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="'cuda:1' but CUDA is not available"):
+        resolve_device("cuda:1", "model.device")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
     with pytest.raises(ConfigError, match="--device must be auto, cpu, cuda or cuda:N, got 'gpu'"):
         resolve_device("gpu", "--device")

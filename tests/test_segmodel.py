@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import torchvision
 from syntagen_st.config import TrainConfig, validate_train
 from syntagen_st.errors import UserError
 from syntagen_st.segmodel import (
-    NO_BACKBONE_WARNING, PolyDecay, SegModule, build_segmenter, load_model, predict, predict_proba, save_weights,
+    PolyDecay, SegModule, build_segmenter, load_model, predict, predict_proba, save_weights,
     seg_loss, write_checksum,
 )
 from syntagen_st.store import sha256_file
@@ -55,10 +56,21 @@ def test_wrong_backbone_file_is_one_clear_error(tmp_path):
         build_segmenter(TINY, str(tmp_path / "junk.pth"))
 
 
-def test_no_backbone_weights_warns_what_it_costs():
-    with pytest.warns(UserWarning, match="random weights.*lower mIoU") as record:
+def test_no_backbone_weights_warns_what_it_costs(tmp_path):
+    with pytest.warns(UserWarning) as record:
         SegModule(TrainConfig(arch=TINY, backbone_weights="none"))
-    assert str(record[0].message) == NO_BACKBONE_WARNING
+    message = " ".join(str(w.message) for w in record)
+    for words in ("random weights", "lower mIoU", "ImageNet", "local state-dict file"):
+        assert words in message, message
+    # A backbone from a file is the user's informed choice: no warning then.
+    path = tmp_path / "backbone.safetensors"
+    reference = torchvision.models.mobilenet_v3_large(weights=None)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SegModule(TrainConfig(arch=TINY, backbone_weights=str(path)))
 
 
 def test_loss_ignores_255_and_weights_pixels():
