@@ -48,7 +48,7 @@ from syntagen_st.cli import load_config_file  # noqa: E402
 from syntagen_st.data import Sample, find_samples, latest_refined  # noqa: E402
 from syntagen_st.evaluate import evaluate  # noqa: E402
 from syntagen_st.loop import assign_folds  # noqa: E402
-from syntagen_st.segmodel import load_model, predict_proba  # noqa: E402
+from syntagen_st.network import load_model, predict_proba  # noqa: E402
 from syntagen_st.store import Pool, load_mask, read_jsonl  # noqa: E402
 from syntagen_st.train import train  # noqa: E402
 

@@ -53,7 +53,7 @@ def evaluate(model: nn.Module, samples: Sequence[Sample], device: str | torch.de
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .segmodel import load_model
+    from .network import load_model
 
     parser = config_parser("syntagen_st.evaluate", "Per-class IoU and mIoU of a trained segmenter.")
     parser.add_argument("target", help="weights (.safetensors / .ckpt), a training output folder, or a run folder")

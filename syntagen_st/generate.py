@@ -91,7 +91,9 @@ def class_token_groups(tokenizer, record: PromptRecord) -> list[list[int]]:
 
 
 @dataclass
-class Sample:
+class LabelledImage:
+    """A generated image with its attention label, before it is written to the pool."""
+
     record: PromptRecord
     image: np.ndarray  # (H, W, 3) uint8
     mask: np.ndarray  # (H, W) uint8, 0..20 and 255
@@ -111,13 +113,13 @@ class Sample:
 def label_sample(
     record: PromptRecord, image: np.ndarray, cross: torch.Tensor, self_attn: torch.Tensor,
     groups: list[list[int]], store: AttentionStore, cfg: LabelConfig,
-) -> Sample:
+) -> LabelledImage:
     """One sample's averaged attention -> scores and mask."""
     scores = attention_to_scores(cross, self_attn, groups, store.cross_hw, cfg.tau, cfg.presence_threshold)
     class_ids = [class_index(c) for c in record.classes]
     full = upsample_scores(scores, image.shape[:2])
     mask = scores_to_labels(full, class_ids, cfg.fg_threshold, cfg.band_threshold)
-    return Sample(
+    return LabelledImage(
         record, image, mask.cpu().numpy(), scores.cpu().numpy().astype(np.float16), np.array(class_ids, dtype=np.uint8)
     )
 
@@ -133,7 +135,7 @@ class SampleGenerator:
         self.pipe = pipe if pipe is not None else load_pipeline(cfg.model, self.device, self.dtype)
         self.latent_hw = (self.gen.height // self.pipe.vae_scale_factor, self.gen.width // self.pipe.vae_scale_factor)
 
-    def generate(self, records: Sequence[PromptRecord], store: AttentionStore) -> list[Sample]:
+    def generate(self, records: Sequence[PromptRecord], store: AttentionStore) -> list[LabelledImage]:
         """One batch (at most the store's capacity) of samples."""
         groups = [class_token_groups(self.pipe.tokenizer, r) for r in records]
         store.begin(len(records))

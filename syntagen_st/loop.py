@@ -18,7 +18,7 @@ import json
 import logging
 import math
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,8 +182,7 @@ class Loop:
               run_name=f"{self.cfg.name}-r{r}-fold{k}")
 
     def refine_round(self, r: int) -> None:
-        from .segmodel import load_model, predict_proba
-
+        """Relabel, score, filter and steer with the round's fold models, in the method's order."""
         cfg = self.cfg.refine
         rdir = self.folder.round_dir(r)
         # A redo after a crash must read the labels as they were before this round.
@@ -191,54 +190,43 @@ class Loop:
         previous = latest_refined(self.folder.root)
         earlier = {row["id"]: row for row in read_jsonl(previous)} if previous else {}
         judged = {i for i, row in earlier.items() if row.get("judged")}
-        device = resolve_device("auto")
-        models = [load_model(rdir / f"fold{k}" / "model.safetensors", device) for k in range(cfg.folds)]
         active = self.active()
-        fold = self.folds(active)
+        held_out = self._held_out_predictions(r, active)
 
-        def held_out() -> Iterator[tuple[Active, np.ndarray]]:
-            """Every active sample with its held-out probabilities, fold by fold, in batches."""
-            for k, model in enumerate(models):
-                group = [a for a in active if fold[a.id] == k]
-                images = [a.sample.image for a in group]
-                yield from zip(group, predict_proba(model, images, batch_size=self.cfg.train.batch_size))
-
-        def allowed(a: Active) -> list[int]:
-            return [class_index(c) for c in a.classes]
-
-        # Pass 1: held-out agreement per class decides which classes the model may relabel.
+        # 1. Held-out reliability: the classes whose held-out predictions agree with the labels.
         confusion = np.zeros((len(VOC_CLASSES), len(VOC_CLASSES)), np.int64)
-        for a, probs in held_out():
-            pred, _ = rf.predict(rf.restrict(probs, allowed(a)))
-            confusion += rf.confusion_matrix(pred, load_sample(a.sample)["mask"])
+        for a, model in held_out():
+            confusion += rf.confusion_matrix(model.pred, load_sample(a.sample)["mask"])
         reliable = rf.reliable_classes(confusion, cfg.min_reliability, cfg.min_class_pixels)
 
-        # Pass 2: relabel, score, and gather the class statistics.
+        # 2. Relabel and score each sample, gathering the class statistics.
         totals = rf.ClassTotals()
         scores: dict[str, rf.SampleScore] = {}
         relabelled = 0
         examples = []
-        for a, probs in held_out():
+        for a, model in held_out():
             # Attention confidence exists for labels not yet refined (they have scores).
             item = load_sample(a.sample, confidence=a.sample.scores is not None)
-            label, confidence = item["mask"], item.get("weight")
-            refined = rf.relabel(label, probs, allowed(a), reliable, cfg.relabel_confidence, cfg.keep_confidence,
-                                 confidence, cfg.label_sure)
-            pred, top = rf.predict(rf.restrict(probs, allowed(a)))
-            scores[a.id] = rf.sample_score(label, pred, top, allowed(a), cfg.confidence_weight)
-            totals = totals + rf.class_totals(label, refined, pred, top)
+            label = item["mask"]
+            refined = rf.relabel(label, model, reliable, cfg.relabel_confidence, cfg.keep_confidence,
+                                 item.get("weight"), cfg.label_sure)
+            scores[a.id] = rf.sample_score(label, model.pred, model.top, _allowed(a), cfg.confidence_weight)
+            totals = totals + rf.class_totals(label, refined, model.pred, model.top)
             relabelled += int((refined != label).sum())
             save_mask(rdir / "labels" / f"{a.id}.png", refined)
             if len(examples) < 8:
-                examples.append((a.sample.image, label, refined, pred))
+                examples.append((a.sample.image, label, refined, model.pred))
 
-        # Each sample faces the filter once, in the first round whose model can judge it: a
-        # model reliable for no foreground class cannot, so then nothing is dropped.
+        # 3. Drops: each sample faces the filter once, in the first round whose model can judge
+        # it; a model reliable for no foreground class cannot, so then nothing is dropped.
         candidates = {a.id: scores[a.id] for a in active if a.id not in judged} if reliable[1:].any() else {}
         drops = rf.select_drops(candidates, cfg.drop_fraction)
-        rows = _sample_rows(r, earlier, active, scores, drops, judged | set(candidates))
+
+        # 4. Weakness and the next round's prompt weights.
         weakness = rf.class_weakness(totals.iou(), totals.mean_confidence(), totals.kept_share())
         weights = rf.prompt_weights(weakness, cfg.weakness_power, cfg.min_weight)
+
+        # 5. Write and log; samples.jsonl makes the round's labels current, so it is written last.
         stats = {
             "round": r,
             "samples": len(active),
@@ -252,10 +240,27 @@ class Loop:
         }
         atomic_write_json(rdir / "stats.json", stats)
         atomic_write_json(rdir / "weights.json", weights)
-        # samples.jsonl makes the round's labels current: it is written last.
-        write_jsonl(rdir / "samples.jsonl", rows)
+        write_jsonl(rdir / "samples.jsonl", _sample_rows(r, earlier, active, scores, drops, judged | set(candidates)))
         self.reporter.log_round(r, stats, examples)
 
+    def _held_out_predictions(self, r: int, active: list[Active]) -> Callable[[], Iterator[tuple[Active, rf.Restricted]]]:
+        """A pass over every active sample with the prediction of the fold model that did not train
+        on it, restricted to the sample's classes; fold by fold, in batches. Each call is a pass."""
+        from . import network
+
+        device = resolve_device(self.cfg.model.device, "model.device")
+        models = [network.load_model(self.folder.round_dir(r) / f"fold{k}" / "model.safetensors", device)
+                  for k in range(self.cfg.refine.folds)]
+        fold = self.folds(active)
+
+        def one_pass() -> Iterator[tuple[Active, rf.Restricted]]:
+            for k, model in enumerate(models):
+                group = [a for a in active if fold[a.id] == k]
+                probs = network.predict_proba(model, [a.sample.image for a in group], batch_size=self.cfg.train.batch_size)
+                for a, p in zip(group, probs):
+                    yield a, rf.restricted(p, _allowed(a))
+
+        return one_pass
 
     # ------------------------------------------------------------------ final steps
 
@@ -315,6 +320,10 @@ def _sample_rows(
             "score": s.score, "agreement": s.agreement, "confidence": s.confidence,
         }
     return [out[i] for i in sorted(out)]
+
+
+def _allowed(a: Active) -> list[int]:
+    return [class_index(c) for c in a.classes]
 
 
 def _named(values: np.ndarray) -> dict[str, float | None]:

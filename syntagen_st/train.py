@@ -27,9 +27,10 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from .cli import config_from, config_parser, run_main
 from .config import TrainConfig
-from .data import Sample, SegDataModule, find_samples
+from .data import Sample, find_samples
 from .metrics import summarize
-from .segmodel import SegModule, model_from_checkpoint, save_weights, write_checksum
+from .network import model_from_checkpoint, save_weights, write_checksum
+from .segmodel import SegDataModule, SegModule
 from .store import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ def _devices(value: str) -> str | int:
     return int(value) if value.lstrip("-").isdigit() else value
 
 
-def export(module_or_ckpt: SegModule | Path, out: Path) -> Path:
+def export_weights(module_or_ckpt: SegModule | Path, out: Path) -> Path:
     """DIR/model.safetensors and DIR/checksum.txt from a trained module or a checkpoint."""
     if isinstance(module_or_ckpt, Path):
         model, arch = model_from_checkpoint(module_or_ckpt)
@@ -133,7 +134,7 @@ def train(
     if done is not None and done >= cfg.max_steps:
         # Lightning would resume and train nothing: the weights are final, (re)export them.
         log.info("%s: finished at step %d >= max_steps %d; exporting", last, done, cfg.max_steps)
-        return export(last, out)
+        return export_weights(last, out)
 
     pl.seed_everything(seed, workers=True)
     module = SegModule(cfg)
@@ -169,7 +170,7 @@ def train(
     if module.val_metrics is not None:
         metrics = summarize(module.val_metrics["confusion"]) | {"step": trainer.global_step, "val_images": len(val_samples)}
         atomic_write_json(out / "metrics.json", metrics)
-    return export(module, out)
+    return export_weights(module, out)
 
 
 def config_yaml_train(cfg: TrainConfig, seed: int) -> str:

@@ -61,11 +61,11 @@ def _tree(root: Path) -> dict[str, bytes]:
 
 
 def test_smoke_loop_end_to_end_and_no_sample_is_relabelled_by_its_own_model(tmp_path, monkeypatch):
-    import syntagen_st.segmodel as segmodel
+    import syntagen_st.network as network
     import syntagen_st.train as train_mod
 
     trained_on: dict[str, set[str]] = {}
-    real_train, real_load, real_predict = train_mod.train, segmodel.load_model, segmodel.predict_proba
+    real_train, real_load, real_predict = train_mod.train, network.load_model, network.predict_proba
 
     def spy_train(cfg, data, out, *args, **kwargs):
         if not isinstance(data, (str, os.PathLike)):
@@ -85,8 +85,8 @@ def test_smoke_loop_end_to_end_and_no_sample_is_relabelled_by_its_own_model(tmp_
         return real_predict(model, images, *args, **kwargs)
 
     monkeypatch.setattr(train_mod, "train", spy_train)
-    monkeypatch.setattr(segmodel, "load_model", spy_load)
-    monkeypatch.setattr(segmodel, "predict_proba", spy_predict)
+    monkeypatch.setattr(network, "load_model", spy_load)
+    monkeypatch.setattr(network, "predict_proba", spy_predict)
 
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as done:
@@ -252,7 +252,7 @@ def test_folder_source_refines_an_existing_dataset(tmp_path):
     its class) or where it doubts a label it is not sure of (255), and nowhere else."""
     from syntagen_st import refine as rf
     from syntagen_st.classes import VOC_CLASSES, class_index
-    from syntagen_st.segmodel import load_model, predict_proba
+    from syntagen_st.network import load_model, predict_proba
     from syntagen_st.store import load_mask
 
     data = tmp_path / "data"
@@ -383,7 +383,7 @@ def test_final_selection_keeps_the_best_within_max_pairs_favouring_weak_classes(
 def test_fit_evaluates_the_final_model_on_voc_val(tmp_path, make_seg_dataset, capsys):
     from syntagen_st.classes import VOC_CLASSES
     from syntagen_st.data import find_voc_samples
-    from syntagen_st.segmodel import load_model, predict
+    from syntagen_st.network import load_model, predict
     from syntagen_st.store import load_mask
 
     from conftest import numpy_confusion, numpy_iou

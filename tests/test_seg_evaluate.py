@@ -17,7 +17,7 @@ from syntagen_st.classes import VOC_CLASSES
 from syntagen_st.cli import run_main
 from syntagen_st.data import MEAN, STD, find_voc_samples
 from syntagen_st.metrics import iou_from_confusion, mean_iou
-from syntagen_st.segmodel import build_segmenter, predict, save_weights
+from syntagen_st.network import build_segmenter, predict, save_weights
 from syntagen_st.store import load_mask, save_mask
 
 from conftest import numpy_iou

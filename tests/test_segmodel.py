@@ -12,10 +12,8 @@ import torchvision
 
 from syntagen_st.config import TrainConfig, validate_train
 from syntagen_st.errors import UserError
-from syntagen_st.segmodel import (
-    PolyDecay, SegModule, build_segmenter, load_model, predict, predict_proba, save_weights,
-    seg_loss, write_checksum,
-)
+from syntagen_st.network import build_segmenter, load_model, predict, predict_proba, save_weights, write_checksum
+from syntagen_st.segmodel import PolyDecay, SegModule, seg_loss
 from syntagen_st.store import sha256_file
 
 TINY = "lraspp_mobilenet_v3_large"
@@ -131,3 +129,30 @@ def test_train_config_checks_choices():
     for field, value in [("arch", "unet"), ("logger", "tensorboard"), ("val_panels", -1)]:
         with pytest.raises(UserError, match=f"train.{field}"):
             validate_train(dataclasses.replace(TrainConfig(), **{field: value}))
+
+
+def test_only_load_errors_become_unreadable_weights(tmp_path, monkeypatch):
+    """A damaged file is the user's to fix (one line, the cause kept); anything else, such as
+    running out of memory, is not reported as unreadable weights."""
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    with pytest.raises(UserError, match="unreadable safetensors file") as err:
+        load_model(path)
+    assert err.value.__cause__ is not None
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(torch, "load", out_of_memory)
+    with pytest.raises(MemoryError):
+        build_segmenter(TINY, str(tmp_path / "backbone.pth"))
+
+
+def test_refinement_predicts_without_lightning():
+    import subprocess
+    import sys
+
+    code = ("import sys, syntagen_st.loop, syntagen_st.network, syntagen_st.evaluate; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pytorch_lightning', 'lightning', 'wandb')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
