@@ -8,7 +8,6 @@ so a sample is the same whatever the batch size or device count, and after a res
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,13 +20,13 @@ from tqdm.auto import tqdm
 
 from .attention import AttentionStore, capture_attention
 from .classes import VOC_CLASSES, class_index, display_name
-from .cli import config_from, config_parser, config_yaml, load_config_file, run_main
-from .config import TINY_MODELS, Config, ConfigError, LabelConfig, ModelConfig, config_differences, is_local_path
+from .cli import config_from, config_parser, prepare_run_folder, run_main
+from .config import TINY_MODELS, Config, ConfigError, LabelConfig, ModelConfig, is_local_path
 from .device import resolve_device
 from .errors import UserError
 from .labels import attention_to_scores, scores_to_labels, upsample_scores
 from .prompts import PromptRecord, load_prompt_file, make_records
-from .store import Pool, atomic_write_text
+from .store import Pool
 
 _SCHEDULERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
 
@@ -198,28 +197,16 @@ _FREE_KEYS = {"name", "generate.num_images", "generate.batch_size", "model.devic
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = config_parser("python -m syntagen_st.generate", "Generate SD images with attention masks into a pool.")
+    parser = config_parser(
+        "python -m syntagen_st.generate", "Generate SD images with attention masks into a pool.",
+        sections=("model", "generate", "label"), shortcuts=("num_images",), progress=True,
+    )
     parser.add_argument("--out", required=True, help="run folder; the pool goes to OUT/pool")
-    parser.add_argument("--num-images", type=int, help="shortcut for --generate.num_images")
-    parser.add_argument("--overwrite", action="store_true", help="delete an existing pool made with another config")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="delete an existing folder and start again")
     ns = parser.parse_args(argv)
-    if ns.num_images is not None:
-        ns.generate.num_images = ns.num_images
     cfg = config_from(parser, ns)
     out = Path(ns.out)
-    saved = out / "config.yaml"
-    if saved.exists():
-        diffs = config_differences(load_config_file(str(saved)).to_dict(), cfg.to_dict(), _FREE_KEYS)
-        if diffs and not ns.overwrite:
-            raise UserError(
-                f"{out} holds samples made with another config ({'; '.join(diffs[:3])}); "
-                "pass --overwrite to replace them or choose another --out"
-            )
-        if diffs:
-            shutil.rmtree(out / "pool", ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(saved, config_yaml(cfg))
+    prepare_run_folder(out, cfg, _FREE_KEYS, overwrite=ns.overwrite)
     generator = SampleGenerator(cfg)
     made = generator.fill(Pool(out / "pool"), round_records(cfg, 0, cfg.generate.num_images), not ns.no_progress)
     print(f"{made} new samples; the pool at {out / 'pool'} holds {len(Pool(out / 'pool').done_ids())}")

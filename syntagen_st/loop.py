@@ -179,7 +179,7 @@ class Loop:
         cfg.max_steps = self.cfg.loop.round_steps
         cfg.checkpoint_every = cfg.max_steps
         train(cfg, samples, self.folder.round_dir(r) / f"fold{k}", seed=derived_seed(self.cfg.seed, f"r{r}k{k}"),
-              run_name=f"{self.cfg.name}-r{r}-fold{k}")
+              run_name=f"{self.cfg.name}-r{r}-fold{k}", progress=self.progress)
 
     def refine_round(self, r: int) -> None:
         """Relabel, score, filter and steer with the round's fold models, in the method's order."""
@@ -298,7 +298,7 @@ class Loop:
         final.mkdir(parents=True, exist_ok=True)
         atomic_write_text(final / "export_manifest_sha256.txt", sha256_file(manifest) + "\n")
         train(self.cfg.train, root / "export", final, val_data=self.voc_root,
-              seed=derived_seed(self.cfg.seed, "final"), run_name=f"{self.cfg.name}-final")
+              seed=derived_seed(self.cfg.seed, "final"), run_name=f"{self.cfg.name}-final", progress=self.progress)
         meta = json.loads(manifest.read_text())
         meta["model_sha256"] = (final / "checksum.txt").read_text().split()[0]
         atomic_write_json(manifest, meta)

@@ -18,7 +18,6 @@ import uuid
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import get_args, get_type_hints
 
 import pytorch_lightning as pl
 import torch
@@ -117,7 +116,7 @@ def export_weights(module_or_ckpt: SegModule | Path, out: Path) -> Path:
 
 def train(
     cfg: TrainConfig, data: Data, out: str | os.PathLike, val_data: Data | None = None,
-    *, seed: int = 0, run_name: str | None = None,
+    *, seed: int = 0, run_name: str | None = None, progress: bool = True,
 ) -> Path:
     """Train (or resume) into ``out`` for cfg.max_steps steps; return the final safetensors path.
 
@@ -149,7 +148,7 @@ def train(
         log_every_n_steps=cfg.log_every, limit_val_batches=1.0 if val_samples else 0,
         val_check_interval=min(cfg.val_every, cfg.max_steps) if val_samples else None,
         check_val_every_n_epoch=None, num_sanity_val_steps=0, benchmark=torch.cuda.is_available(),
-        enable_progress_bar=os.environ.get("SYNTAGEN_PROGRESS", "1") != "0",
+        enable_progress_bar=progress,
         enable_model_summary=False,
     )
     try:
@@ -178,25 +177,18 @@ def config_yaml_train(cfg: TrainConfig, seed: int) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = config_parser("syntagen_st.train", "Train DeepLabv3 on a dataset with the fixed protocol.")
+    parser = config_parser(
+        "syntagen_st.train", "Train DeepLabv3 on a dataset with the fixed protocol.", sections=("train",),
+        shortcuts=("steps", "arch", "crop_size", "batch_size", "logger", "backbone_weights"), progress=True,
+    )
     parser.add_argument("--data", required=True, help="a run, pool, VOC-style tree, or images/ + masks/ folder")
     parser.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
     parser.add_argument("--val-data", default=None, help="optional validation dataset (a VOC tree uses val.txt)")
-    parser.add_argument("--steps", type=int, default=None, help="= --train.max_steps")
-    hints = get_type_hints(TrainConfig)
-    parser.add_argument("--arch", default=None, choices=get_args(hints["arch"]), help="= --train.arch")
-    parser.add_argument("--crop-size", type=int, default=None, help="= --train.crop_size")
-    parser.add_argument("--batch-size", type=int, default=None, help="= --train.batch_size")
-    parser.add_argument("--logger", default=None, choices=get_args(hints["logger"]), help="= --train.logger")
-    parser.add_argument("--backbone-weights", default=None, help="imagenet, none, or a state-dict file (= --train.backbone_weights)")
     ns = parser.parse_args(argv)
-    for flag, field in (("steps", "max_steps"), ("arch", "arch"), ("crop_size", "crop_size"),
-                        ("batch_size", "batch_size"), ("logger", "logger"), ("backbone_weights", "backbone_weights")):
-        if ns[flag] is not None:
-            ns[f"train.{field}"] = ns[flag]
     cfg = config_from(parser, ns)
     out = Path(ns.out)
-    weights = train(cfg.train, ns.data, out, ns.val_data, seed=cfg.seed, run_name=cfg.name if cfg.name != "run" else None)
+    weights = train(cfg.train, ns.data, out, ns.val_data, seed=cfg.seed, run_name=cfg.name if cfg.name != "run" else None,
+                    progress=not ns.no_progress)
     print(f"weights: {weights}\nsha256: {(out / 'checksum.txt').read_text().split()[0]}")
     return 0
 
