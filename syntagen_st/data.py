@@ -19,13 +19,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-import albumentations as A
-import cv2
-import numpy as np
-import torch
-from albumentations.pytorch import ToTensorV2
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+# albumentations asks PyPI for a newer version at import; a run must not wait on the network.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import albumentations as A  # noqa: E402
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from albumentations.pytorch import ToTensorV2  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from .classes import IGNORE_INDEX, NUM_CLASSES
 from .config import TrainConfig
@@ -340,6 +343,11 @@ def collate(items: list[dict]) -> dict:
 def raise_if_error(batch: dict) -> None:
     if "error" in batch:
         raise SampleError(batch["error"])
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on (the affinity mask, not the machine's total)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def eval_loader(samples: Sequence[Sample], num_workers: int = 0) -> DataLoader:

@@ -8,12 +8,15 @@ records the model checksum. Rerunning the same command resumes a killed run.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from .cli import config_from, config_parser, prepare_run_folder, run_main
 from .data import find_samples, find_voc_samples
+from .export import not_an_entry_warning, read_submission
 from .loop import Loop, Run
+from .preflight import preflight
 
 
 # Settings that do not change a run's results: speed, placement, names, and generate.num_images
@@ -43,12 +46,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         find_samples(cfg.loop.source[len("folder:"):])
     if ns.voc_root:
         find_voc_samples(ns.voc_root, "val")
+    if cfg.loop.source == "sd":
+        print(preflight(cfg, cfg.loop.generate_total), flush=True)
+    loop, train = cfg.loop, cfg.train
+    print(f"then {loop.rounds} rounds x {cfg.refine.folds} fold models x {loop.round_steps} steps, and a final "
+          f"{train.arch} training of {train.max_steps:,} steps at batch {train.batch_size}", flush=True)
     root = Path(ns.out) if ns.out else Path("runs") / cfg.name
     prepare_run_folder(root, cfg, _FREE_KEYS, overwrite=ns.overwrite, resume=ns.resume, resumable=_RESUMABLE_KEYS)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     Loop(cfg, Run(root), ns.voc_root, progress=not ns.no_progress).run()
     checksum = (root / "final" / "checksum.txt").read_text().split()[0]
-    print(f"done: {root}/export ({root}/export/manifest.json), model sha256 {checksum}")
+    print(f"done: {root}/export ({root}/export/submission.json), model sha256 {checksum}")
+    warning = not_an_entry_warning(read_submission(root / "export"))
+    if warning:
+        print(warning, file=sys.stderr)
     return 0
 
 

@@ -205,6 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="delete an existing folder and start again")
     ns = parser.parse_args(argv)
     cfg = config_from(parser, ns)
+    from .preflight import preflight
+
+    print(preflight(cfg, cfg.generate.num_images), flush=True)
     out = Path(ns.out)
     prepare_run_folder(out, cfg, _FREE_KEYS, overwrite=ns.overwrite)
     generator = SampleGenerator(cfg)

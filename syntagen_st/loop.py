@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import logging
 import math
 import shutil
 from collections.abc import Callable, Iterator
@@ -30,11 +29,11 @@ from .config import Config
 from .data import Sample, find_samples, latest_refined, load_sample
 from .device import resolve_device
 from .errors import UserError
-from .export import export_voc
+from .export import dataset_digest, export_run, record_model, verify_files
 from .dashboards import RoundLogger
-from .store import Pool, atomic_write_json, atomic_write_text, read_jsonl, save_image, save_mask, sha256_file, write_jsonl
+from .store import Pool, atomic_write_json, atomic_write_text, read_jsonl, save_image, save_mask, write_jsonl
+from .summary import round_summary, step_title
 
-log = logging.getLogger(__name__)
 
 
 def round_budgets(total: int, rounds: int, split: str) -> list[int]:
@@ -118,8 +117,8 @@ class Loop:
 
     def _final_stale(self) -> bool:
         """A final model trained on an earlier export must not be resumed into this one."""
-        trained_on = self.folder.root / "final" / "export_manifest_sha256.txt"
-        return trained_on.exists() and trained_on.read_text().strip() != sha256_file(self.folder.root / "export" / "manifest.json")
+        trained_on = self.folder.root / "final" / "export_digest.txt"
+        return trained_on.exists() and trained_on.read_text().strip() != dataset_digest(self.folder.root / "export")
 
     def _step(self, name: str, fn, restart: Path | None = None) -> None:
         if name in self.folder.done_steps():
@@ -128,7 +127,7 @@ class Loop:
             # A step killed mid-way starts again from nothing, so the result is the same as an
             # uninterrupted run's (a Lightning resume of a round model would reshuffle its data).
             shutil.rmtree(restart)
-        log.info("step %s", name)
+        print(step_title(name, self.cfg.loop.rounds, self.cfg.refine.folds), flush=True)
         fn()
         self.folder.mark_done(name)
 
@@ -202,7 +201,7 @@ class Loop:
         # 2. Relabel and score each sample, gathering the class statistics.
         totals = rf.ClassTotals()
         scores: dict[str, rf.SampleScore] = {}
-        relabelled = 0
+        relabelled = pixels = 0
         examples = []
         for a, model in held_out():
             # Attention confidence exists for labels not yet refined (they have scores).
@@ -213,6 +212,7 @@ class Loop:
             scores[a.id] = rf.sample_score(label, model.pred, model.top, _allowed(a), cfg.confidence_weight)
             totals = totals + rf.class_totals(label, refined, model.pred, model.top)
             relabelled += int((refined != label).sum())
+            pixels += label.size
             save_mask(rdir / "labels" / f"{a.id}.png", refined)
             if len(examples) < 8:
                 examples.append((a.sample.image, label, refined, model.pred))
@@ -233,6 +233,8 @@ class Loop:
             "dropped": len(drops),
             "drop_reasons": sorted(set(drops.values())),
             "pixels_relabelled": relabelled,
+            "pixels": pixels,
+            "classes_in_pool": sorted({c for a in active for c in a.classes}, key=class_index),
             "iou_model_vs_labels": _named(totals.iou()),
             "reliable": [VOC_CLASSES[c] for c in np.flatnonzero(reliable)],
             "weakness": _named(weakness),
@@ -242,6 +244,7 @@ class Loop:
         atomic_write_json(rdir / "weights.json", weights)
         write_jsonl(rdir / "samples.jsonl", _sample_rows(r, earlier, active, scores, drops, judged | set(candidates)))
         self.reporter.log_round(r, stats, examples)
+        print(round_summary(stats, drops, self.cfg.loop.rounds), flush=True)
 
     def _held_out_predictions(self, r: int, active: list[Active]) -> Callable[[], Iterator[tuple[Active, rf.Restricted]]]:
         """A pass over every active sample with the prediction of the fold model that did not train
@@ -278,13 +281,8 @@ class Loop:
         return sorted((a.sample for a in active[: self.cfg.loop.max_pairs]), key=lambda s: s.image.stem)
 
     def export_final(self) -> None:
-        from .cli import config_yaml
-
-        meta = {"seed": self.cfg.seed, "config": config_yaml(self.cfg)}
-        if self.cfg.generate.prompts_file:
-            # Regenerating from the seed needs the very prompts the run drew from.
-            meta["prompts_file_sha256"] = sha256_file(self.cfg.generate.prompts_file)
-        export_voc(self.selected(), self.folder.root / "export", meta)
+        """The entry layout, VOC tree, submission.json and card in RUN/export (export.py's function)."""
+        export_run(self.cfg, self.folder.root, self.selected(), self.folder.root / "export", self.progress)
 
     def train_final(self) -> None:
         """The fixed protocol on exactly the exported files; with --voc-root it validates on VOC
@@ -293,16 +291,15 @@ class Loop:
         from .train import train
 
         root = self.folder.root
-        manifest = root / "export" / "manifest.json"
+        export = root / "export"
         final = root / "final"
+        verify_files(export)  # the files on disk are those submission.json lists
         final.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(final / "export_manifest_sha256.txt", sha256_file(manifest) + "\n")
-        train(self.cfg.train, root / "export", final, val_data=self.voc_root,
+        atomic_write_text(final / "export_digest.txt", dataset_digest(export) + "\n")
+        # The export's VOC tree links to its entry files: the model reads exactly those bytes.
+        train(self.cfg.train, export, final, val_data=self.voc_root,
               seed=derived_seed(self.cfg.seed, "final"), run_name=f"{self.cfg.name}-final", progress=self.progress)
-        meta = json.loads(manifest.read_text())
-        meta["model_sha256"] = (final / "checksum.txt").read_text().split()[0]
-        atomic_write_json(manifest, meta)
-        atomic_write_text(final / "export_manifest_sha256.txt", sha256_file(manifest) + "\n")
+        record_model(export, (final / "checksum.txt").read_text().split()[0])
         if self.voc_root:
             print(format_table(json.loads((final / "metrics.json").read_text())))
 

@@ -21,6 +21,7 @@ import torchvision
 from PIL import Image
 from torch import nn
 
+from .checkpoints import read_checkpoint
 from .classes import NUM_CLASSES
 from .data import eval_transform
 from .errors import UserError
@@ -129,12 +130,11 @@ def write_checksum(weights: Path) -> str:
 def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, str]:
     """The network of a Lightning checkpoint written by SegModule, and its arch."""
     path = Path(path)
+    ckpt = read_checkpoint(path)
     try:
-        # Our own checkpoints hold plain hyperparameters; Lightning's AttributeDict needs full unpickling.
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
         arch = ckpt["hyper_parameters"]["train"]["arch"]
         state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    except (*LOAD_ERRORS, KeyError, TypeError, AttributeError) as err:
+    except (KeyError, TypeError, AttributeError) as err:
         raise UserError(f"{path}: not a syntagen_st training checkpoint ({type(err).__name__}: {err})") from err
     model = build_segmenter(arch, "none", aux=any(k.startswith("aux_classifier.") for k in state))
     model.load_state_dict(state)

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from .classes import IGNORE_INDEX, VOC_CLASSES
 from .config import TrainConfig
 from .dashboards import log_wandb_panels
-from .data import Sample, SegDataset, collate, denormalize, eval_transform, raise_if_error, train_transform
+from .data import Sample, SegDataset, collate, denormalize, eval_transform, raise_if_error, train_transform, usable_cpus
 from .metrics import confusion_metric, iou_from_confusion, mean_iou
 from .network import build_segmenter
 
@@ -164,7 +164,8 @@ class SegDataModule(pl.LightningDataModule):
         self.val_samples = list(val_samples or [])
 
     def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
-        workers = self.cfg.num_workers
+        # More workers than usable cores only queue behind each other (and torch warns).
+        workers = min(self.cfg.num_workers, usable_cpus())
         if workers == 0:
             dataset.transform.set_random_seed(torch.initial_seed() % 2**32)
         return DataLoader(

@@ -24,11 +24,14 @@ import torch
 import yaml
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from .checkpoints import read_checkpoint
 from .cli import config_from, config_parser, run_main
 from .config import TrainConfig
 from .data import Sample, find_samples
+from .errors import UserError
 from .metrics import summarize
 from .network import model_from_checkpoint, save_weights, write_checksum
+from .progress import StepProgressBar, quiet_lightning
 from .segmodel import SegDataModule, SegModule
 from .store import atomic_write_json, atomic_write_text
 
@@ -46,7 +49,10 @@ def checkpoint_step(path: Path) -> int | None:
     """The global step stored in a Lightning checkpoint, or None when there is none."""
     if not path.is_file():
         return None
-    return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
+    ckpt = read_checkpoint(path)
+    if not isinstance(ckpt.get("global_step"), int):
+        raise UserError(f"{path}: not a Lightning training checkpoint (no global_step)")
+    return ckpt["global_step"]
 
 
 def _has_wandb_key() -> bool:
@@ -135,7 +141,8 @@ def train(
         log.info("%s: finished at step %d >= max_steps %d; exporting", last, done, cfg.max_steps)
         return export_weights(last, out)
 
-    pl.seed_everything(seed, workers=True)
+    quiet_lightning()
+    pl.seed_everything(seed, workers=True, verbose=False)
     module = SegModule(cfg)
     datamodule = SegDataModule(train_samples, cfg, val_samples)
     logger = make_logger(cfg.logger, out, cfg.wandb_project, run_name or out.name)
@@ -144,7 +151,8 @@ def train(
     )
     trainer = pl.Trainer(
         default_root_dir=out, max_steps=cfg.max_steps, accelerator=cfg.accelerator, devices=_devices(cfg.devices),
-        num_nodes=cfg.num_nodes, precision=_precision(cfg), logger=logger, callbacks=[checkpoints],
+        num_nodes=cfg.num_nodes, precision=_precision(cfg), logger=logger,
+        callbacks=[checkpoints, *([StepProgressBar(run_name or out.name)] if progress else [])],
         log_every_n_steps=cfg.log_every, limit_val_batches=1.0 if val_samples else 0,
         val_check_interval=min(cfg.val_every, cfg.max_steps) if val_samples else None,
         check_val_every_n_epoch=None, num_sanity_val_steps=0, benchmark=torch.cuda.is_available(),

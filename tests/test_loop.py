@@ -117,12 +117,13 @@ def test_smoke_loop_end_to_end_and_no_sample_is_relabelled_by_its_own_model(tmp_
     # Round 1's prompts were drawn with round 0's weights.
     assert sorted(p.name for p in (out / "pool" / "images").iterdir())[-1] == "r01_000005.png"
 
-    manifest = json.loads((out / "export" / "manifest.json").read_text())
+    manifest = json.loads((out / "export" / "submission.json").read_text())
     train_list = (out / "export" / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
     assert manifest["pairs"] == len(train_list) == sum(r["kept"] for r in rows)
-    # The manifest holds the sha256 of every exported file, and each one is right.
+    # submission.json holds the sha256 of every exported file (itself and the card aside), each one right.
     exported = {str(p.relative_to(out / "export")) for p in (out / "export").rglob("*") if p.is_file() and not p.is_symlink()}
-    assert exported - {"manifest.json"} <= set(manifest["files"]) and len(manifest["files"]) >= 2 * manifest["pairs"] + 1
+    assert exported - {"submission.json", "README.md"} <= set(manifest["files"])
+    assert len(manifest["files"]) >= 2 * manifest["pairs"]
     for name, digest in manifest["files"].items():
         assert hashlib.sha256((out / "export" / name).read_bytes()).hexdigest() == digest, name
     checksum = (out / "final" / "checksum.txt").read_text().split()[0]
@@ -161,7 +162,7 @@ def test_kill_and_resume_gives_the_same_result(tmp_path):
 
     clean, resumed = _tree(tmp_path / "clean"), _tree(killed)
     assert clean.keys() == resumed.keys()
-    assert {"export/manifest.json", "final/model.safetensors", "final/checksum.txt"} <= clean.keys()
+    assert {"export/submission.json", "final/model.safetensors", "final/checksum.txt"} <= clean.keys()
     differing = [k for k in clean if clean[k] != resumed[k] and not k.endswith("config.yaml")]
     assert not differing, differing
 def _fit(*argv: str) -> None:
@@ -192,7 +193,7 @@ def test_redone_refine_and_resume_with_more_rounds(tmp_path, capsys):
     train_list = (out / "export" / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "train.txt").read_text()
     assert "r02_" in train_list
     assert json.loads((out / "state.json").read_text())["done"][-2:] == ["final3/export", "final3/train"]
-    manifest = json.loads((out / "export" / "manifest.json").read_text())
+    manifest = json.loads((out / "export" / "submission.json").read_text())
     assert manifest["model_sha256"] == (out / "final" / "checksum.txt").read_text().split()[0]
     assert (out / "final" / "checksum.txt").read_text() != old_checksum
 
@@ -207,6 +208,7 @@ def test_folder_source_with_a_broken_mask_stops_with_one_line(capsys, tmp_path):
 
 
 def _refused(capsys, *argv) -> str:
+    capsys.readouterr()  # earlier commands' output (e.g. fit's not-an-entry warning) is not this error
     with pytest.raises(SystemExit) as exit_info:
         run_main(fit_mod.main, "syntagen_st.fit", list(argv))
     assert exit_info.value.code == 2

@@ -1,0 +1,90 @@
+"""Before any file or download: the cost of a run, and a one-line stop where it cannot start."""
+
+import pytest
+import torch
+
+from syntagen_st import fit as fit_mod
+from syntagen_st import preflight as pf
+from syntagen_st.cli import run_main
+from syntagen_st.config import Config
+
+from conftest import SMOKE
+
+
+def _fit(capsys, args):
+    with pytest.raises(SystemExit) as done:
+        run_main(fit_mod.main, "syntagen_st.fit", args)
+    return done.value.code, capsys.readouterr()
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def test_the_design_card_command_on_a_laptop_stops_before_writing(capsys, tmp_path, no_cuda):
+    out = tmp_path / "run"
+    code, captured = _fit(capsys, ["--rounds", "3", "--out", str(out)])
+    assert code == 2 and not out.exists()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1
+    assert "no CUDA device" in lines[0] and "--config configs/smoke.yaml" in lines[0] and "--model.device cpu" in lines[0]
+    assert "10,000 images of 512x512 at 50 steps" in lines[0] and "days" in lines[0]
+
+
+def test_an_unreachable_or_uncached_hub_names_a_local_folder(capsys, tmp_path, monkeypatch, no_cuda):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    out = tmp_path / "run"
+    code, captured = _fit(capsys, ["--rounds", "3", "--out", str(out), "--model.device", "cpu"])
+    assert code == 2 and not out.exists()
+    assert "HF_HUB_OFFLINE" in captured.err and "--model.pretrained PATH" in captured.err
+    assert len(captured.err.strip().splitlines()) == 1
+
+    def no_network(*args, **kwargs):
+        raise ConnectionRefusedError("no route to the hub")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", no_network)
+    code, captured = _fit(capsys, ["--rounds", "3", "--out", str(out), "--model.device", "cpu"])
+    assert code == 2 and not out.exists()
+    assert "cannot reach the Hugging Face hub" in captured.err and "--model.pretrained PATH" in captured.err
+
+
+def test_a_cached_model_on_a_named_cpu_goes_ahead_with_its_cost(monkeypatch, no_cuda):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: "/cache/model_index.json")
+    cfg = Config()
+    cfg.model.device = "cpu"
+    line = pf.preflight(cfg, 10_000)
+    assert line.startswith("plan: 10,000 images of 512x512 at 50 steps with stable-diffusion-v1-5/stable-diffusion-v1-5 on cpu")
+    assert "days of generation" in line
+
+
+def test_cost_estimates_scale_with_the_work():
+    cpu = pf.Plan(10_000, 512, 512, 50, True, torch.device("cpu"))
+    assert cpu.seconds(2) == pytest.approx(10_000 * 50 * pf.CPU_CORE_SECONDS_PER_STEP / 2)
+    assert cpu.seconds(4) == pytest.approx(cpu.seconds(2) / 2)
+    assert pf.Plan(10_000, 256, 256, 50, True, torch.device("cpu")).seconds(2) == pytest.approx(cpu.seconds(2) / 4)
+    assert pf.Plan(10_000, 512, 512, 50, False, torch.device("cpu")).seconds(2) == pytest.approx(cpu.seconds(2) / 2)
+    gpu = pf.Plan(10_000, 512, 512, 50, True, torch.device("cuda"))
+    assert gpu.seconds(2) == pytest.approx(10_000 * 50 / pf.GPU_STEPS_PER_SECOND)
+    assert pf.human_duration(281 * 86400) == "about 281 days"
+    assert pf.human_duration(5 * 3600) == "about 5 h"
+    assert pf.human_duration(30) == "under a minute"
+
+
+def test_the_smoke_config_passes_without_a_network(monkeypatch):
+    import huggingface_hub
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the tiny model must not touch the hub")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", no_network)
+    from syntagen_st.cli import load_config_file
+
+    line = pf.preflight(load_config_file(SMOKE), 36)
+    assert line == "plan: 36 images of 128x128 at 4 steps with tiny on cpu"

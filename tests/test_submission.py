@@ -1,0 +1,329 @@
+"""The competition submission: export, validate, reproduce, and loading nothing unsafely."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from syntagen_st import export as export_mod
+from syntagen_st import fit as fit_mod
+from syntagen_st import reproduce as reproduce_mod
+from syntagen_st import validate as validate_mod
+from syntagen_st.cli import load_config_file, run_main
+from syntagen_st.data import Sample
+from syntagen_st.errors import UserError
+from syntagen_st.store import load_mask, save_mask
+
+from conftest import SMOKE
+
+SIZE = 64
+# The smoke config shrunk: one round of 8 images at 64 px, 4-step models.
+SMALL = [
+    "--config", SMOKE, "--generate.height", str(SIZE), "--generate.width", str(SIZE), "--generate.steps", "2",
+    "--loop.rounds", "1", "--loop.generate_total", "8", "--loop.round_steps", "4", "--train.max_steps", "4",
+    "--train.crop_size", "32", "--no-progress",
+]
+
+
+def _cli(capsys, main, prog: str, *argv: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as done:
+        run_main(main, prog, [str(a) for a in argv])
+    out = capsys.readouterr()
+    return done.value.code, out.out, out.err
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> Path:
+    """One finished smoke fit shared by the tests of this file (read-only for them)."""
+    out = tmp_path_factory.mktemp("submission") / "run"
+    with pytest.raises(SystemExit) as done:
+        run_main(fit_mod.main, "fit", [*SMALL, "--out", str(out)])
+    assert done.value.code == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def exported(smoke_run, tmp_path_factory) -> Path:
+    """``export RUN --out DIR --zip`` of the smoke run (DIR; the zip is DIR.zip)."""
+    out = tmp_path_factory.mktemp("exported") / "entry"
+    with pytest.raises(SystemExit) as done:
+        run_main(export_mod.main, "export", [str(smoke_run), "--out", str(out), "--zip", "--no-progress"])
+    assert done.value.code == 0
+    return out
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------- export
+
+
+def test_fit_exports_the_entry_layout_that_torchvision_loads(smoke_run):
+    from torchvision.datasets import VOCSegmentation
+
+    export = smoke_run / "export"
+    sub = json.loads((export / "submission.json").read_text())
+    ids = (export / "train.txt").read_text().split()
+    assert sub["pairs"] == len(ids) > 0 and sorted(sub["samples"]) == ids
+    # The final model trained on these files, and its checksum is recorded.
+    assert sub["model_sha256"] == (smoke_run / "final" / "checksum.txt").read_text().split()[0]
+    assert sub["model_sha256"] == _sha(smoke_run / "final" / "model.safetensors")
+    assert sub["seed"] == 0 and sub["config"]["generate"]["height"] == SIZE
+    assert sub["stable_diffusion"]["id"] == "tiny" and sub["stable_diffusion"]["licence"] == "CreativeML OpenRAIL-M"
+    assert {"torch", "diffusers", "syntagen_st"} <= {k for k, v in sub["versions"].items() if v}
+    assert not sub["valid_entry"] and any("64x64" in r for r in sub["not_an_entry"])
+    assert sorted(sub["files"]) == sorted(["train.txt", *(f"image/{i}.jpg" for i in ids), *(f"mask/{i}.png" for i in ids)])
+    assert all(_sha(export / name) == digest for name, digest in sub["files"].items())
+
+    # Per-class counts are those of the masks.
+    masks = [load_mask(export / "mask" / f"{i}.png") for i in ids]
+    person = 15
+    assert sub["classes"]["person"] == {"images": sum(bool((m == person).any()) for m in masks),
+                                        "pixels": int(sum((m == person).sum() for m in masks))}
+    assert sub["classes"]["background"]["pixels"] + sub["classes"]["ignore"]["pixels"] <= len(ids) * SIZE * SIZE
+
+    # The VOC tree is links to the entry files, never copies, and torchvision reads it as it is.
+    voc = export / "VOCdevkit" / "VOC2012"
+    for i in ids:
+        assert os.path.samefile(voc / "JPEGImages" / f"{i}.jpg", export / "image" / f"{i}.jpg")
+        assert os.path.samefile(voc / "SegmentationClass" / f"{i}.png", export / "mask" / f"{i}.png")
+    dataset = VOCSegmentation(str(export), year="2012", image_set="train")
+    assert len(dataset) == len(ids)
+    image, target = dataset[0]
+    assert image.size == (SIZE, SIZE) and image.mode == "RGB"
+    assert np.array_equal(np.array(target), masks[0])
+
+    card = (export / "README.md").read_text()
+    assert "Not a valid SyntaGen competition entry" in card and "| person |" in card
+    assert "CreativeML OpenRAIL-M" in card and "syntagen_st.reproduce" in card and sub["model_sha256"] in card
+
+
+def test_export_cli_zip_is_deterministic_and_validates(smoke_run, exported, tmp_path, capsys):
+    zip1 = exported.with_name("entry.zip")
+    code, out, err = _cli(capsys, export_mod.main, "export", smoke_run, "--out", tmp_path / "again", "--zip", "--no-progress")
+    assert code == 0 and "NOT a valid competition entry" in err
+    zip2 = tmp_path / "again.zip"
+    assert _sha(zip1) == _sha(zip2)
+    # The CLI's export holds the same files as fit's, so it carries the final model's checksum.
+    assert json.loads((exported / "submission.json").read_text())["model_sha256"] == \
+        (smoke_run / "final" / "checksum.txt").read_text().split()[0]
+    with zipfile.ZipFile(zip1) as zf:
+        infos = zf.infolist()
+        names = [i.filename for i in infos]
+        assert names == sorted(names) and "submission.json" in names and "README.md" in names
+        assert not any(n.startswith("VOCdevkit") for n in names)
+        assert all(i.date_time == (1980, 1, 1, 0, 0, 0) and stat.S_ISREG(i.external_attr >> 16) for i in infos)
+
+    for target in (exported, zip1):
+        code, out, _ = _cli(capsys, validate_mod.main, "validate", target, "--image-size", SIZE)
+        assert code == 0 and "VALID" in out and "INVALID" not in out, out
+    # At the competition's size a smoke export is invalid, every image named.
+    code, out, _ = _cli(capsys, validate_mod.main, "validate", zip1)
+    assert code == 1 and "must be 512x512" in out and "INVALID" in out
+
+
+def test_export_refusals_name_the_file(smoke_run, tmp_path):
+    cfg = load_config_file(str(smoke_run / "config.yaml"))
+    ids = (smoke_run / "export" / "train.txt").read_text().split()
+    pool = smoke_run / "pool"
+    samples = [Sample(pool / "images" / f"{i}.png", pool / "masks" / f"{i}.png") for i in ids[:2]]
+
+    with pytest.raises(UserError, match="10001 pairs exceed the competition's limit of 10000"):
+        export_mod.export_entry([samples[0]] * 10_001, tmp_path / "x", cfg, {})
+
+    claiming = load_config_file(str(smoke_run / "config.yaml"))
+    claiming.model.pretrained = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    with pytest.raises(UserError, match=rf"{ids[0]}\.png: 64x64 image; a competition entry needs 512x512"):
+        export_mod.export_entry(samples, tmp_path / "y", claiming, {})
+
+    bad = tmp_path / "bad.png"
+    save_mask(bad, np.full((SIZE, SIZE), 77, np.uint8))
+    with pytest.raises(UserError, match=r"bad\.png: mask values \[77\] outside 0..20 and 255"):
+        export_mod.export_entry([samples[0], Sample(samples[1].image, bad)], tmp_path / "z", cfg, {})
+    assert not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
+
+
+# ---------------------------------------------------------------- validate
+
+
+def _entry_copy(exported: Path, dest: Path) -> Path:
+    shutil.copytree(exported, dest, ignore=shutil.ignore_patterns("VOCdevkit"))
+    return dest
+
+
+def _ids(entry: Path) -> list[str]:
+    return (entry / "train.txt").read_text().split()
+
+
+def _resize(entry: Path) -> str:
+    name = f"image/{_ids(entry)[0]}.jpg"
+    Image.new("RGB", (500, 500), (10, 20, 30)).save(entry / name, quality=95)
+    return f"{name}: 500x500, must be 64x64"
+
+
+def _mask77(entry: Path) -> str:
+    name = f"mask/{_ids(entry)[1]}.png"
+    mask = load_mask(entry / name)
+    mask[0, 0] = 77
+    save_mask(entry / name, mask)
+    return f"{name}: values [77] outside 0..20 and 255"
+
+
+def _no_mask(entry: Path) -> str:
+    sid = _ids(entry)[2]
+    (entry / "mask" / f"{sid}.png").unlink()
+    return f"image/{sid}.jpg: no mask mask/{sid}.png"
+
+
+def _duplicate(entry: Path) -> str:
+    a, b = _ids(entry)[:2]
+    shutil.copy(entry / "image" / f"{a}.jpg", entry / "image" / f"{b}.jpg")
+    return f"image/{b}.jpg: same pixels as image/{a}.jpg"
+
+
+def _extra_id(entry: Path) -> str:
+    with open(entry / "train.txt", "a") as f:
+        f.write("ghost_000001\n")
+    return "train.txt: lists 'ghost_000001', which has no image and no mask"
+
+
+def _wrong_checksum(entry: Path) -> str:
+    sub = json.loads((entry / "submission.json").read_text())
+    name = f"mask/{_ids(entry)[3]}.png"
+    sub["files"][name] = "0" * 64
+    (entry / "submission.json").write_text(json.dumps(sub))
+    return f"{name}: sha256"
+
+
+@pytest.mark.parametrize(("break_it", "kind"), [
+    (_resize, "image size"), (_mask77, "mask values"), (_no_mask, "missing mask"),
+    (_duplicate, "duplicate image"), (_extra_id, "train.txt"), (_wrong_checksum, "checksum"),
+])
+def test_validate_names_each_violation(exported, tmp_path, capsys, break_it, kind):
+    entry = _entry_copy(exported, tmp_path / "entry")
+    expected = break_it(entry)
+    code, out, _ = _cli(capsys, validate_mod.main, "validate", entry, "--image-size", SIZE)
+    assert code == 1, out
+    assert any(line.startswith(expected) for line in out.splitlines()), out
+    counts = next(line for line in out.splitlines() if " violations: " in line)
+    assert f"{kind} " in counts and "INVALID" in out
+
+
+def _zip(path: Path, entries: list[tuple[zipfile.ZipInfo | str, bytes]]) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for info, data in entries:
+            zf.writestr(info, data)
+    return path
+
+
+def _link_info(name: str) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name)
+    info.create_system = 3
+    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+    return info
+
+
+@pytest.mark.parametrize(("entries", "expected"), [
+    ([("train.txt", b"a\n"), ("../evil.png", b"x")], "../evil.png: path leaves the target folder"),
+    ([("train.txt", b"a\n"), ("/tmp/syntagen_abs_evil.png", b"x")], "/tmp/syntagen_abs_evil.png: absolute path"),
+    ([("train.txt", b"a\n"), (_link_info("image/a.jpg"), b"/etc/passwd")], "image/a.jpg: a link in the zip"),
+    ([("train.txt", b"a\n"), ("image/a.jpg", bytes(3_000_000))], "expands to 3000002 bytes, above the limit of 1000000"),
+])
+def test_validate_refuses_unsafe_zips_without_writing(tmp_path, capsys, monkeypatch, entries, expected):
+    target = tmp_path / "target"
+    target.mkdir()
+    archive = _zip(target / "entry.zip", entries)
+    monkeypatch.chdir(target)
+    before = sorted(p for p in tmp_path.rglob("*"))
+    code, out, _ = _cli(capsys, validate_mod.main, "validate", archive, "--max-bytes", 1_000_000)
+    assert code == 1 and "zip safety 1" in out and "refused" in out, out
+    assert any(expected in line for line in out.splitlines()), out
+    assert sorted(p for p in tmp_path.rglob("*")) == before
+    assert not Path("/tmp/syntagen_abs_evil.png").exists()
+
+
+# ---------------------------------------------------------------- reproduce
+
+
+def test_reproduce_regenerates_identical_samples(smoke_run, exported, tmp_path, capsys):
+    code, out, _ = _cli(capsys, reproduce_mod.main, "reproduce", smoke_run, "--sample", 3, "--no-progress")
+    assert code == 0 and "images identical: 3/3" in out and "100.000% (mean)" in out, out
+    # From the zip alone: the regenerated images are JPEG-encoded as the export's were.
+    zipped = exported.with_name("entry.zip")
+    code, out, _ = _cli(capsys, reproduce_mod.main, "reproduce", zipped, "--sample", 2, "--no-progress")
+    assert code == 0 and "images identical: 2/2" in out, out
+    # A replaced image is found, with its difference.
+    entry = _entry_copy(exported, tmp_path / "entry")
+    sid = _ids(entry)[0]
+    Image.fromarray(np.full((SIZE, SIZE, 3), 128, np.uint8)).save(entry / "image" / f"{sid}.jpg", quality=95)
+    code, out, _ = _cli(capsys, reproduce_mod.main, "reproduce", entry, "--ids", sid, "--no-progress")
+    assert code == 1 and "images identical: 0/1" in out and "PSNR" in out, out
+
+
+def test_reproduce_full_reruns_fit_and_gets_identical_exports(smoke_run, tmp_path, capsys):
+    code, out, _ = _cli(capsys, reproduce_mod.main, "reproduce", smoke_run, "--full", "--into", tmp_path / "again")
+    assert code == 0, out
+    pairs = json.loads((smoke_run / "export" / "submission.json").read_text())["pairs"]
+    assert f"images identical: {pairs}/{pairs}" in out and f"masks identical: {pairs}/{pairs}" in out
+    assert "final model sha256: same" in out
+
+
+def test_image_diff_and_agreement_on_hand_made_arrays():
+    a = np.zeros((4, 4, 3), np.uint8)
+    b = a.copy()
+    assert reproduce_mod.image_diff(a, b) == {"identical": True, "max": 0, "mean": 0.0, "psnr": float("inf")}
+    b[0, 0, 0] = 255
+    diff = reproduce_mod.image_diff(a, b)
+    assert diff["max"] == 255 and diff["mean"] == pytest.approx(255 / 48)
+    assert diff["psnr"] == pytest.approx(10 * np.log10(48))
+    assert reproduce_mod.label_agreement(np.array([[1, 2], [3, 4]]), np.array([[1, 2], [3, 0]])) == 0.75
+
+
+# ---------------------------------------------------------------- loading nothing unsafely
+
+
+class _Payload:
+    """Unpickling this creates a file: what a crafted checkpoint could do."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_crafted_checkpoint_is_refused_and_runs_nothing(smoke_run, tmp_path, capsys, make_seg_dataset):
+    from syntagen_st import evaluate as evaluate_mod
+    from syntagen_st.network import load_model
+    from syntagen_st.train import checkpoint_step
+
+    marker = tmp_path / "pwned.txt"
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"global_step": 1, "state_dict": {}, "hyper_parameters": {"train": {"arch": "x"}},
+                "payload": _Payload(str(marker))}, ckpt)
+    data = make_seg_dataset(tmp_path / "data", n=2, size=32)
+    code, _, err = _cli(capsys, evaluate_mod.main, "evaluate", ckpt, "--data", data, "--device", "cpu")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "model.ckpt: refused" in err, err
+    with pytest.raises(UserError, match="refused"):
+        checkpoint_step(ckpt)
+    assert not marker.exists()
+
+    # Our own checkpoints still load, to the same weights as the final safetensors.
+    ours = load_model(smoke_run / "final" / "checkpoints" / "last.ckpt")
+    final = load_model(smoke_run / "final" / "model.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), final.state_dict().values()))
+    # The payload is real: full unpickling would have created the file.
+    torch.load(ckpt, weights_only=False)
+    assert marker.exists()
