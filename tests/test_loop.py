@@ -343,6 +343,7 @@ def test_overwrite_replaces_an_existing_run(monkeypatch, capsys, tmp_path):
         (loop.folder.root / "final" / "checksum.txt").write_text("abc  model.safetensors\n")
 
     monkeypatch.setattr(Loop, "run", fake_run)
+    monkeypatch.setattr(fit_mod, "read_submission", lambda export: {"valid_entry": True})
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.yaml").write_text(Path(SMOKE).read_text())
