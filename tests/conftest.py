@@ -110,6 +110,28 @@ def make_seg_dataset():
     return make
 
 
+def numpy_confusion(preds, truths):
+    """The textbook (21, 21) confusion matrix by bincount: rows truth, columns prediction, 255 ignored."""
+    import numpy as np
+
+    cm = np.zeros((21, 21), dtype=np.int64)
+    for pred, truth in zip(preds, truths):
+        keep = truth != 255
+        cm += np.bincount(21 * truth[keep].astype(np.int64) + pred[keep].astype(np.int64), minlength=21 * 21).reshape(21, 21)
+    return cm
+
+
+def numpy_iou(preds, truths):
+    """IoU = TP / (TP + FP + FN) per class from numpy_confusion, NaN where there is no union."""
+    import numpy as np
+
+    cm = numpy_confusion(preds, truths)
+    tp = np.diag(cm).astype(float)
+    union = cm.sum(0) + cm.sum(1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, tp / union, np.nan)
+
+
 def wandb_history_keys(run_file: str) -> set[str]:
     """Keys of the history records in an offline run's .wandb file (LevelDB-style log of protobufs)."""
     from wandb.proto import wandb_internal_pb2 as pb

@@ -24,7 +24,7 @@ def probs_for(pred: np.ndarray, p: float, second: np.ndarray | None = None) -> n
 
 
 def relabel(label, probs, allowed, reliable=ALL_RELIABLE, **kw):
-    return refine.relabel(label, probs, allowed, reliable, relabel_confidence=0.8, keep_confidence=0.5, **kw)
+    return refine.relabel(label, refine.restricted(probs, allowed), reliable, relabel_confidence=0.8, keep_confidence=0.5, **kw)
 
 
 def test_confident_reliable_model_fixes_swapped_class_and_fills_unsure():

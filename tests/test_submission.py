@@ -311,7 +311,7 @@ class _Payload:
 
 def test_a_crafted_checkpoint_is_refused_and_runs_nothing(smoke_run, tmp_path, capsys, make_seg_dataset):
     from syntagen_st import evaluate as evaluate_mod
-    from syntagen_st.segmodel import load_model
+    from syntagen_st.network import load_model
     from syntagen_st.train import checkpoint_step
 
     marker = tmp_path / "pwned.txt"
