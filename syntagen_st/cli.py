@@ -68,14 +68,16 @@ def config_parser(
         parser.add_argument(f"--{flag.replace('_', '-')}", default=None, help=f"= --{SHORTCUTS[flag]}", **options)
     if progress:
         parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs and CI)")
+    # config_from maps only these: a command may use a shortcut's name for a flag of its own.
+    parser.shortcut_flags = tuple(shortcuts)
     return parser
 
 
 def config_from(parser: ArgumentParser, ns: Namespace) -> Config:
     """Build and validate the Config held in a parsed namespace, shortcut flags applied."""
-    for flag, dotted in SHORTCUTS.items():
-        if flag in ns and ns[flag] is not None:
-            ns[dotted] = ns[flag]
+    for flag in getattr(parser, "shortcut_flags", ()):
+        if ns[flag] is not None:
+            ns[SHORTCUTS[flag]] = ns[flag]
     values = parser.instantiate(ns)
     cfg = Config(**{f.name: values[f.name] for f in dataclasses.fields(Config)})
     return validate(cfg)
@@ -116,7 +118,8 @@ def prepare_run_folder(
                 f"cannot resume {root} with changed {'; '.join(fixed[:3])}: its samples and folds depend on "
                 "them; pass --overwrite to start again"
             )
-    elif root.exists() and any(root.iterdir()) and not overwrite:
+    # A folder holding only prompts/ is a run to start: saved prompts regenerate without the LLM.
+    elif root.exists() and any(p.name != "prompts" for p in root.iterdir()) and not overwrite:
         raise UserError(f"{root} exists and is not a syntagen_st run; choose another --out or pass --overwrite")
     if overwrite and root.exists():
         shutil.rmtree(root)
