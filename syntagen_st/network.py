@@ -21,7 +21,6 @@ import torchvision
 from PIL import Image
 from torch import nn
 
-from .checkpoints import read_checkpoint
 from .classes import NUM_CLASSES
 from .data import eval_transform
 from .errors import UserError
@@ -129,6 +128,8 @@ def write_checksum(weights: Path) -> str:
 
 def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, str]:
     """The network of a Lightning checkpoint written by SegModule, and its arch."""
+    from .checkpoints import read_checkpoint  # Lightning's types: only a .ckpt needs them
+
     path = Path(path)
     ckpt = read_checkpoint(path)
     try:
