@@ -30,6 +30,7 @@ from .classes import VOC_CLASSES, canonical, class_index
 from .config import Config
 from .data import Sample, find_samples, latest_refined, load_sample
 from .device import resolve_device
+from .distributed import SINGLE, Dist
 from .errors import UserError
 from .export import dataset_digest, export_run, record_model, verify_files
 from .dashboards import RoundLogger
@@ -103,8 +104,12 @@ class Run:
 
 
 class Loop:
-    def __init__(self, cfg: Config, run: Run, voc_root: str | None = None, progress: bool = True) -> None:
-        self.cfg, self.folder, self.voc_root, self.progress = cfg, run, voc_root, progress
+    """The rounds. Over several processes (``dist``) every rank walks the same steps; rank 0 owns
+    the run folder (state.json, step folders, merged files) and the others compute their shards."""
+
+    def __init__(self, cfg: Config, run: Run, voc_root: str | None = None, progress: bool = True, dist: Dist = SINGLE) -> None:
+        self.cfg, self.folder, self.voc_root, self.dist = cfg, run, voc_root, dist
+        self.progress = progress and dist.is_main
         self.reporter = RoundLogger(cfg, run.root)
 
     # ------------------------------------------------------------------ driver
@@ -113,19 +118,25 @@ class Loop:
         rounds = self.cfg.loop.rounds
         for r in range(rounds):
             self._step(f"round{r}/data", lambda r=r: self.add_data(r))
-            for k in range(self.cfg.refine.folds):
-                self._step(f"round{r}/fold{k}", lambda r=r, k=k: self.train_fold(r, k), restart=self.folder.round_dir(r) / f"fold{k}")
+            # One fold model per rank at a time: all K at once with >= K processes, in turn with fewer.
+            self._steps_side_by_side([
+                (f"round{r}/fold{k}", lambda r=r, k=k: self.train_fold(r, k), self.folder.round_dir(r) / f"fold{k}")
+                for k in range(self.cfg.refine.folds)
+            ])
             self._step(f"round{r}/refine", lambda r=r: self.refine_round(r))
             self._write_report()
         # Named after the round count: a run resumed with more rounds exports and trains again.
         root = self.folder.root
         self._step(f"final{rounds}/export", self.export_final, restart=root / "export")
         self._step(f"final{rounds}/train", self.train_final, restart=root / "final" if self._final_stale() else None)
-        self.reporter.finish()
+        if self.dist.is_main:
+            self.reporter.finish()
         self._write_report()
 
     def _write_report(self) -> None:
-        """The HTML report of the run so far; a failure to write it never stops the run."""
+        """The HTML report of the run so far (rank 0); a failure to write it never stops the run."""
+        if not self.dist.is_main:
+            return
         try:
             from .report import write_report
 
@@ -139,23 +150,48 @@ class Loop:
         return trained_on.exists() and trained_on.read_text().strip() != dataset_digest(self.folder.root / "export")
 
     def _step(self, name: str, fn, restart: Path | None = None) -> None:
-        if name in self.folder.done_steps():
-            return
-        if restart is not None and restart.exists():
-            # A step killed mid-way starts again from nothing, so the result is the same as an
-            # uninterrupted run's (a Lightning resume of a round model would reshuffle its data).
-            shutil.rmtree(restart)
-        print(step_title(name, self.cfg.loop.rounds, self.cfg.refine.folds), flush=True)
+        """A step every rank takes part in (each does its share inside ``fn``)."""
+        if self._not_done([name]):
+            self._run_together([(name, fn, restart)], every_rank=True)
+
+    def _steps_side_by_side(self, steps: list[tuple[str, Callable[[], None], Path]]) -> None:
+        """Independent steps, one per rank at a time: with N ranks, N of them run at once."""
+        pending = [s for s in steps if s[0] in self._not_done([s[0] for s in steps])]
+        for start in range(0, len(pending), self.dist.world):
+            self._run_together(pending[start : start + self.dist.world], every_rank=False)
+
+    def _not_done(self, names: list[str]) -> list[str]:
+        """Rank 0 reads state.json; every rank gets its answer."""
+        done = self.folder.done_steps() if self.dist.is_main else []
+        return self.dist.broadcast([n for n in names if n not in done])
+
+    def _run_together(self, steps: list[tuple[str, Callable[[], None], Path | None]], every_rank: bool) -> None:
+        """Rank 0 clears the steps' folders; then every rank runs the step (``every_rank``) or rank i
+        runs step i; once all have finished, rank 0 marks them done."""
+        if self.dist.is_main:
+            for name, _, restart in steps:
+                if restart is not None and restart.exists():
+                    # A step killed mid-way starts again from nothing, so the result is the same as an
+                    # uninterrupted run's (a Lightning resume of a round model would reshuffle its data).
+                    shutil.rmtree(restart)
+                print(step_title(name, self.cfg.loop.rounds, self.cfg.refine.folds), flush=True)
+        self.dist.barrier()
         start = time.perf_counter()
-        fn()
-        self.folder.mark_done(name, time.perf_counter() - start)
+        if every_rank:
+            steps[0][1]()
+        elif self.dist.rank < len(steps):
+            steps[self.dist.rank][1]()
+        self.dist.barrier()
+        if self.dist.is_main:
+            for name, _, _ in steps:
+                self.folder.mark_done(name, time.perf_counter() - start)
 
     # ------------------------------------------------------------------ round steps
 
     def add_data(self, r: int) -> None:
         loop = self.cfg.loop
         if loop.source.startswith("folder:"):
-            if r == 0:
+            if r == 0 and self.dist.is_main:
                 import_folder(loop.source[len("folder:"):], self.folder.pool)
             return
         from .generate import SampleGenerator, round_records
@@ -166,8 +202,8 @@ class Loop:
         split = loop.budget_split if r == 0 else "equal"
         count = round_budgets(loop.generate_total - earlier, loop.rounds - r, split)[0]
         # Prompts are saved (and a language model writing them freed) before SD loads.
-        records = round_records(self.cfg, r, count, self.weights_for(r), self.folder.root)
-        SampleGenerator(self.cfg).fill(self.folder.pool, records, self.progress)
+        records = self.dist.main_first(lambda: round_records(self.cfg, r, count, self.weights_for(r), self.folder.root))
+        SampleGenerator(self.cfg, device=self.dist.device).fill(self.folder.pool, records, self.progress, self.dist)
 
     def weights_for(self, r: int) -> dict[str, float] | None:
         if r == 0:
@@ -197,11 +233,14 @@ class Loop:
         cfg = copy.deepcopy(self.cfg.train)
         cfg.max_steps = self.cfg.loop.round_steps
         cfg.checkpoint_every = cfg.max_steps
+        # On one device whatever the process count: the model depends only on the round and the fold.
         train(cfg, samples, self.folder.round_dir(r) / f"fold{k}", seed=derived_seed(self.cfg.seed, f"r{r}k{k}"),
-              run_name=f"{self.cfg.name}-r{r}-fold{k}", progress=self.progress)
+              run_name=f"{self.cfg.name}-r{r}-fold{k}", progress=self.progress, single_device=True)
 
     def refine_round(self, r: int) -> None:
         """Relabel, score, filter and steer with the round's fold models, in the method's order."""
+        if not self.dist.is_main:
+            return
         cfg = self.cfg.refine
         rdir = self.folder.round_dir(r)
         # A redo after a crash must read the labels as they were before this round.
@@ -303,7 +342,8 @@ class Loop:
 
     def export_final(self) -> None:
         """The entry layout, VOC tree, submission.json and card in RUN/export (export.py's function)."""
-        export_run(self.cfg, self.folder.root, self.selected(), self.folder.root / "export", self.progress)
+        if self.dist.is_main:
+            export_run(self.cfg, self.folder.root, self.selected(), self.folder.root / "export", self.progress)
 
     def train_final(self) -> None:
         """The fixed protocol on exactly the exported files; with --voc-root it validates on VOC
@@ -314,12 +354,18 @@ class Loop:
         root = self.folder.root
         export = root / "export"
         final = root / "final"
-        verify_files(export)  # the files on disk are those submission.json lists
-        final.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(final / "export_digest.txt", dataset_digest(export) + "\n")
+        def check_export() -> None:
+            verify_files(export)  # the files on disk are those submission.json lists
+            final.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(final / "export_digest.txt", dataset_digest(export) + "\n")
+
+        self.dist.main_first(check_export, others=False)
         # The export's VOC tree links to its entry files: the model reads exactly those bytes.
+        # Data-parallel over every rank, the total batch split between them.
         train(self.cfg.train, export, final, val_data=self.voc_root,
               seed=derived_seed(self.cfg.seed, "final"), run_name=f"{self.cfg.name}-final", progress=self.progress)
+        if not self.dist.is_main:
+            return
         record_model(export, (final / "checksum.txt").read_text().split()[0])
         if self.voc_root:
             print(format_table(json.loads((final / "metrics.json").read_text())))
