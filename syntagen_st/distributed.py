@@ -24,6 +24,7 @@ import torch.distributed as torch_dist
 from torch.utils.data import DistributedSampler
 
 from .config import TrainConfig, per_device_batch
+from .errors import UserError
 
 T = TypeVar("T")
 
@@ -31,8 +32,8 @@ T = TypeVar("T")
 _COLLECTIVE_TIMEOUT = timedelta(hours=6)
 
 
-class RankFailure(RuntimeError):
-    """Another rank stopped (crash, kill, or its own error); rerunning the command resumes."""
+class RankFailure(UserError):
+    """Another rank stopped (crash, kill, or its own error): one line, and rerunning the command resumes."""
 
 
 @dataclass(frozen=True)

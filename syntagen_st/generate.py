@@ -169,7 +169,9 @@ class SampleGenerator:
         shard) while the next one denoises; a crash loses at most the queued batches, and a rerun
         regenerates exactly those.
         """
-        done = pool.done_ids()
+        # Rank 0's view of the pool: a rank reading it after another has started writing would
+        # cut other batches and deal them differently.
+        done = dist.broadcast(pool.done_ids() if dist.is_main else None)
         size = self.gen.batch_size
         batches = ([r for r in records[i : i + size] if r.id not in done] for i in range(0, len(records), size))
         todo = [batch for batch in batches if batch]

@@ -20,7 +20,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,7 @@ from .distributed import SINGLE, Dist
 from .errors import UserError
 from .export import dataset_digest, export_run, record_model, verify_files
 from .dashboards import RoundLogger
-from .store import Pool, atomic_write_json, atomic_write_text, read_jsonl, save_image, save_mask, write_jsonl
+from .store import Pool, atomic_write_json, atomic_write_text, load_mask, read_jsonl, save_image, save_mask, write_jsonl
 from .summary import round_summary, step_title
 
 
@@ -238,13 +238,15 @@ class Loop:
               run_name=f"{self.cfg.name}-r{r}-fold{k}", progress=self.progress, single_device=True)
 
     def refine_round(self, r: int) -> None:
-        """Relabel, score, filter and steer with the round's fold models, in the method's order."""
-        if not self.dist.is_main:
-            return
+        """Relabel, score, filter and steer with the round's fold models, in the method's order.
+
+        Over several ranks each predicts and relabels its shard; the per-class counts and the
+        sample scores are merged, and rank 0 takes the decisions and writes the round's files."""
         cfg = self.cfg.refine
         rdir = self.folder.round_dir(r)
+        dist = self.dist
         # A redo after a crash must read the labels as they were before this round.
-        (rdir / "samples.jsonl").unlink(missing_ok=True)
+        dist.main_first(lambda: (rdir / "samples.jsonl").unlink(missing_ok=True), others=False)
         previous = latest_refined(self.folder.root)
         earlier = {row["id"]: row for row in read_jsonl(previous)} if previous else {}
         judged = {i for i, row in earlier.items() if row.get("judged")}
@@ -255,13 +257,14 @@ class Loop:
         confusion = np.zeros((len(VOC_CLASSES), len(VOC_CLASSES)), np.int64)
         for a, model in held_out():
             confusion += rf.confusion_matrix(model.pred, load_sample(a.sample)["mask"])
+        confusion = dist.all_reduce_sum(confusion)
         reliable = rf.reliable_classes(confusion, cfg.min_reliability, cfg.min_class_pixels)
 
         # 2. Relabel and score each sample, gathering the class statistics.
         totals = rf.ClassTotals()
         scores: dict[str, rf.SampleScore] = {}
+        confidence: dict[str, np.ndarray] = {}
         relabelled = pixels = 0
-        examples = []
         for a, model in held_out():
             # Attention confidence exists for labels not yet refined (they have scores).
             item = load_sample(a.sample, confidence=a.sample.scores is not None)
@@ -269,13 +272,22 @@ class Loop:
             refined = rf.relabel(label, model, reliable, cfg.relabel_confidence, cfg.keep_confidence,
                                  item.get("weight"), cfg.label_sure)
             scores[a.id] = rf.sample_score(label, model.pred, model.top, _allowed(a), cfg.confidence_weight)
-            totals = totals + rf.class_totals(label, refined, model.pred, model.top)
+            counted = rf.class_totals(label, refined, model.pred, model.top)
+            totals, confidence[a.id] = totals + counted, counted.confidence_sum
             relabelled += int((refined != label).sum())
             pixels += label.size
             save_mask(rdir / "labels" / f"{a.id}.png", refined)
             save_mask(rdir / "pred" / f"{a.id}.png", model.pred)  # the held-out prediction, for the report
-            if len(examples) < 8:
-                examples.append((a.sample.image, label, refined, model.pred))
+        totals = rf.ClassTotals(*(dist.all_reduce_sum(getattr(totals, f.name)) for f in fields(rf.ClassTotals)))
+        # Float sums are added sample by sample in the single-process order: the same bits for any world size.
+        confidence = {i: v for shard in dist.all_gather_objects(confidence) for i, v in shard.items()}
+        totals.confidence_sum = sum((confidence[a.id] for group in self._fold_groups(active) for a in group),
+                                    rf.ClassTotals().confidence_sum)
+        relabelled, pixels = (int(n) for n in dist.all_reduce_sum(np.array([relabelled, pixels], np.int64)))
+        scores = {i: score for shard in dist.all_gather_objects(scores) for i, score in shard.items()}
+        dist.barrier()  # every rank's label files are written
+        if not dist.is_main:
+            return
 
         # 3. Drops: each sample faces the filter once, in the first round whose model can judge
         # it; a model reliable for no foreground class cannot, so then nothing is dropped.
@@ -303,27 +315,38 @@ class Loop:
         atomic_write_json(rdir / "stats.json", stats)
         atomic_write_json(rdir / "weights.json", weights)
         write_jsonl(rdir / "samples.jsonl", _sample_rows(r, earlier, active, scores, drops, judged | set(candidates)))
-        self.reporter.log_round(r, stats, examples)
+        self.reporter.log_round(r, stats, self._examples(r, active))
         print(round_summary(stats, drops, self.cfg.loop.rounds), flush=True)
 
     def _held_out_predictions(self, r: int, active: list[Active]) -> Callable[[], Iterator[tuple[Active, rf.Restricted]]]:
         """A pass over every active sample with the prediction of the fold model that did not train
         on it, restricted to the sample's classes; fold by fold, in batches. Each call is a pass."""
         from . import network
+        from .refine_shard import predict_shard
 
-        device = resolve_device(self.cfg.model.device, "model.device")
+        device = self.dist.device or resolve_device(self.cfg.model.device, "model.device")
         models = [network.load_model(self.folder.round_dir(r) / f"fold{k}" / "model.safetensors", device)
                   for k in range(self.cfg.refine.folds)]
-        fold = self.folds(active)
+        groups = self._fold_groups(active)
 
         def one_pass() -> Iterator[tuple[Active, rf.Restricted]]:
-            for k, model in enumerate(models):
-                group = [a for a in active if fold[a.id] == k]
-                probs = network.predict_proba(model, [a.sample.image for a in group], batch_size=self.cfg.train.batch_size)
-                for a, p in zip(group, probs):
-                    yield a, rf.restricted(p, _allowed(a))
+            # This rank's share; over all ranks every sample once, in the single-process batches.
+            for a, p in predict_shard(models, groups, self.cfg.train.batch_size, self.dist, lambda a: a.sample.image):
+                yield a, rf.restricted(p, _allowed(a))
 
         return one_pass
+
+    def _fold_groups(self, active: list[Active]) -> list[list[Active]]:
+        fold = self.folds(active)
+        return [[a for a in active if fold[a.id] == k] for k in range(self.cfg.refine.folds)]
+
+    def _examples(self, r: int, active: list[Active], count: int = 8) -> list[tuple[Path, np.ndarray, np.ndarray, np.ndarray]]:
+        """The first samples of a pass (image, attention label, refined label, held-out prediction),
+        read back from the round's files: the same ones whichever rank predicted them."""
+        rdir = self.folder.round_dir(r)
+        first = [a for group in self._fold_groups(active) for a in group][:count]
+        return [(a.sample.image, load_sample(a.sample)["mask"], load_mask(rdir / "labels" / f"{a.id}.png"),
+                 load_mask(rdir / "pred" / f"{a.id}.png")) for a in first]
 
     # ------------------------------------------------------------------ final steps
 
