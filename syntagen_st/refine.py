@@ -150,6 +150,59 @@ def reliable_classes(confusion: np.ndarray, min_reliability: float, min_pixels: 
     return reliable
 
 
+def core_mask(label: np.ndarray, margin: int) -> np.ndarray:
+    """Bool (H, W): labelled pixels whose (2 * margin + 1)-square neighbourhood holds only their
+    own class, away from the label's boundaries and its 255 band (the image edge does not count).
+
+    Attention labels go wrong mostly at boundaries (blobby low-resolution maps, a threshold too
+    high or too low); the cores are where they can be trusted.
+    """
+    _check_label(label)
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    if margin == 0:
+        return label != IGNORE_INDEX
+    padded = np.pad(label, margin, mode="edge")
+    window = np.lib.stride_tricks.sliding_window_view(padded, (2 * margin + 1, 2 * margin + 1))
+    return (window.min(axis=(2, 3)) == label) & (window.max(axis=(2, 3)) == label) & (label != IGNORE_INDEX)
+
+
+@dataclass
+class ClassEvidence:
+    """Held-out model vs label, summed over samples with ``+``: over every labelled pixel, and
+    over the label's core pixels only (``core_mask``)."""
+
+    confusion: np.ndarray = field(default_factory=lambda: np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64))
+    core_confusion: np.ndarray = field(default_factory=lambda: np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64))
+
+    def __add__(self, other: ClassEvidence) -> ClassEvidence:
+        return ClassEvidence(self.confusion + other.confusion, self.core_confusion + other.core_confusion)
+
+    def support(self) -> np.ndarray:
+        """Core label pixels per class: the evidence behind ``core_iou``."""
+        return self.core_confusion.sum(axis=1)
+
+    def core_iou(self) -> np.ndarray:
+        return iou_from_confusion(self.core_confusion)
+
+
+def class_evidence(label: np.ndarray, pred: np.ndarray, core_margin: float) -> ClassEvidence:
+    """One sample's evidence; ``pred`` from ``predict(restrict(...))`` of a held-out model.
+    The core's margin is ``core_margin`` times the label's shorter side (at least one pixel
+    when positive), so it means the same at any resolution."""
+    margin = max(1, round(core_margin * min(label.shape))) if core_margin > 0 else 0
+    core = core_mask(label, margin)
+    return ClassEvidence(confusion_matrix(pred, label), confusion_matrix(pred[core], label[core]))
+
+
+def reliable_from(score: np.ndarray, support: np.ndarray, threshold: float, min_pixels: int) -> np.ndarray:
+    """Bool (21,): ``score >= threshold`` on ``support >= min_pixels``; NaN is unreliable, and
+    background is reliable only beside a reliable foreground class (``reliable_classes``)."""
+    reliable = (np.nan_to_num(np.asarray(score, dtype=np.float64), nan=0.0) >= threshold) & (support >= min_pixels)
+    reliable[BACKGROUND] &= bool(reliable[BACKGROUND + 1 :].any())
+    return reliable
+
+
 @dataclass
 class ClassTotals:
     """Per-class sums over samples, added up with ``+``: agreement, confidence, kept pixels."""

@@ -160,3 +160,47 @@ def test_weakest_class_gets_the_most_weight():
     floored = refine.prompt_weights(np.eye(NUM_CLASSES)[DOG], power=1.0, min_weight=0.2)
     assert min(floored.values()) > 0
     assert refine.prompt_weights(np.zeros(NUM_CLASSES), 1.0, 0.2) == {n: 1.0 for n in FOREGROUND_CLASSES}
+
+
+def test_core_mask_keeps_pixels_away_from_boundaries_and_the_255_band():
+    label = np.zeros((10, 10), np.uint8)
+    label[2:6, 2:6] = CAT
+    label[8, 8] = 255
+    core = refine.core_mask(label, margin=1)
+    expected_cat = np.zeros_like(core)
+    expected_cat[3:5, 3:5] = True
+    assert np.array_equal(core & (label == CAT), expected_cat)
+    assert not core[1:7, 1:7][label[1:7, 1:7] == 0].any()  # the ring of background around the cat
+    assert not core[7:10, 7:10].any()  # the 255 pixel and its neighbours
+    assert core[0, 0] and core[9, 0]  # the image edge is no boundary
+    assert np.array_equal(refine.core_mask(label, margin=0), label != 255)
+
+
+def test_core_reliability_ignores_boundary_noise_but_not_class_errors():
+    """A label dilated by 2 px around a model that is right: agreement over every pixel says
+    unreliable (IoU 0.36), agreement on the label's core says reliable."""
+    truth = np.zeros((32, 32), np.uint8)
+    truth[12:18, 12:18] = CAT
+    label = np.zeros_like(truth)
+    label[10:20, 10:20] = CAT
+    ev = refine.class_evidence(label, truth, core_margin=2 / 32)
+    assert refine.iou_from_confusion(ev.confusion)[CAT] == pytest.approx(36 / 100)
+    assert ev.core_iou()[CAT] == pytest.approx(1.0)
+    assert ev.support()[CAT] == 36
+    assert refine.reliable_from(ev.core_iou(), ev.support(), 0.7, 10)[[0, CAT]].all()
+    # The model calls the cat a dog: its core disagrees with the label, and the gate shuts.
+    ev = refine.class_evidence(label, np.where(truth == CAT, DOG, 0).astype(np.uint8), core_margin=2 / 32)
+    assert not refine.reliable_from(ev.core_iou(), ev.support(), 0.7, 10).any()
+    # Margin 0 is agreement over every labelled pixel.
+    assert np.array_equal(refine.class_evidence(label, truth, 0.0).core_confusion, refine.confusion_matrix(truth, label))
+
+
+def test_reliable_from_needs_support_and_a_foreground_class():
+    score = np.full(NUM_CLASSES, np.nan)
+    score[0], score[CAT], score[DOG] = 0.9, 0.9, 0.95
+    support = np.zeros(NUM_CLASSES, np.int64)
+    support[0], support[CAT], support[DOG] = 100, 100, 5
+    reliable = refine.reliable_from(score, support, 0.8, 10)
+    assert np.flatnonzero(reliable).tolist() == [0, CAT]  # dog: too few pixels; NaN classes: no
+    score[CAT] = 0.7
+    assert not refine.reliable_from(score, support, 0.8, 10).any()  # background alone knows nothing
