@@ -126,6 +126,12 @@ def label_report(run: Path, data: dict) -> dict:
     before = label_quality(noisy[every], gt[every])
     after = label_quality([load_mask(run / r["mask"]) for r in latest], gt[every])
     print(quality_line(f"label mIoU, all {len(every)} samples' latest labels (relabelling alone)", before, after))
+    # What needs no model: pixels of classes the sample did not name become 255 (every gate shut).
+    shut = np.zeros(len(VOC_CLASSES), dtype=bool)
+    restricted = [rf.relabel(noisy[i], np.full((len(VOC_CLASSES), *gt[i].shape), 1 / len(VOC_CLASSES), np.float32),
+                             data["classes"][i], shut, 1.0, 0.0) for i in every]
+    no_model = label_quality(restricted, gt[every])
+    print(quality_line("  of which the named-class restriction alone (every gate shut)", before, no_model))
 
     kept = [index[sid] for sid in exported]
     kept_before = label_quality(noisy[kept], gt[kept])
@@ -144,7 +150,7 @@ def label_report(run: Path, data: dict) -> dict:
         worst = min(worst, a - b)
         print(f"  {VOC_CLASSES[c]:<12} {b:7.3f} {a:10.3f} {a - b:+7.3f}  {'open' if VOC_CLASSES[c] in reliable else 'shut'}")
     return {
-        "labels": before["miou"], "relabelled": after["miou"], "kept_unrefined": kept_before["miou"],
+        "labels": before["miou"], "relabelled": after["miou"], "restricted": no_model["miou"], "kept_unrefined": kept_before["miou"],
         "exported": after_kept["miou"], "worst_class_change": worst,
         "gate": sorted(reliable, key=class_index),
     }
@@ -237,15 +243,15 @@ def bench(work: Path, level: str, look: int, budget: Budget, size: int, seed: in
 
 def summary(results: dict[str, dict]) -> str:
     lines = [
-        "| noise | labels | relabelled (alone) | worst class change | kept, unrefined (filter alone) "
+        "| noise | labels | named-class restriction | relabelled (alone) | worst class change | kept, unrefined (filter alone) "
         "| exported (relabel + filter) | gate open | model: unrefined | model: refined |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for level, f in results.items():
         model = (f"{f['unrefined']:.3f} | {f['refined']:.3f} ({f['refined'] - f['unrefined']:+.3f})"
                  if "refined" in f else "- | -")
         lines.append(
-            f"| {level} | {f['labels']:.3f} | {f['relabelled']:.3f} ({f['relabelled'] - f['labels']:+.3f}) "
+            f"| {level} | {f['labels']:.3f} | {f['restricted']:.3f} | {f['relabelled']:.3f} ({f['relabelled'] - f['labels']:+.3f}) "
             f"| {f['worst_class_change']:+.3f} | {f['kept_unrefined']:.3f} "
             f"| {f['exported']:.3f} ({f['exported'] - f['kept_unrefined']:+.3f}) "
             f"| {', '.join(f['gate']) or 'none'} | {model} |"

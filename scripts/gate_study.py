@@ -96,10 +96,12 @@ def main() -> None:
         gates = {
             "shut": np.zeros(NUM_CLASSES, bool),
             "all open": np.isin(np.arange(NUM_CLASSES), present),
-            "iou_all>=0.5 (old)": rf.reliable_classes(first, 0.5, 1000),
+            "iou_all>=0.5 (old)": rf.reliable_from(rf.iou_from_confusion(first), first.sum(axis=1), 0.5, 1000),
         }
+        for t in (0.6, 0.7):
+            gates[f"prec&rec>={t}"] = rf.reliable_from(np.minimum(prec, rec), first.sum(axis=1), t, 1000)
         for m in args.margins:
-            for t in (0.6, 0.7, 0.8):
+            for t in (0.5, 0.6, 0.7, 0.8):
                 gates[f"core{m}_iou>={t}"] = rf.reliable_from(stats[m].core_iou(), stats[m].support(), t, 1000)
         for name, reliable in gates.items():
             after = label_quality(relabel_all(data, probs, reliable, cfg), data["gt"])["per_class"]

@@ -43,10 +43,11 @@ def predict_probs(model: torch.nn.Module, images: np.ndarray, batch: int = 64) -
 def refine_half(data: dict, probs: np.ndarray, cfg: RefineConfig, gate: bool) -> dict[str, float]:
     """Relabel, score and drop as the loop will; returns label quality figures."""
     preds = [refine.predict(refine.restrict(p, c)) for p, c in zip(probs, data["classes"])]
-    totals = sum((refine.class_totals(m, m, pred, top) for m, (pred, top) in zip(data["masks"], preds)), refine.ClassTotals())
+    evidence = sum((refine.class_evidence(m, pred, cfg.core_margin) for m, (pred, _) in zip(data["masks"], preds)),
+                   refine.ClassEvidence())
     reliable = (
-        refine.reliable_classes(totals.confusion, cfg.min_reliability, cfg.min_class_pixels)
-        if gate else np.ones(len(totals.confusion), dtype=bool)
+        refine.reliable_from(evidence.core_iou(), evidence.support(), cfg.min_reliability, cfg.min_class_pixels)
+        if gate else np.ones(len(evidence.confusion), dtype=bool)
     )
     refined = [
         refine.relabel(m, p, c, reliable, cfg.relabel_confidence, cfg.keep_confidence)

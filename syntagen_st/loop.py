@@ -199,12 +199,13 @@ class Loop:
         def allowed(a: Active) -> list[int]:
             return [class_index(c) for c in a.classes]
 
-        # Pass 1: held-out agreement per class decides which classes the model may relabel.
-        confusion = np.zeros((len(VOC_CLASSES), len(VOC_CLASSES)), np.int64)
+        # Pass 1: held-out agreement per class, on the labels' cores, decides which classes the
+        # model may relabel.
+        evidence = rf.ClassEvidence()
         for a, probs in held_out():
             pred, _ = rf.predict(rf.restrict(probs, allowed(a)))
-            confusion += rf.confusion_matrix(pred, load_sample(a.sample)["mask"])
-        reliable = rf.reliable_classes(confusion, cfg.min_reliability, cfg.min_class_pixels)
+            evidence = evidence + rf.class_evidence(load_sample(a.sample)["mask"], pred, cfg.core_margin)
+        reliable = rf.reliable_from(evidence.core_iou(), evidence.support(), cfg.min_reliability, cfg.min_class_pixels)
 
         # Pass 2: relabel, score, and gather the class statistics.
         totals = rf.ClassTotals()
@@ -242,6 +243,7 @@ class Loop:
             "pixels": pixels,
             "classes_in_pool": sorted({c for a in active for c in a.classes}, key=class_index),
             "iou_model_vs_labels": _named(totals.iou()),
+            "core_iou_model_vs_labels": _named(evidence.core_iou()),
             "reliable": [VOC_CLASSES[c] for c in np.flatnonzero(reliable)],
             "weakness": _named(weakness),
             "weights": weights,

@@ -136,20 +136,6 @@ def iou_from_confusion(confusion: np.ndarray) -> np.ndarray:
         return np.where(union > 0, tp / union, np.nan)
 
 
-def reliable_classes(confusion: np.ndarray, min_reliability: float, min_pixels: int) -> np.ndarray:
-    """Bool (21,): held-out IoU of model vs labels >= ``min_reliability`` on >= ``min_pixels``
-    labelled pixels. Too few pixels is no evidence, so such a class stays unreliable.
-
-    Background counts as reliable only beside a reliable foreground class: a model that
-    predicts background everywhere agrees with most pixels of any label and knows nothing.
-    """
-    iou = iou_from_confusion(confusion)
-    support = confusion.sum(axis=1)
-    reliable = (np.nan_to_num(iou, nan=0.0) >= min_reliability) & (support >= min_pixels)
-    reliable[BACKGROUND] &= bool(reliable[BACKGROUND + 1 :].any())
-    return reliable
-
-
 def core_mask(label: np.ndarray, margin: int) -> np.ndarray:
     """Bool (H, W): labelled pixels whose (2 * margin + 1)-square neighbourhood holds only their
     own class, away from the label's boundaries and its 255 band (the image edge does not count).
@@ -196,8 +182,10 @@ def class_evidence(label: np.ndarray, pred: np.ndarray, core_margin: float) -> C
 
 
 def reliable_from(score: np.ndarray, support: np.ndarray, threshold: float, min_pixels: int) -> np.ndarray:
-    """Bool (21,): ``score >= threshold`` on ``support >= min_pixels``; NaN is unreliable, and
-    background is reliable only beside a reliable foreground class (``reliable_classes``)."""
+    """Bool (21,): ``score >= threshold`` on ``support >= min_pixels`` (too few pixels is no
+    evidence; NaN is unreliable). Background counts as reliable only beside a reliable
+    foreground class: a model that predicts background everywhere agrees with most pixels of
+    any label and knows nothing."""
     reliable = (np.nan_to_num(np.asarray(score, dtype=np.float64), nan=0.0) >= threshold) & (support >= min_pixels)
     reliable[BACKGROUND] &= bool(reliable[BACKGROUND + 1 :].any())
     return reliable

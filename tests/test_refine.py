@@ -95,10 +95,11 @@ def test_reliability_needs_agreement_and_enough_pixels():
     pred = label.copy()
     pred[:5, :1] = 0  # cat IoU 45/50 = 0.9
     confusion = refine.confusion_matrix(pred, label)
-    reliable = refine.reliable_classes(confusion, min_reliability=0.85, min_pixels=10)
+    iou, support = refine.iou_from_confusion(confusion), confusion.sum(axis=1)
+    reliable = refine.reliable_from(iou, support, 0.85, 10)
     assert reliable[0] and reliable[CAT]
     assert not reliable[DOG]  # perfect, but one pixel is no evidence
-    assert not refine.reliable_classes(confusion, min_reliability=0.95, min_pixels=10)[CAT]
+    assert not refine.reliable_from(iou, support, 0.95, 10)[CAT]
     label[0, 0] = 255  # ignored
     assert refine.confusion_matrix(pred, label).sum() == 99
 
@@ -107,7 +108,7 @@ def test_background_only_model_is_not_reliable():
     label = np.zeros((10, 10), np.uint8)
     label[:2] = CAT
     confusion = refine.confusion_matrix(np.zeros_like(label), label)  # background IoU 0.8
-    assert not refine.reliable_classes(confusion, min_reliability=0.5, min_pixels=1).any()
+    assert not refine.reliable_from(refine.iou_from_confusion(confusion), confusion.sum(axis=1), 0.5, 1).any()
 
 
 def test_sample_score_counts_unsure_label_as_miss():
