@@ -152,7 +152,7 @@ def label_report(run: Path, data: dict) -> dict:
     return {
         "labels": before["miou"], "relabelled": after["miou"], "restricted": no_model["miou"], "kept_unrefined": kept_before["miou"],
         "exported": after_kept["miou"], "worst_class_change": worst,
-        "gate": sorted(reliable, key=class_index),
+        "gate": sorted(reliable, key=VOC_CLASSES.index),
     }
 
 

@@ -30,11 +30,17 @@ from syntagen_st.loop import assign_folds  # noqa: E402
 from syntagen_st.segmodel import load_model, predict_proba  # noqa: E402
 
 
-def held_out_probs(run: Path, images: np.ndarray, ids: list[str], folds: int, seed: int, flip: bool) -> list[np.ndarray]:
+def held_out_probs(run: Path, images: np.ndarray, ids: list[str], folds: int, seed: int, flip: bool,
+                   only: int | None, trained: bool = False) -> list[np.ndarray]:
+    """Each sample's probabilities from the fold model that did not train on it (``trained``:
+    from one that did, with 2 folds)."""
     fold = assign_folds(ids, folds, seed)
-    models = [load_model(run / "rounds" / "0" / f"fold{k}" / "model.safetensors") for k in range(folds)]
+    if only is not None:
+        ids = [sid for sid in ids if fold[sid] == only]
     out: list[np.ndarray] = [None] * len(ids)  # type: ignore[list-item]
-    for k, model in enumerate(models):
+    for k in range(folds) if only is None else [only]:
+        which = (k + 1) % folds if trained else k
+        model = load_model(run / "rounds" / "0" / f"fold{which}" / "model.safetensors")
         idx = [i for i, sid in enumerate(ids) if fold[sid] == k]
         probs = list(predict_proba(model, [images[i] for i in idx], batch_size=64))
         if flip:
@@ -61,19 +67,23 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--folds", type=int, default=2)
+    parser.add_argument("--fold", type=int, default=None, help="only the samples of this fold")
     parser.add_argument("--margins", type=lambda v: [int(x) for x in v.split(",")], default=[2, 4])
     args = parser.parse_args()
     torch.set_num_threads(1)
     data = make_dataset(args.images, args.size, args.seed, NOISE_LEVELS[args.noise], make_look(args.look))
     ids = [f"{i:05d}" for i in range(args.images)]
     run = Path(args.work) / args.noise / "run"
+    if args.fold is not None:  # an early look, on the samples of one fold whose model is trained
+        keep = [i for i, sid in enumerate(ids) if assign_folds(ids, args.folds, args.seed)[sid] == args.fold]
+        data = {k: [v[i] for i in keep] if isinstance(v, list) else v[keep] for k, v in data.items()}
     cfg = RefineConfig()
     before = label_quality(data["masks"], data["gt"])["per_class"]
     present = np.flatnonzero(~np.isnan(before))
     print(f"noise {args.noise}: labels {np.nanmean(before):.3f}; "
           + " ".join(f"{VOC_CLASSES[c]} {before[c]:.2f}" for c in present))
     for flip in (False, True):
-        probs = held_out_probs(run, data["images"], ids, args.folds, args.seed, flip)
+        probs = held_out_probs(run, data["images"], ids, args.folds, args.seed, flip, args.fold)
         preds = [rf.predict(rf.restrict(p, data["classes"][i]))[0] for i, p in enumerate(probs)]
         model_q = label_quality(preds, data["gt"])["per_class"]
         stats = {m: rf.ClassEvidence() for m in args.margins}
@@ -85,19 +95,30 @@ def main() -> None:
         tp = np.diag(first).astype(float)
         prec, rec = tp / np.maximum(first.sum(0), 1), tp / np.maximum(first.sum(1), 1)
         print("  class        label  model | iou_all prec  rec  | core_iou at margins " + str(args.margins)
-              + " | oracle(only c open)")
+              + " | only c open vs all shut")
+        # The fold model that trained on each sample: how much label noise it memorised.
+        fitted = held_out_probs(run, data["images"], ids, args.folds, args.seed, flip, args.fold, trained=True)
+        fit_conf = sum(rf.confusion_matrix(rf.predict(rf.restrict(p, data["classes"][i]))[0], data["masks"][i])
+                       for i, p in enumerate(fitted))
+        fit_iou = rf.iou_from_confusion(fit_conf)
+        gap = fit_iou - rf.iou_from_confusion(first)
+        print("  in-fold model vs labels (iou_all): " + " ".join(f"{VOC_CLASSES[c]} {fit_iou[c]:.3f}" for c in present))
+        print("  gap in-fold - held-out:            " + " ".join(f"{VOC_CLASSES[c]} {gap[c]:+.3f}" for c in present))
+        shut = label_quality(relabel_all(data, probs, np.zeros(NUM_CLASSES, bool), cfg), data["gt"])["per_class"]
         for c in present:
             only = np.zeros(NUM_CLASSES, bool)
             only[[0, c]] = True
             q = label_quality(relabel_all(data, probs, only, cfg), data["gt"])["per_class"][c] if c else np.nan
             cores = " ".join(f"{stats[m].core_iou()[c]:.3f}" for m in args.margins)
             print(f"  {VOC_CLASSES[c]:<12} {before[c]:.3f} {model_q[c]:.3f} | {rf.iou_from_confusion(first)[c]:.3f} "
-                  f"{prec[c]:.3f} {rec[c]:.3f} | {cores} | {q - before[c]:+.3f}")
+                  f"{prec[c]:.3f} {rec[c]:.3f} | {cores} | {q - shut[c]:+.3f}")
         gates = {
             "shut": np.zeros(NUM_CLASSES, bool),
             "all open": np.isin(np.arange(NUM_CLASSES), present),
             "iou_all>=0.5 (old)": rf.reliable_from(rf.iou_from_confusion(first), first.sum(axis=1), 0.5, 1000),
         }
+        for u in (0.5, 0.6):
+            gates[f"core>=0.5 & all<={u}"] = rf.reliable_classes(stats[args.margins[0]], 0.5, u, 1000)
         for t in (0.6, 0.7):
             gates[f"prec&rec>={t}"] = rf.reliable_from(np.minimum(prec, rec), first.sum(axis=1), t, 1000)
         for m in args.margins:

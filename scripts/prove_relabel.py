@@ -46,7 +46,7 @@ def refine_half(data: dict, probs: np.ndarray, cfg: RefineConfig, gate: bool) ->
     evidence = sum((refine.class_evidence(m, pred, cfg.core_margin) for m, (pred, _) in zip(data["masks"], preds)),
                    refine.ClassEvidence())
     reliable = (
-        refine.reliable_from(evidence.core_iou(), evidence.support(), cfg.min_reliability, cfg.min_class_pixels)
+        refine.reliable_classes(evidence, cfg.min_reliability, cfg.max_agreement, cfg.min_class_pixels)
         if gate else np.ones(len(evidence.confusion), dtype=bool)
     )
     refined = [

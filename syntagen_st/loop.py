@@ -199,13 +199,13 @@ class Loop:
         def allowed(a: Active) -> list[int]:
             return [class_index(c) for c in a.classes]
 
-        # Pass 1: held-out agreement per class, on the labels' cores, decides which classes the
-        # model may relabel.
+        # Pass 1: held-out agreement per class, on the labels' cores and over every pixel,
+        # decides which classes the model may relabel.
         evidence = rf.ClassEvidence()
         for a, probs in held_out():
             pred, _ = rf.predict(rf.restrict(probs, allowed(a)))
             evidence = evidence + rf.class_evidence(load_sample(a.sample)["mask"], pred, cfg.core_margin)
-        reliable = rf.reliable_from(evidence.core_iou(), evidence.support(), cfg.min_reliability, cfg.min_class_pixels)
+        reliable = rf.reliable_classes(evidence, cfg.min_reliability, cfg.max_agreement, cfg.min_class_pixels)
 
         # Pass 2: relabel, score, and gather the class statistics.
         totals = rf.ClassTotals()

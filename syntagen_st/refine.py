@@ -191,6 +191,27 @@ def reliable_from(score: np.ndarray, support: np.ndarray, threshold: float, min_
     return reliable
 
 
+def reliable_classes(evidence: ClassEvidence, min_core: float, max_agreement: float, min_pixels: int) -> np.ndarray:
+    """Bool (21,): the classes a held-out model may relabel.
+
+    Two views cannot tell who is right, the model or the labels, from their agreement alone:
+    high agreement over every pixel means either both are good (and a weaker model would only
+    add its own errors: on clean shapes labels at 0.98 lost 13 points when it relabelled) or
+    both share the same errors. So a class needs
+    - the model to agree with the labels on their cores, where labels can be trusted
+      (``core_iou >= min_core`` on ``min_pixels`` core pixels): it has learnt the class;
+    - the labels to be noisy: agreement over every pixel ``<= max_agreement``. A model sound
+      on the cores that still disagrees this much overall disagrees at the labels' boundaries
+      and class errors, where attention labels go wrong.
+    Background follows ``reliable_from``'s rule.
+    """
+    reliable = reliable_from(evidence.core_iou(), evidence.support(), min_core, min_pixels)
+    overall = np.nan_to_num(iou_from_confusion(evidence.confusion), nan=1.0)
+    reliable[BACKGROUND + 1 :] &= overall[BACKGROUND + 1 :] <= max_agreement
+    reliable[BACKGROUND] &= bool(reliable[BACKGROUND + 1 :].any())
+    return reliable
+
+
 @dataclass
 class ClassTotals:
     """Per-class sums over samples, added up with ``+``: agreement, confidence, kept pixels."""

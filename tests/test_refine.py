@@ -205,3 +205,19 @@ def test_reliable_from_needs_support_and_a_foreground_class():
     assert np.flatnonzero(reliable).tolist() == [0, CAT]  # dog: too few pixels; NaN classes: no
     score[CAT] = 0.7
     assert not refine.reliable_from(score, support, 0.8, 10).any()  # background alone knows nothing
+
+
+def test_gate_opens_only_where_the_model_is_sound_on_cores_and_the_labels_are_noisy():
+    truth = np.zeros((32, 32), np.uint8)
+    truth[12:18, 12:18] = CAT
+    noisy = np.zeros_like(truth)
+    noisy[10:20, 10:20] = CAT  # dilated by 2 px: IoU 0.36 with the truth
+    # A model that is right, against noisy labels: sound on the cores, low agreement overall.
+    ev = refine.class_evidence(noisy, truth, core_margin=2 / 32)
+    assert np.flatnonzero(refine.reliable_classes(ev, 0.5, 0.5, 10)).tolist() == [0, CAT]
+    # The same model against labels it matches: nothing to gain, the gate stays shut.
+    ev = refine.class_evidence(truth, truth, core_margin=2 / 32)
+    assert not refine.reliable_classes(ev, 0.5, 0.5, 10).any()
+    # A model that is wrong (calls the cat a dog) against the noisy labels: shut.
+    ev = refine.class_evidence(noisy, np.where(truth == CAT, DOG, 0).astype(np.uint8), core_margin=2 / 32)
+    assert not refine.reliable_classes(ev, 0.5, 0.5, 10).any()
