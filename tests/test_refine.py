@@ -209,15 +209,18 @@ def test_reliable_from_needs_support_and_a_foreground_class():
 
 def test_gate_opens_only_where_the_model_is_sound_on_cores_and_the_labels_are_noisy():
     truth = np.zeros((32, 32), np.uint8)
-    truth[12:18, 12:18] = CAT
+    truth[8:24, 8:24] = CAT
     noisy = np.zeros_like(truth)
-    noisy[10:20, 10:20] = CAT  # dilated by 2 px: IoU 0.36 with the truth
-    # A model that is right, against noisy labels: sound on the cores, low agreement overall.
+    noisy[4:28, 4:28] = CAT  # dilated by 4 px: IoU 256 / 576 = 0.44 with the truth
+    # A model that is right, against noisy labels: sound on the cores (0.64), low agreement overall.
     ev = refine.class_evidence(noisy, truth, core_margin=2 / 32)
+    assert ev.core_iou()[CAT] == pytest.approx(0.64)
     assert np.flatnonzero(refine.reliable_classes(ev, 0.5, 0.5, 10)).tolist() == [0, CAT]
     # The same model against labels it matches: nothing to gain, the gate stays shut.
     ev = refine.class_evidence(truth, truth, core_margin=2 / 32)
+    assert ev.support()[CAT] == 144
     assert not refine.reliable_classes(ev, 0.5, 0.5, 10).any()
+    assert refine.reliable_classes(ev, 0.5, 1.0, 10)[CAT]  # max_agreement 1: the core test alone
     # A model that is wrong (calls the cat a dog) against the noisy labels: shut.
     ev = refine.class_evidence(noisy, np.where(truth == CAT, DOG, 0).astype(np.uint8), core_margin=2 / 32)
     assert not refine.reliable_classes(ev, 0.5, 0.5, 10).any()
