@@ -56,7 +56,7 @@ from syntagen_st.cli import load_config_file  # noqa: E402
 from syntagen_st.data import Sample, find_samples, latest_refined  # noqa: E402
 from syntagen_st.evaluate import evaluate  # noqa: E402
 from syntagen_st.loop import assign_folds  # noqa: E402
-from syntagen_st.segmodel import load_model, predict_proba  # noqa: E402
+from syntagen_st.network import load_model, predict_proba  # noqa: E402
 from syntagen_st.store import Pool, atomic_write_json, load_mask, read_jsonl  # noqa: E402
 from syntagen_st.train import train  # noqa: E402
 
@@ -91,7 +91,7 @@ def fit_command(train_dir: Path, run: Path, budget: Budget, size: int, seed: int
 
 
 def run_fit(command: list[str], log_file: Path, threads: int) -> None:
-    env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "SYNTAGEN_PROGRESS": "0"}
+    env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     with log_file.open("w") as log:
         done = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
     if done.returncode:
@@ -198,7 +198,7 @@ def arms_report(run: Path, train_dir: Path, held_dir: Path, steps: int, seed: in
     held = find_samples(held_dir)
     miou = {}
     for name, samples in arms.items():
-        weights = train(cfg, samples, run.parent / f"arm_{name}", seed=seed, run_name=f"bench-{name}")
+        weights = train(cfg, samples, run.parent / f"arm_{name}", seed=seed, run_name=f"bench-{name}", progress=False)
         miou[name] = evaluate(load_model(weights), held, "cpu")["mIoU"]
         print(f"  {name}: {len(samples)} samples, {steps} steps -> held-out mIoU {miou[name]:.3f}", flush=True)
     gain = miou["refined"] - miou["unrefined"]
@@ -291,7 +291,6 @@ def main() -> None:
     for name in ("pytorch_lightning", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*(random weights|LeafSpec)")
-    os.environ["SYNTAGEN_PROGRESS"] = "0"
     start = time.time()
 
     results = {}

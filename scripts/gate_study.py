@@ -27,7 +27,7 @@ from syntagen_st import refine as rf  # noqa: E402
 from syntagen_st.classes import NUM_CLASSES, VOC_CLASSES  # noqa: E402
 from syntagen_st.config import RefineConfig  # noqa: E402
 from syntagen_st.loop import assign_folds  # noqa: E402
-from syntagen_st.segmodel import load_model, predict_proba  # noqa: E402
+from syntagen_st.network import load_model, predict_proba  # noqa: E402
 
 
 def held_out_probs(run: Path, images: np.ndarray, ids: list[str], folds: int, seed: int, flip: bool,
@@ -100,8 +100,8 @@ def main() -> None:
         fitted = held_out_probs(run, data["images"], ids, args.folds, args.seed, flip, args.fold, trained=True)
         fit_conf = sum(rf.confusion_matrix(rf.predict(rf.restrict(p, data["classes"][i]))[0], data["masks"][i])
                        for i, p in enumerate(fitted))
-        fit_iou = rf.iou_from_confusion(fit_conf)
-        gap = fit_iou - rf.iou_from_confusion(first)
+        fit_iou = rf.class_iou(fit_conf)
+        gap = fit_iou - rf.class_iou(first)
         print("  in-fold model vs labels (iou_all): " + " ".join(f"{VOC_CLASSES[c]} {fit_iou[c]:.3f}" for c in present))
         print("  gap in-fold - held-out:            " + " ".join(f"{VOC_CLASSES[c]} {gap[c]:+.3f}" for c in present))
         shut = label_quality(relabel_all(data, probs, np.zeros(NUM_CLASSES, bool), cfg), data["gt"])["per_class"]
@@ -110,12 +110,12 @@ def main() -> None:
             only[[0, c]] = True
             q = label_quality(relabel_all(data, probs, only, cfg), data["gt"])["per_class"][c] if c else np.nan
             cores = " ".join(f"{stats[m].core_iou()[c]:.3f}" for m in args.margins)
-            print(f"  {VOC_CLASSES[c]:<12} {before[c]:.3f} {model_q[c]:.3f} | {rf.iou_from_confusion(first)[c]:.3f} "
+            print(f"  {VOC_CLASSES[c]:<12} {before[c]:.3f} {model_q[c]:.3f} | {rf.class_iou(first)[c]:.3f} "
                   f"{prec[c]:.3f} {rec[c]:.3f} | {cores} | {q - shut[c]:+.3f}")
         gates = {
             "shut": np.zeros(NUM_CLASSES, bool),
             "all open": np.isin(np.arange(NUM_CLASSES), present),
-            "iou_all>=0.5 (old)": rf.reliable_from(rf.iou_from_confusion(first), first.sum(axis=1), 0.5, 1000),
+            "iou_all>=0.5 (old)": rf.reliable_from(rf.class_iou(first), first.sum(axis=1), 0.5, 1000),
         }
         for u in (0.5, 0.6):
             gates[f"core>=0.5 & all<={u}"] = rf.reliable_classes(stats[args.margins[0]], 0.5, u, 1000)

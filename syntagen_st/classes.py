@@ -26,6 +26,8 @@ ALIASES: dict[str, str] = {
     "plant": "pottedplant", "tv monitor": "tvmonitor", "tv": "tvmonitor", "monitor": "tvmonitor",
     "couch": "sofa", "people": "person", "man": "person", "men": "person", "woman": "person",
     "women": "person", "child": "person", "children": "person", "boy": "person", "girl": "person",
+    "kid": "person", "airliner": "aeroplane", "sailboat": "boat", "ship": "boat", "armchair": "chair",
+    "puppy": "dog", "kitten": "cat", "television": "tvmonitor",
 }
 
 

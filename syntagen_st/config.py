@@ -51,8 +51,20 @@ class GenerateConfig:
     classes: list[str] = field(default_factory=lambda: list(FOREGROUND_CLASSES))
     """Classes prompts may name (VOC names or display names)."""
     max_classes_per_prompt: int = 3
+    prompt_source: Literal["templates", "file", "llm"] = "templates"
+    """Where captions come from: the built-in templates, ``prompts_file``, or the language model
+    ``llm``. Each round's prompts are saved to RUN/prompts/round<r>.jsonl before any image."""
     prompts_file: str | None = None
-    """JSONL ({"prompt": ..., "classes": [...]}) or plain lines; replaces the built-in templates."""
+    """JSONL ({"prompt": ..., "classes": [...]}) or plain lines; read when prompt_source is 'file'."""
+    llm: str = "Qwen/Qwen2.5-1.5B-Instruct"
+    """Causal LM with a chat template that writes captions (hub id or local folder)."""
+    llm_revision: str | None = None
+    llm_captions_per_request: int = 10
+    """Captions asked for in one chat request."""
+    llm_batch_size: int = 16
+    """Chat requests answered together in one batch."""
+    llm_temperature: float = 1.0
+    llm_top_p: float = 0.95
 
 
 @dataclass
@@ -252,6 +264,31 @@ def validate_generate(cfg: GenerateConfig, label: LabelConfig) -> None:
     if cfg.prompts_file is not None:
         _check(os.path.isfile(cfg.prompts_file), f"generate.prompts_file: {cfg.prompts_file!r} does not exist")
         load_prompt_file(cfg.prompts_file)  # a bad line is refused now, not mid-run
+    _check(
+        cfg.prompt_source in ("templates", "file", "llm"),
+        f"generate.prompt_source must be templates, file or llm, got {cfg.prompt_source!r}",
+    )
+    _check(
+        (cfg.prompts_file is not None) == (cfg.prompt_source == "file"),
+        "generate.prompts_file is read only with generate.prompt_source: file, and that source needs it "
+        f"(prompt_source {cfg.prompt_source!r}, prompts_file {cfg.prompts_file!r})",
+    )
+    if cfg.prompt_source == "llm":
+        validate_llm(cfg)
+
+
+def validate_llm(cfg: GenerateConfig) -> None:
+    ref = cfg.llm
+    if is_local_path(ref):
+        path = os.path.expanduser(ref)
+        _check(os.path.isdir(path), f"generate.llm: folder {ref!r} does not exist")
+        _check(os.path.isfile(os.path.join(path, "config.json")), f"generate.llm: {ref!r} holds no model (no config.json)")
+    else:
+        _check(bool(_HUB_ID.match(ref)), f"generate.llm: {ref!r} is neither a folder nor a hub id")
+    for name in ("llm_captions_per_request", "llm_batch_size"):
+        _check(getattr(cfg, name) >= 1, f"generate.{name} must be >= 1, got {getattr(cfg, name)}")
+    _check(cfg.llm_temperature > 0, f"generate.llm_temperature must be > 0, got {cfg.llm_temperature}")
+    _check(0 < cfg.llm_top_p <= 1, f"generate.llm_top_p must be in (0, 1], got {cfg.llm_top_p}")
 
 
 def validate_label(cfg: LabelConfig) -> None:

@@ -1,8 +1,11 @@
-"""Per-round W&B dashboards of the self-training loop (stats.json holds the same numbers)."""
+"""W&B dashboards: validation panels of a training, and the self-training loop's rounds
+(stats.json holds the same numbers)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -11,6 +14,34 @@ from .classes import FOREGROUND_CLASSES, IGNORE_INDEX, VOC_CLASSES
 from .config import Config
 
 _MASK_LABELS = {i: name for i, name in enumerate(VOC_CLASSES)} | {IGNORE_INDEX: "ignore"}
+
+
+def log_wandb_panels(logger: Any, iou: list[float], miou: float, panels: list, step: int) -> None:
+    """Per-class IoU table + bar chart and image / label / prediction overlays, on W&B only."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    if not isinstance(logger, WandbLogger):
+        return
+    import wandb
+
+    rows = [[name, None if math.isnan(v) else v] for name, v in zip(VOC_CLASSES, iou)]
+    table = wandb.Table(columns=["class", "iou"], data=rows)
+    labels = {i: name for i, name in enumerate(VOC_CLASSES)} | {IGNORE_INDEX: "ignore"}
+    images = [
+        wandb.Image(
+            image, caption=f"val {k}: label / prediction",
+            masks={"label": {"mask_data": label, "class_labels": labels}, "prediction": {"mask_data": pred, "class_labels": labels}},
+        )
+        for k, (image, label, pred) in enumerate(panels)
+    ]
+    payload = {
+        "val/iou_table": table,
+        "val/iou_bar": wandb.plot.bar(table, "class", "iou", title="per-class IoU"),
+        "trainer/global_step": step,
+    }
+    if images:
+        payload["val/overlays"] = images
+    logger.experiment.log(payload)
 
 
 class RoundLogger:

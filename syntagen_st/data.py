@@ -25,7 +25,6 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import albumentations as A  # noqa: E402
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
-import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 from albumentations.pytorch import ToTensorV2  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -349,46 +348,6 @@ def raise_if_error(batch: dict) -> None:
 def usable_cpus() -> int:
     """The cores this process may run on (the affinity mask, not the machine's total)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def _seed_augmentation(worker_id: int) -> None:
-    # albumentations draws from its own generator, which seed_everything does not reach: seed
-    # it from the worker's torch seed so a seeded run augments the same way every time.
-    info = torch.utils.data.get_worker_info()
-    info.dataset.transform.set_random_seed(info.seed % 2**32)
-
-
-class SegDataModule(pl.LightningDataModule):
-    """Training batches (augmented, corrupt samples skipped) and full-resolution validation (batch 1)."""
-
-    def __init__(self, train_samples: Sequence[Sample], cfg: TrainConfig, val_samples: Sequence[Sample] | None = None) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.train_samples = list(train_samples)
-        self.val_samples = list(val_samples or [])
-
-    def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
-        # More workers than usable cores only queue behind each other (and torch warns).
-        workers = min(self.cfg.num_workers, usable_cpus())
-        if workers == 0:
-            dataset.transform.set_random_seed(torch.initial_seed() % 2**32)
-        return DataLoader(
-            dataset, batch_size=batch_size, shuffle=train, drop_last=train, num_workers=workers,
-            # Step-based training runs many short epochs on small pools: keep workers alive.
-            persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(), collate_fn=collate,
-            worker_init_fn=_seed_augmentation,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        cfg = self.cfg
-        dataset = SegDataset(
-            self.train_samples, train_transform(cfg.crop_size, cfg.scale_min, cfg.scale_max),
-            skip_corrupt=True, confidence=cfg.confidence_weighting, min_length=cfg.batch_size,
-        )
-        return self._loader(dataset, cfg.batch_size, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(SegDataset(self.val_samples, eval_transform(), skip_corrupt=False), 1, train=False)
 
 
 def eval_loader(samples: Sequence[Sample], num_workers: int = 0) -> DataLoader:

@@ -53,9 +53,9 @@ def evaluate(model: nn.Module, samples: Sequence[Sample], device: str | torch.de
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .segmodel import load_model
+    from .network import load_model
 
-    parser = config_parser("syntagen_st.evaluate", "Per-class IoU and mIoU of a trained segmenter.")
+    parser = config_parser("syntagen_st.evaluate", "Per-class IoU and mIoU of a trained segmenter.", sections=("train",))
     parser.add_argument("target", help="weights (.safetensors / .ckpt), a training output folder, or a run folder")
     parser.add_argument("--voc-root", default=None, help="VOC tree (VOCdevkit's parent, VOCdevkit, or VOC2012): its val split")
     parser.add_argument("--data", default=None, help="any dataset folder (a VOC tree's val split, a pool, images/ + masks/)")

@@ -25,7 +25,6 @@ import os
 import shutil
 import stat
 import sys
-import tempfile
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,7 +41,7 @@ from .config import MAX_PAIRS, TINY_MODELS, Config
 from .data import Sample, load_sample
 from .errors import UserError
 from .provenance import library_versions, model_identity
-from .store import Pool, atomic_write_bytes, atomic_write_json, atomic_write_text, save_mask, sha256_file
+from .store import Pool, atomic_write_bytes, atomic_write_json, atomic_write_text, atomic_writer, save_mask, sha256_file
 
 ENTRY_SIZE = (512, 512)
 JPEG_QUALITY = 95
@@ -225,27 +224,17 @@ def write_zip(export: str | os.PathLike, path: str | os.PathLike) -> str:
     """A deterministic zip of the entry layout, submission.json and the card; returns its sha256."""
     export, path = Path(export), Path(path)
     names = [SUBMISSION, CARD, *read_submission(export)["files"]]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            with zipfile.ZipFile(f, "w") as zf:
-                for name in sorted(names):
-                    source = export / name
-                    if source.is_symlink() or not source.is_file():
-                        raise UserError(f"{source}: not a regular file; export again")
-                    info = zipfile.ZipInfo(name, date_time=ZIP_TIME)
-                    info.create_system = 3  # unix, so the mode below is read as one
-                    info.external_attr = (stat.S_IFREG | 0o644) << 16
-                    # JPEG and PNG are compressed already.
-                    info.compress_type = zipfile.ZIP_STORED if name.endswith((".jpg", ".png")) else zipfile.ZIP_DEFLATED
-                    zf.writestr(info, source.read_bytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path) as f, zipfile.ZipFile(f, "w") as zf:
+        for name in sorted(names):
+            source = export / name
+            if source.is_symlink() or not source.is_file():
+                raise UserError(f"{source}: not a regular file; export again")
+            info = zipfile.ZipInfo(name, date_time=ZIP_TIME)
+            info.create_system = 3  # unix, so the mode below is read as one
+            info.external_attr = (stat.S_IFREG | 0o644) << 16
+            # JPEG and PNG are compressed already.
+            info.compress_type = zipfile.ZIP_STORED if name.endswith((".jpg", ".png")) else zipfile.ZIP_DEFLATED
+            zf.writestr(info, source.read_bytes())
     return sha256_file(path)
 
 

@@ -8,7 +8,6 @@ so a sample is the same whatever the batch size or device count, and after a res
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,13 +20,14 @@ from tqdm.auto import tqdm
 
 from .attention import AttentionStore, capture_attention
 from .classes import VOC_CLASSES, class_index, display_name
-from .cli import config_from, config_parser, config_yaml, load_config_file, run_main
-from .config import TINY_MODELS, Config, ConfigError, LabelConfig, ModelConfig, config_differences, is_local_path
+from .cli import config_from, config_parser, prepare_run_folder, run_main
+from .config import TINY_MODELS, Config, ConfigError, LabelConfig, ModelConfig, is_local_path
 from .device import resolve_device
 from .errors import UserError
 from .labels import attention_to_scores, scores_to_labels, upsample_scores
-from .prompts import PromptRecord, load_prompt_file, make_records
-from .store import Pool, atomic_write_text
+from .prompt_rounds import round_records
+from .prompts import PromptRecord
+from .store import Pool
 
 _SCHEDULERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
 
@@ -91,7 +91,9 @@ def class_token_groups(tokenizer, record: PromptRecord) -> list[list[int]]:
 
 
 @dataclass
-class Sample:
+class LabelledImage:
+    """A generated image with its attention label, before it is written to the pool."""
+
     record: PromptRecord
     image: np.ndarray  # (H, W, 3) uint8
     mask: np.ndarray  # (H, W) uint8, 0..20 and 255
@@ -111,13 +113,13 @@ class Sample:
 def label_sample(
     record: PromptRecord, image: np.ndarray, cross: torch.Tensor, self_attn: torch.Tensor,
     groups: list[list[int]], store: AttentionStore, cfg: LabelConfig,
-) -> Sample:
+) -> LabelledImage:
     """One sample's averaged attention -> scores and mask."""
     scores = attention_to_scores(cross, self_attn, groups, store.cross_hw, cfg.tau, cfg.presence_threshold)
     class_ids = [class_index(c) for c in record.classes]
     full = upsample_scores(scores, image.shape[:2])
     mask = scores_to_labels(full, class_ids, cfg.fg_threshold, cfg.band_threshold)
-    return Sample(
+    return LabelledImage(
         record, image, mask.cpu().numpy(), scores.cpu().numpy().astype(np.float16), np.array(class_ids, dtype=np.uint8)
     )
 
@@ -133,7 +135,7 @@ class SampleGenerator:
         self.pipe = pipe if pipe is not None else load_pipeline(cfg.model, self.device, self.dtype)
         self.latent_hw = (self.gen.height // self.pipe.vae_scale_factor, self.gen.width // self.pipe.vae_scale_factor)
 
-    def generate(self, records: Sequence[PromptRecord], store: AttentionStore) -> list[Sample]:
+    def generate(self, records: Sequence[PromptRecord], store: AttentionStore) -> list[LabelledImage]:
         """One batch (at most the store's capacity) of samples."""
         groups = [class_token_groups(self.pipe.tokenizer, r) for r in records]
         store.begin(len(records))
@@ -182,47 +184,27 @@ class SampleGenerator:
         return len(todo)
 
 
-def round_records(cfg: Config, round_index: int, count: int, weights: dict[str, float] | None = None) -> list[PromptRecord]:
-    """The prompt records of a round: from the prompt file when given, else the templates."""
-    prompt_file = load_prompt_file(cfg.generate.prompts_file) if cfg.generate.prompts_file else None
-    return make_records(
-        cfg.seed, round_index, range(count), cfg.generate.classes, weights,
-        cfg.generate.max_classes_per_prompt, prompt_file,
-    )
-
-
 # Values that may change between runs into the same folder without changing any sample.
 _FREE_KEYS = {"name", "generate.num_images", "generate.batch_size", "model.device", "train", "refine", "loop"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = config_parser("python -m syntagen_st.generate", "Generate SD images with attention masks into a pool.")
+    parser = config_parser(
+        "python -m syntagen_st.generate", "Generate SD images with attention masks into a pool.",
+        sections=("model", "generate", "label"), shortcuts=("num_images",), progress=True,
+    )
     parser.add_argument("--out", required=True, help="run folder; the pool goes to OUT/pool")
-    parser.add_argument("--num-images", type=int, help="shortcut for --generate.num_images")
-    parser.add_argument("--overwrite", action="store_true", help="delete an existing pool made with another config")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="delete an existing folder and start again")
     ns = parser.parse_args(argv)
-    if ns.num_images is not None:
-        ns.generate.num_images = ns.num_images
     cfg = config_from(parser, ns)
     from .preflight import preflight
 
     print(preflight(cfg, cfg.generate.num_images), flush=True)
     out = Path(ns.out)
-    saved = out / "config.yaml"
-    if saved.exists():
-        diffs = config_differences(load_config_file(str(saved)).to_dict(), cfg.to_dict(), _FREE_KEYS)
-        if diffs and not ns.overwrite:
-            raise UserError(
-                f"{out} holds samples made with another config ({'; '.join(diffs[:3])}); "
-                "pass --overwrite to replace them or choose another --out"
-            )
-        if diffs:
-            shutil.rmtree(out / "pool", ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(saved, config_yaml(cfg))
-    generator = SampleGenerator(cfg)
-    made = generator.fill(Pool(out / "pool"), round_records(cfg, 0, cfg.generate.num_images), not ns.no_progress)
+    prepare_run_folder(out, cfg, _FREE_KEYS, overwrite=ns.overwrite)
+    # Prompts first: a language model writing them is freed before Stable Diffusion loads.
+    records = round_records(cfg, 0, cfg.generate.num_images, run_root=out)
+    made = SampleGenerator(cfg).fill(Pool(out / "pool"), records, not ns.no_progress)
     print(f"{made} new samples; the pool at {out / 'pool'} holds {len(Pool(out / 'pool').done_ids())}")
     return 0
 

@@ -17,7 +17,9 @@ import hashlib
 import json
 import math
 import shutil
-from collections.abc import Iterator
+import time
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,15 +85,26 @@ class Run:
     def done_steps(self) -> list[str]:
         if not self.state_file.exists():
             return []
-        return json.loads(self.state_file.read_text())["done"]
+        try:
+            done = json.loads(self.state_file.read_text())["done"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+            done = err
+        if not isinstance(done, list) or not all(isinstance(step, str) for step in done):
+            raise UserError(f"{self.state_file}: unreadable run state ({done!r}); pass --overwrite to start again")
+        return done
 
-    def mark_done(self, step: str) -> None:
-        atomic_write_json(self.state_file, {"done": [*self.done_steps(), step]})
+    def mark_done(self, step: str, seconds: float | None = None) -> None:
+        """Record ``step`` as done, with how long it took (the report shows the durations)."""
+        state = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
+        state["done"] = [*self.done_steps(), step]
+        if seconds is not None:
+            state.setdefault("seconds", {})[step] = round(seconds, 3)
+        atomic_write_json(self.state_file, state)
 
 
 class Loop:
     def __init__(self, cfg: Config, run: Run, voc_root: str | None = None, progress: bool = True) -> None:
-        self.cfg, self.run_dir, self.voc_root, self.progress = cfg, run, voc_root, progress
+        self.cfg, self.folder, self.voc_root, self.progress = cfg, run, voc_root, progress
         self.reporter = RoundLogger(cfg, run.root)
 
     # ------------------------------------------------------------------ driver
@@ -101,29 +114,41 @@ class Loop:
         for r in range(rounds):
             self._step(f"round{r}/data", lambda r=r: self.add_data(r))
             for k in range(self.cfg.refine.folds):
-                self._step(f"round{r}/fold{k}", lambda r=r, k=k: self.train_fold(r, k), restart=self.run_dir.round_dir(r) / f"fold{k}")
+                self._step(f"round{r}/fold{k}", lambda r=r, k=k: self.train_fold(r, k), restart=self.folder.round_dir(r) / f"fold{k}")
             self._step(f"round{r}/refine", lambda r=r: self.refine_round(r))
+            self._write_report()
         # Named after the round count: a run resumed with more rounds exports and trains again.
-        root = self.run_dir.root
+        root = self.folder.root
         self._step(f"final{rounds}/export", self.export_final, restart=root / "export")
         self._step(f"final{rounds}/train", self.train_final, restart=root / "final" if self._final_stale() else None)
         self.reporter.finish()
+        self._write_report()
+
+    def _write_report(self) -> None:
+        """The HTML report of the run so far; a failure to write it never stops the run."""
+        try:
+            from .report import write_report
+
+            write_report(self.folder.root)
+        except Exception as err:  # noqa: BLE001 - a figure that fails must not cost a training run
+            warnings.warn(f"report not written: {type(err).__name__}: {err}", stacklevel=2)
 
     def _final_stale(self) -> bool:
         """A final model trained on an earlier export must not be resumed into this one."""
-        trained_on = self.run_dir.root / "final" / "export_digest.txt"
-        return trained_on.exists() and trained_on.read_text().strip() != dataset_digest(self.run_dir.root / "export")
+        trained_on = self.folder.root / "final" / "export_digest.txt"
+        return trained_on.exists() and trained_on.read_text().strip() != dataset_digest(self.folder.root / "export")
 
     def _step(self, name: str, fn, restart: Path | None = None) -> None:
-        if name in self.run_dir.done_steps():
+        if name in self.folder.done_steps():
             return
         if restart is not None and restart.exists():
             # A step killed mid-way starts again from nothing, so the result is the same as an
             # uninterrupted run's (a Lightning resume of a round model would reshuffle its data).
             shutil.rmtree(restart)
         print(step_title(name, self.cfg.loop.rounds, self.cfg.refine.folds), flush=True)
+        start = time.perf_counter()
         fn()
-        self.run_dir.mark_done(name)
+        self.folder.mark_done(name, time.perf_counter() - start)
 
     # ------------------------------------------------------------------ round steps
 
@@ -131,28 +156,29 @@ class Loop:
         loop = self.cfg.loop
         if loop.source.startswith("folder:"):
             if r == 0:
-                import_folder(loop.source[len("folder:"):], self.run_dir.pool)
+                import_folder(loop.source[len("folder:"):], self.folder.pool)
             return
         from .generate import SampleGenerator, round_records
 
         # What earlier rounds generated is subtracted, so resuming with more rounds spreads the
         # rest of the budget instead of exceeding it.
-        earlier = sum(1 for row in self.run_dir.pool.rows() if row["round"] < r)
+        earlier = sum(1 for row in self.folder.pool.rows() if row["round"] < r)
         split = loop.budget_split if r == 0 else "equal"
         count = round_budgets(loop.generate_total - earlier, loop.rounds - r, split)[0]
-        records = round_records(self.cfg, r, count, self.weights_for(r))
-        SampleGenerator(self.cfg).fill(self.run_dir.pool, records, self.progress)
+        # Prompts are saved (and a language model writing them freed) before SD loads.
+        records = round_records(self.cfg, r, count, self.weights_for(r), self.folder.root)
+        SampleGenerator(self.cfg).fill(self.folder.pool, records, self.progress)
 
     def weights_for(self, r: int) -> dict[str, float] | None:
         if r == 0:
             return None
-        return json.loads((self.run_dir.round_dir(r - 1) / "weights.json").read_text())
+        return json.loads((self.folder.round_dir(r - 1) / "weights.json").read_text())
 
     def active(self) -> list[Active]:
         """Kept samples with their current (latest refined) labels, in id order."""
-        rows = {row["id"]: row for row in self.run_dir.pool.rows()}
+        rows = {row["id"]: row for row in self.folder.pool.rows()}
         out = []
-        for sample in find_samples(self.run_dir.root):
+        for sample in find_samples(self.folder.root):
             row = rows[sample.image.stem]
             out.append(Active(sample, tuple(row["classes"]), int(row["round"])))
         return out
@@ -171,69 +197,58 @@ class Loop:
         cfg = copy.deepcopy(self.cfg.train)
         cfg.max_steps = self.cfg.loop.round_steps
         cfg.checkpoint_every = cfg.max_steps
-        train(cfg, samples, self.run_dir.round_dir(r) / f"fold{k}", seed=derived_seed(self.cfg.seed, f"r{r}k{k}"),
-              run_name=f"{self.cfg.name}-r{r}-fold{k}")
+        train(cfg, samples, self.folder.round_dir(r) / f"fold{k}", seed=derived_seed(self.cfg.seed, f"r{r}k{k}"),
+              run_name=f"{self.cfg.name}-r{r}-fold{k}", progress=self.progress)
 
     def refine_round(self, r: int) -> None:
-        from .segmodel import load_model, predict_proba
-
+        """Relabel, score, filter and steer with the round's fold models, in the method's order."""
         cfg = self.cfg.refine
-        rdir = self.run_dir.round_dir(r)
+        rdir = self.folder.round_dir(r)
         # A redo after a crash must read the labels as they were before this round.
         (rdir / "samples.jsonl").unlink(missing_ok=True)
-        previous = latest_refined(self.run_dir.root)
+        previous = latest_refined(self.folder.root)
         earlier = {row["id"]: row for row in read_jsonl(previous)} if previous else {}
         judged = {i for i, row in earlier.items() if row.get("judged")}
-        device = resolve_device("auto")
-        models = [load_model(rdir / f"fold{k}" / "model.safetensors", device) for k in range(cfg.folds)]
         active = self.active()
-        fold = self.folds(active)
+        held_out = self._held_out_predictions(r, active)
 
-        def held_out() -> Iterator[tuple[Active, np.ndarray]]:
-            """Every active sample with its held-out probabilities, fold by fold, in batches."""
-            for k, model in enumerate(models):
-                group = [a for a in active if fold[a.id] == k]
-                images = [a.sample.image for a in group]
-                yield from zip(group, predict_proba(model, images, batch_size=self.cfg.train.batch_size))
-
-        def allowed(a: Active) -> list[int]:
-            return [class_index(c) for c in a.classes]
-
-        # Pass 1: held-out agreement per class, on the labels' cores and over every pixel,
-        # decides which classes the model may relabel.
+        # 1. Held-out reliability, on the labels' cores and over every pixel: the classes the
+        # model may relabel.
         evidence = rf.ClassEvidence()
-        for a, probs in held_out():
-            pred, _ = rf.predict(rf.restrict(probs, allowed(a)))
-            evidence = evidence + rf.class_evidence(load_sample(a.sample)["mask"], pred, cfg.core_margin)
+        for a, model in held_out():
+            evidence = evidence + rf.class_evidence(load_sample(a.sample)["mask"], model.pred, cfg.core_margin)
         reliable = rf.reliable_classes(evidence, cfg.min_reliability, cfg.max_agreement, cfg.min_class_pixels)
 
-        # Pass 2: relabel, score, and gather the class statistics.
+        # 2. Relabel and score each sample, gathering the class statistics.
         totals = rf.ClassTotals()
         scores: dict[str, rf.SampleScore] = {}
         relabelled = pixels = 0
         examples = []
-        for a, probs in held_out():
+        for a, model in held_out():
             # Attention confidence exists for labels not yet refined (they have scores).
             item = load_sample(a.sample, confidence=a.sample.scores is not None)
-            label, confidence = item["mask"], item.get("weight")
-            refined = rf.relabel(label, probs, allowed(a), reliable, cfg.relabel_confidence, cfg.keep_confidence,
-                                 confidence, cfg.label_sure)
-            pred, top = rf.predict(rf.restrict(probs, allowed(a)))
-            scores[a.id] = rf.sample_score(label, pred, top, allowed(a), cfg.confidence_weight)
-            totals = totals + rf.class_totals(label, refined, pred, top)
+            label = item["mask"]
+            refined = rf.relabel(label, model, reliable, cfg.relabel_confidence, cfg.keep_confidence,
+                                 item.get("weight"), cfg.label_sure)
+            scores[a.id] = rf.sample_score(label, model.pred, model.top, _allowed(a), cfg.confidence_weight)
+            totals = totals + rf.class_totals(label, refined, model.pred, model.top)
             relabelled += int((refined != label).sum())
             pixels += label.size
             save_mask(rdir / "labels" / f"{a.id}.png", refined)
+            save_mask(rdir / "pred" / f"{a.id}.png", model.pred)  # the held-out prediction, for the report
             if len(examples) < 8:
-                examples.append((a.sample.image, label, refined, pred))
+                examples.append((a.sample.image, label, refined, model.pred))
 
-        # Each sample faces the filter once, in the first round whose model can judge it: a
-        # model reliable for no foreground class cannot, so then nothing is dropped.
+        # 3. Drops: each sample faces the filter once, in the first round whose model can judge
+        # it; a model reliable for no foreground class cannot, so then nothing is dropped.
         candidates = {a.id: scores[a.id] for a in active if a.id not in judged} if reliable[1:].any() else {}
         drops = rf.select_drops(candidates, cfg.drop_fraction)
-        rows = _sample_rows(r, earlier, active, scores, drops, judged | set(candidates))
+
+        # 4. Weakness and the next round's prompt weights.
         weakness = rf.class_weakness(totals.iou(), totals.mean_confidence(), totals.kept_share())
         weights = rf.prompt_weights(weakness, cfg.weakness_power, cfg.min_weight)
+
+        # 5. Write and log; samples.jsonl makes the round's labels current, so it is written last.
         stats = {
             "round": r,
             "samples": len(active),
@@ -250,18 +265,35 @@ class Loop:
         }
         atomic_write_json(rdir / "stats.json", stats)
         atomic_write_json(rdir / "weights.json", weights)
-        # samples.jsonl makes the round's labels current: it is written last.
-        write_jsonl(rdir / "samples.jsonl", rows)
+        write_jsonl(rdir / "samples.jsonl", _sample_rows(r, earlier, active, scores, drops, judged | set(candidates)))
         self.reporter.log_round(r, stats, examples)
         print(round_summary(stats, drops, self.cfg.loop.rounds), flush=True)
 
+    def _held_out_predictions(self, r: int, active: list[Active]) -> Callable[[], Iterator[tuple[Active, rf.Restricted]]]:
+        """A pass over every active sample with the prediction of the fold model that did not train
+        on it, restricted to the sample's classes; fold by fold, in batches. Each call is a pass."""
+        from . import network
+
+        device = resolve_device(self.cfg.model.device, "model.device")
+        models = [network.load_model(self.folder.round_dir(r) / f"fold{k}" / "model.safetensors", device)
+                  for k in range(self.cfg.refine.folds)]
+        fold = self.folds(active)
+
+        def one_pass() -> Iterator[tuple[Active, rf.Restricted]]:
+            for k, model in enumerate(models):
+                group = [a for a in active if fold[a.id] == k]
+                probs = network.predict_proba(model, [a.sample.image for a in group], batch_size=self.cfg.train.batch_size)
+                for a, p in zip(group, probs):
+                    yield a, rf.restricted(p, _allowed(a))
+
+        return one_pass
 
     # ------------------------------------------------------------------ final steps
 
     def selected(self) -> list[Sample]:
         """The best kept samples, at most max_pairs: by last score times the mean weight of the
         sample's classes after the last round, so a full budget keeps the weak classes' samples."""
-        last = latest_refined(self.run_dir.root)
+        last = latest_refined(self.folder.root)
         score = {row["id"]: row.get("score", 0.0) for row in read_jsonl(last)} if last else {}
         weights = self.weights_for(self.cfg.loop.rounds) or {}
 
@@ -273,7 +305,7 @@ class Loop:
 
     def export_final(self) -> None:
         """The entry layout, VOC tree, submission.json and card in RUN/export (export.py's function)."""
-        export_run(self.cfg, self.run_dir.root, self.selected(), self.run_dir.root / "export", self.progress)
+        export_run(self.cfg, self.folder.root, self.selected(), self.folder.root / "export", self.progress)
 
     def train_final(self) -> None:
         """The fixed protocol on exactly the exported files; with --voc-root it validates on VOC
@@ -281,7 +313,7 @@ class Loop:
         from .metrics import format_table
         from .train import train
 
-        root = self.run_dir.root
+        root = self.folder.root
         export = root / "export"
         final = root / "final"
         verify_files(export)  # the files on disk are those submission.json lists
@@ -289,7 +321,7 @@ class Loop:
         atomic_write_text(final / "export_digest.txt", dataset_digest(export) + "\n")
         # The export's VOC tree links to its entry files: the model reads exactly those bytes.
         train(self.cfg.train, export, final, val_data=self.voc_root,
-              seed=derived_seed(self.cfg.seed, "final"), run_name=f"{self.cfg.name}-final")
+              seed=derived_seed(self.cfg.seed, "final"), run_name=f"{self.cfg.name}-final", progress=self.progress)
         record_model(export, (final / "checksum.txt").read_text().split()[0])
         if self.voc_root:
             print(format_table(json.loads((final / "metrics.json").read_text())))
@@ -308,6 +340,10 @@ def _sample_rows(
             "score": s.score, "agreement": s.agreement, "confidence": s.confidence,
         }
     return [out[i] for i in sorted(out)]
+
+
+def _allowed(a: Active) -> list[int]:
+    return [class_index(c) for c in a.classes]
 
 
 def _named(values: np.ndarray) -> dict[str, float | None]:

@@ -80,6 +80,8 @@ class PromptRecord:
     classes: tuple[str, ...]
     class_prompt: str
     seed: int
+    prompt_source: str = "template"
+    """Where the caption came from: 'template', 'file' or 'llm'."""
 
     def to_row(self) -> dict:
         row = asdict(self)
@@ -121,10 +123,10 @@ def _weighted_choice(rng: np.random.Generator, options: list[str], weights: dict
     return options[int(rng.choice(len(options), p=w / w.sum()))]
 
 
-def template_prompt(
+def draw_classes(
     rng: np.random.Generator, allowed: list[str], weights: dict[str, float], max_classes: int
-) -> tuple[str, tuple[str, ...]]:
-    """Draw a class by weight, maybe add co-occurring companions, and phrase a caption."""
+) -> tuple[str, ...]:
+    """Draw a class by weight and maybe add co-occurring companions (the first class leads)."""
     primary = _weighted_choice(rng, allowed, weights)
     classes = [primary]
     n_extra = int(rng.choice(len(_EXTRA_PROB), p=_EXTRA_PROB))
@@ -133,13 +135,26 @@ def template_prompt(
         if not options:
             break
         classes.append(_weighted_choice(rng, options, weights))
+    return tuple(classes)
+
+
+def phrase_caption(rng: np.random.Generator, classes: tuple[str, ...]) -> str:
+    """A template caption showing ``classes`` in a scene of the first one."""
     subject = " and ".join(_article(display_name(c)) for c in classes)
-    parts = [f"{_STYLES[rng.integers(len(_STYLES))]} {subject} {_SCENES[primary][rng.integers(3)]}"]
+    parts = [f"{_STYLES[rng.integers(len(_STYLES))]} {subject} {_SCENES[classes[0]][rng.integers(3)]}"]
     parts += [p for p in (_VIEWS[rng.integers(len(_VIEWS))], _LIGHTS[rng.integers(len(_LIGHTS))]) if p]
-    return ", ".join(parts), tuple(classes)
+    return ", ".join(parts)
 
 
-def _classes_in_text(text: str) -> tuple[str, ...]:
+def template_prompt(
+    rng: np.random.Generator, allowed: list[str], weights: dict[str, float], max_classes: int
+) -> tuple[str, tuple[str, ...]]:
+    """Draw a class by weight, maybe add co-occurring companions, and phrase a caption."""
+    classes = draw_classes(rng, allowed, weights, max_classes)
+    return phrase_caption(rng, classes), classes
+
+
+def classes_in_text(text: str) -> tuple[str, ...]:
     """The classes a caption names, in the order they appear."""
     lowered = text.lower()
     names = {display_name(c): c for c in FOREGROUND_CLASSES} | {c: c for c in FOREGROUND_CLASSES} | ALIASES
@@ -174,14 +189,14 @@ def load_prompt_file(path: str | Path) -> list[tuple[str, tuple[str, ...]]]:
                 raise UserError(f'{where}: expected a JSON object with a "prompt" key') from None
             names = row.get("classes")
             if names is None:
-                classes = _classes_in_text(prompt)
+                classes = classes_in_text(prompt)
             else:
                 try:
                     classes = tuple(dict.fromkeys(canonical(n) for n in names))
                 except (ValueError, AttributeError) as err:
                     raise UserError(f"{where}: {err}") from None
         else:
-            prompt, classes = line, _classes_in_text(line)
+            prompt, classes = line, classes_in_text(line)
         if not classes:
             raise UserError(f"{where}: the prompt names no known class: {prompt[:60]!r}")
         entries.append((prompt, classes))
@@ -208,6 +223,7 @@ def make_records(
         sid = sample_id(round_index, index)
         seed = sample_seed(run_seed, sid)
         rng = np.random.default_rng(seed)
+        source = "template" if prompt_file is None else "file"
         if prompt_file is None:
             prompt, classes = template_prompt(rng, allowed, weights, max_classes)
         elif uniform:
@@ -217,6 +233,14 @@ def make_records(
             line_w = np.array([np.mean([weights.get(c, 1.0) for c in cls]) for _, cls in prompt_file])
             prompt, classes = prompt_file[int(rng.choice(len(prompt_file), p=line_w / line_w.sum()))]
         records.append(
-            PromptRecord(sid, round_index, index, prompt, classes, append_classes(prompt, classes), seed)
+            PromptRecord(sid, round_index, index, prompt, classes, append_classes(prompt, classes), seed, source)
         )
     return records
+
+
+if __name__ == "__main__":
+    # The command lives in prompt_cli (it needs the config, which imports this module).
+    from syntagen_st.cli import run_main
+    from syntagen_st.prompt_cli import main
+
+    run_main(main, "syntagen_st.prompts")

@@ -18,7 +18,6 @@ import uuid
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import get_args, get_type_hints
 
 import pytorch_lightning as pl
 import torch
@@ -28,11 +27,12 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from .checkpoints import read_checkpoint
 from .cli import config_from, config_parser, run_main
 from .config import TrainConfig
-from .data import Sample, SegDataModule, find_samples
+from .data import Sample, find_samples
 from .errors import UserError
 from .metrics import summarize
+from .network import model_from_checkpoint, save_weights, write_checksum
 from .progress import StepProgressBar, quiet_lightning
-from .segmodel import SegModule, model_from_checkpoint, save_weights, write_checksum
+from .segmodel import SegDataModule, SegModule
 from .store import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def _devices(value: str) -> str | int:
     return int(value) if value.lstrip("-").isdigit() else value
 
 
-def export(module_or_ckpt: SegModule | Path, out: Path) -> Path:
+def export_weights(module_or_ckpt: SegModule | Path, out: Path) -> Path:
     """DIR/model.safetensors and DIR/checksum.txt from a trained module or a checkpoint."""
     if isinstance(module_or_ckpt, Path):
         model, arch = model_from_checkpoint(module_or_ckpt)
@@ -122,7 +122,7 @@ def export(module_or_ckpt: SegModule | Path, out: Path) -> Path:
 
 def train(
     cfg: TrainConfig, data: Data, out: str | os.PathLike, val_data: Data | None = None,
-    *, seed: int = 0, run_name: str | None = None,
+    *, seed: int = 0, run_name: str | None = None, progress: bool = True,
 ) -> Path:
     """Train (or resume) into ``out`` for cfg.max_steps steps; return the final safetensors path.
 
@@ -139,7 +139,7 @@ def train(
     if done is not None and done >= cfg.max_steps:
         # Lightning would resume and train nothing: the weights are final, (re)export them.
         log.info("%s: finished at step %d >= max_steps %d; exporting", last, done, cfg.max_steps)
-        return export(last, out)
+        return export_weights(last, out)
 
     quiet_lightning()
     pl.seed_everything(seed, workers=True, verbose=False)
@@ -149,15 +149,14 @@ def train(
     checkpoints = ModelCheckpoint(
         dirpath=out / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=cfg.checkpoint_every,
     )
-    show_progress = os.environ.get("SYNTAGEN_PROGRESS", "1") != "0"
     trainer = pl.Trainer(
         default_root_dir=out, max_steps=cfg.max_steps, accelerator=cfg.accelerator, devices=_devices(cfg.devices),
         num_nodes=cfg.num_nodes, precision=_precision(cfg), logger=logger,
-        callbacks=[checkpoints, *([StepProgressBar(run_name or out.name)] if show_progress else [])],
+        callbacks=[checkpoints, *([StepProgressBar(run_name or out.name)] if progress else [])],
         log_every_n_steps=cfg.log_every, limit_val_batches=1.0 if val_samples else 0,
         val_check_interval=min(cfg.val_every, cfg.max_steps) if val_samples else None,
         check_val_every_n_epoch=None, num_sanity_val_steps=0, benchmark=torch.cuda.is_available(),
-        enable_progress_bar=show_progress,
+        enable_progress_bar=progress,
         enable_model_summary=False,
     )
     try:
@@ -178,7 +177,7 @@ def train(
     if module.val_metrics is not None:
         metrics = summarize(module.val_metrics["confusion"]) | {"step": trainer.global_step, "val_images": len(val_samples)}
         atomic_write_json(out / "metrics.json", metrics)
-    return export(module, out)
+    return export_weights(module, out)
 
 
 def config_yaml_train(cfg: TrainConfig, seed: int) -> str:
@@ -186,25 +185,18 @@ def config_yaml_train(cfg: TrainConfig, seed: int) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = config_parser("syntagen_st.train", "Train DeepLabv3 on a dataset with the fixed protocol.")
+    parser = config_parser(
+        "syntagen_st.train", "Train DeepLabv3 on a dataset with the fixed protocol.", sections=("train",),
+        shortcuts=("steps", "arch", "crop_size", "batch_size", "logger", "backbone_weights"), progress=True,
+    )
     parser.add_argument("--data", required=True, help="a run, pool, VOC-style tree, or images/ + masks/ folder")
     parser.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")
     parser.add_argument("--val-data", default=None, help="optional validation dataset (a VOC tree uses val.txt)")
-    parser.add_argument("--steps", type=int, default=None, help="= --train.max_steps")
-    hints = get_type_hints(TrainConfig)
-    parser.add_argument("--arch", default=None, choices=get_args(hints["arch"]), help="= --train.arch")
-    parser.add_argument("--crop-size", type=int, default=None, help="= --train.crop_size")
-    parser.add_argument("--batch-size", type=int, default=None, help="= --train.batch_size")
-    parser.add_argument("--logger", default=None, choices=get_args(hints["logger"]), help="= --train.logger")
-    parser.add_argument("--backbone-weights", default=None, help="imagenet, none, or a state-dict file (= --train.backbone_weights)")
     ns = parser.parse_args(argv)
-    for flag, field in (("steps", "max_steps"), ("arch", "arch"), ("crop_size", "crop_size"),
-                        ("batch_size", "batch_size"), ("logger", "logger"), ("backbone_weights", "backbone_weights")):
-        if ns[flag] is not None:
-            ns[f"train.{field}"] = ns[flag]
     cfg = config_from(parser, ns)
     out = Path(ns.out)
-    weights = train(cfg.train, ns.data, out, ns.val_data, seed=cfg.seed, run_name=cfg.name if cfg.name != "run" else None)
+    weights = train(cfg.train, ns.data, out, ns.val_data, seed=cfg.seed, run_name=cfg.name if cfg.name != "run" else None,
+                    progress=not ns.no_progress)
     print(f"weights: {weights}\nsha256: {(out / 'checksum.txt').read_text().split()[0]}")
     return 0
 

@@ -110,6 +110,28 @@ def make_seg_dataset():
     return make
 
 
+def numpy_confusion(preds, truths):
+    """The textbook (21, 21) confusion matrix by bincount: rows truth, columns prediction, 255 ignored."""
+    import numpy as np
+
+    cm = np.zeros((21, 21), dtype=np.int64)
+    for pred, truth in zip(preds, truths):
+        keep = truth != 255
+        cm += np.bincount(21 * truth[keep].astype(np.int64) + pred[keep].astype(np.int64), minlength=21 * 21).reshape(21, 21)
+    return cm
+
+
+def numpy_iou(preds, truths):
+    """IoU = TP / (TP + FP + FN) per class from numpy_confusion, NaN where there is no union."""
+    import numpy as np
+
+    cm = numpy_confusion(preds, truths)
+    tp = np.diag(cm).astype(float)
+    union = cm.sum(0) + cm.sum(1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, tp / union, np.nan)
+
+
 def wandb_history_keys(run_file: str) -> set[str]:
     """Keys of the history records in an offline run's .wandb file (LevelDB-style log of protobufs)."""
     from wandb.proto import wandb_internal_pb2 as pb
@@ -135,3 +157,24 @@ def wandb_history_keys(run_file: str) -> set[str]:
             if record.WhichOneof("record_type") == "history":
                 keys.update(item.key or "/".join(item.nested_key) for item in record.history.item)
     return keys
+
+
+# ---------------------------------------------------------------- tiny chat language model (LLM prompt tests)
+
+LLM_CLASSES = ("dog", "sofa")
+"""The classes the tiny chat model learns to write captions of."""
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_dir(tmp_path_factory) -> Path:
+    """A 2-layer GPT-2 chat model trained for a few seconds on template captions of dogs and
+    sofas, saved as a transformers folder (so tests load it as a user's local model)."""
+    from syntagen_st.tiny import build_tiny_llm, tiny_chat_corpus, train_tiny_llm
+
+    chats = tiny_chat_corpus(list(LLM_CLASSES))
+    model, tokenizer = build_tiny_llm(chats)
+    train_tiny_llm(model, tokenizer, chats, steps=60)
+    folder = tmp_path_factory.mktemp("tiny-llm")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -92,11 +92,48 @@ def test_module_entry_point_exits_2_with_one_line(tmp_path):
         "syntagen_st.generate: error: generate.height must be a positive multiple of 8, got 100"]
 
 
-def test_device_names_are_checked():
+def test_device_names_are_checked(monkeypatch):
+    import torch
+
     from syntagen_st.config import ConfigError
     from syntagen_st.device import resolve_device
 
     assert resolve_device("cpu").type == "cpu"
-    assert resolve_device("auto").type in ("cpu", "cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="'cuda:1' but CUDA is not available"):
+        resolve_device("cuda:1", "model.device")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
     with pytest.raises(ConfigError, match="--device must be auto, cpu, cuda or cuda:N, got 'gpu'"):
         resolve_device("gpu", "--device")
+
+
+@pytest.mark.parametrize(
+    ("module", "shown", "hidden"),
+    [
+        ("train", ["--train.arch", "--steps", "--batch-size", "--no-progress"], ["--generate.steps", "--refine.", "--loop."]),
+        ("evaluate", ["--train.num_workers", "--voc-root"], ["--generate.", "--model.", "--loop."]),
+        ("generate", ["--generate.steps", "--model.pretrained", "--label.tau", "--num-images"], ["--train.", "--refine.", "--loop."]),
+        ("fit", ["--generate.steps", "--train.arch", "--refine.folds", "--loop.rounds", "--rounds", "--resume"], []),
+    ],
+)
+def test_each_cli_shows_only_its_own_sections(module, shown, hidden, capsys):
+    import importlib
+
+    main = importlib.import_module(f"syntagen_st.{module}").main
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0
+    assert all(flag in out for flag in shown), [f for f in shown if f not in out]
+    assert not [f for f in hidden if f in out]
+
+
+def test_a_full_run_config_is_read_by_a_command_that_shows_one_section(tmp_path):
+    from syntagen_st import train as train_mod
+    from syntagen_st.cli import config_from
+
+    parser = train_mod.config_parser("t", "", sections=("train",), shortcuts=("steps",))
+    cfg = config_from(parser, parser.parse_args(["--config", SMOKE, "--steps", "7", "--generate.steps", "2"]))
+    assert cfg.train.max_steps == 7 and cfg.generate.steps == 2 and cfg.train.arch == "lraspp_mobilenet_v3_large"

@@ -1,7 +1,6 @@
 """What a person sees in the terminal: step titles, round summaries, and no library noise."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -45,8 +44,7 @@ def test_smoke_fit_prints_each_step_and_each_round_and_no_noise(tmp_path):
         "--train.crop_size", "32", "--train.num_workers", "8", "--refine.min_class_pixels", "0",
         "--refine.min_reliability", "0", "--refine.max_agreement", "1", "--refine.drop_fraction", "0.2",
     ]
-    env = {k: v for k, v in os.environ.items() if k != "SYNTAGEN_PROGRESS"}
-    result = subprocess.run([sys.executable, "-m", "syntagen_st.fit", *args, "--out", str(out)], env=env,
+    result = subprocess.run([sys.executable, "-m", "syntagen_st.fit", *args, "--out", str(out)],
                             capture_output=True, text=True, check=True)
     text = result.stdout + result.stderr
     for noise in ("GPU available", "TPU available", "litlogger", "LeafSpec", "Epoch", "v_num", "Seed set",

@@ -4,11 +4,13 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from syntagen_st import generate as gen_mod
 from syntagen_st.generate import SampleGenerator, class_token_groups, round_records
 from syntagen_st.prompts import PromptRecord, append_classes
+from syntagen_st.classes import class_index
 from syntagen_st.store import Pool, load_mask
 
 from conftest import SMOKE, smoke_config
@@ -20,6 +22,18 @@ def _pool_arrays(pool: Pool):
         r["id"]: (np.array(Image.open(pool.image_path(r["id"]))), load_mask(pool.mask_path(r["id"])))
         for r in rows
     }
+
+
+def assert_masks_hold_prompted_classes(pool: Pool) -> None:
+    """Every mask names only its prompt's classes, and at least half hold one of them: a labeller
+    that collapses to background (or to one class) fails this."""
+    holding = 0
+    for row in pool.rows():
+        prompted = {class_index(c) for c in row["classes"]}
+        present = set(np.unique(load_mask(pool.mask_path(row["id"]))).tolist()) - {0, 255}
+        assert present <= prompted, (row["id"], present, prompted)
+        holding += bool(present)
+    assert holding >= len(pool.rows()) / 2, f"{holding} of {len(pool.rows())} masks hold a prompted class"
 
 
 def test_pool_layout_and_manifest(tiny_generator, tmp_path):
@@ -48,6 +62,7 @@ def test_samples_do_not_depend_on_batch_size(tmp_path):
         generator = SampleGenerator(smoke_config(batch_size=batch_size))
         pool = Pool(tmp_path / f"b{batch_size}")
         generator.fill(pool, records, progress=False)
+        assert_masks_hold_prompted_classes(pool)
         results.append(_pool_arrays(pool))
     a, b = results
     assert a.keys() == b.keys()
@@ -79,6 +94,7 @@ def test_resume_after_a_crash_skips_done_samples_and_matches(tiny_generator, tmp
     assert crashed.done_ids() == {"r00_000000", "r00_000001"}
     assert tiny_generator.fill(crashed, records, progress=False) == 4
     assert tiny_generator.fill(crashed, records, progress=False) == 0
+    assert_masks_hold_prompted_classes(crashed)
     a, b = _pool_arrays(clean), _pool_arrays(crashed)
     assert a.keys() == b.keys()
     for sid in a:
@@ -97,6 +113,23 @@ def test_class_token_groups_find_multi_token_names(tiny_generator):
         ["dining</w>", "table</w>"], ["person</w>"]]
 
 
+def test_class_token_groups_find_names_split_into_several_bpe_pieces(tiny_generator, monkeypatch):
+    """Class words are whole tokens in the tiny vocabulary; names written without their space are
+    not, so they split into several BPE pieces the way a rare word does in CLIP's real vocabulary."""
+    from syntagen_st import prompts
+
+    joined = {"pottedplant": "pottedplant", "tvmonitor": "tvmonitor", "person": "person"}
+    monkeypatch.setattr(prompts, "display_name", joined.__getitem__)
+    monkeypatch.setattr(gen_mod, "display_name", joined.__getitem__)
+    tok = tiny_generator.pipe.tokenizer
+    classes = ("pottedplant", "person", "tvmonitor")
+    record = PromptRecord("r00_000000", 0, 0, "a living room", classes, append_classes("a living room", classes), 1)
+    ids = tok(record.class_prompt).input_ids
+    pieces = [tok.convert_ids_to_tokens([ids[i] for i in g]) for g in class_token_groups(tok, record)]
+    assert ["".join(p).replace("</w>", "") for p in pieces] == list(classes)
+    assert len(pieces[0]) > 1 and len(pieces[2]) > 1 and pieces[1] == ["person</w>"]
+
+
 def test_prompt_too_long_for_the_text_encoder_is_refused(tiny_generator):
     prompt = "a photo of a horse " + "very " * 80
     record = PromptRecord("r00_000000", 0, 0, prompt, ("horse",), append_classes(prompt, ("horse",)), 1)
@@ -105,7 +138,8 @@ def test_prompt_too_long_for_the_text_encoder_is_refused(tiny_generator):
 
 
 def test_real_loading_path_from_a_saved_folder(tiny_generator, tmp_path):
-    """save_pretrained the tiny pipeline, then load it through the hub-id code path."""
+    """save_pretrained the tiny pipeline, then load it with from_pretrained from that local folder
+    (load_pipeline's local-folder branch; a hub id takes the same call with the id)."""
     folder = tmp_path / "sd"
     tiny_generator.pipe.save_pretrained(folder, safe_serialization=True)
     assert list(folder.glob("unet/*.safetensors"))
@@ -117,9 +151,14 @@ def test_real_loading_path_from_a_saved_folder(tiny_generator, tmp_path):
     pool_a, pool_b = Pool(tmp_path / "a"), Pool(tmp_path / "b")
     loaded.fill(pool_a, records, progress=False)
     tiny_generator.fill(pool_b, records, progress=False)
+    assert_masks_hold_prompted_classes(pool_a)
     a, b = _pool_arrays(pool_a), _pool_arrays(pool_b)
     for sid in a:
         assert np.array_equal(a[sid][0], b[sid][0]) and np.array_equal(a[sid][1], b[sid][1])
+    # The configured dtype reaches from_pretrained (bfloat16 runs on CPU too).
+    cfg.model.dtype = "bfloat16"
+    halved = SampleGenerator(cfg).pipe
+    assert {halved.unet.dtype, halved.vae.dtype, halved.text_encoder.dtype} == {torch.bfloat16}
 
 
 def test_sd2_layout_yields_masks(tmp_path):
@@ -134,6 +173,7 @@ def test_sd2_layout_yields_masks(tmp_path):
     for row in pool.rows():
         mask = load_mask(pool.mask_path(row["id"]))
         assert mask.shape == (64, 64) and set(np.unique(mask)) <= set(range(21)) | {255}
+    assert_masks_hold_prompted_classes(pool)
 
 
 def test_cli_writes_a_run_and_resumes(tmp_path, capsys):
@@ -148,3 +188,29 @@ def test_cli_writes_a_run_and_resumes(tmp_path, capsys):
     assert "2 new samples" in capsys.readouterr().out
     rows = [json.loads(line) for f in sorted((out / "pool" / "manifest").glob("*.jsonl")) for line in f.open()]
     assert len(rows) == 5
+
+
+def test_guidance_scale_of_one_runs_without_classifier_free_guidance(tiny_generator, tmp_path):
+    """guidance_scale <= 1: the pipeline sends one half only, and capture must take it as is."""
+    calls = []
+    unet = tiny_generator.pipe.unet
+    hook = unet.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[0]))
+    try:
+        generator = SampleGenerator(smoke_config(guidance_scale=1.0), pipe=tiny_generator.pipe)
+        pool = Pool(tmp_path / "pool")
+        generator.fill(pool, round_records(smoke_config(), 0, 4), progress=False)
+    finally:
+        hook.remove()
+    assert set(calls) == {2}  # batches of 2 samples, no unconditional copy
+    assert_masks_hold_prompted_classes(pool)
+
+
+def test_non_square_images_keep_their_shape(tiny_generator, tmp_path):
+    cfg = smoke_config(width=96)
+    pool = Pool(tmp_path / "pool")
+    SampleGenerator(cfg, pipe=tiny_generator.pipe).fill(pool, round_records(cfg, 0, 4), progress=False)
+    for row in pool.rows():
+        assert Image.open(pool.image_path(row["id"])).size == (96, 64)
+        assert load_mask(pool.mask_path(row["id"])).shape == (64, 96)
+        assert np.load(pool.scores_path(row["id"]))["scores"].shape == (len(row["classes"]), 4, 6)
+    assert_masks_hold_prompted_classes(pool)

@@ -1,5 +1,6 @@
 """The self-training loop: budgets, cross-fitting, the smoke run end to end, resume, bad values."""
 
+import hashlib
 import json
 import os
 import signal
@@ -51,7 +52,10 @@ def test_folds_are_fixed_and_balanced():
 
 
 def _tree(root: Path) -> dict[str, bytes]:
-    skip = ("fold", "final", "wandb", "logs", "state.json", "export")
+    """Every file a run keeps, export/ and final/ included; not the fold models' and the final
+    training's Lightning folders (checkpoints name their own path), logs, state.json, or the
+    report (it shows step timings)."""
+    skip = ("fold", "checkpoints", "wandb", "logs", "state.json", "report")
     return {
         str(p.relative_to(root)): p.read_bytes()
         for p in sorted(root.rglob("*"))
@@ -60,11 +64,11 @@ def _tree(root: Path) -> dict[str, bytes]:
 
 
 def test_smoke_loop_end_to_end_and_no_sample_is_relabelled_by_its_own_model(tmp_path, monkeypatch):
-    import syntagen_st.segmodel as segmodel
+    import syntagen_st.network as network
     import syntagen_st.train as train_mod
 
     trained_on: dict[str, set[str]] = {}
-    real_train, real_load, real_predict = train_mod.train, segmodel.load_model, segmodel.predict_proba
+    real_train, real_load, real_predict = train_mod.train, network.load_model, network.predict_proba
 
     def spy_train(cfg, data, out, *args, **kwargs):
         if not isinstance(data, (str, os.PathLike)):
@@ -76,23 +80,33 @@ def test_smoke_loop_end_to_end_and_no_sample_is_relabelled_by_its_own_model(tmp_
         model.loaded_from = str(path)
         return model
 
-    violations = []
+    calls: list[tuple[str, list[str]]] = []
 
     def spy_predict(model, images, *args, **kwargs):
         images = list(images)
-        seen = trained_on.get(getattr(model, "loaded_from", ""), set())
-        violations.extend(Path(i).stem for i in images if Path(i).stem in seen)
+        calls.append((getattr(model, "loaded_from", "?"), [Path(i).stem for i in images]))
         return real_predict(model, images, *args, **kwargs)
 
     monkeypatch.setattr(train_mod, "train", spy_train)
-    monkeypatch.setattr(segmodel, "load_model", spy_load)
-    monkeypatch.setattr(segmodel, "predict_proba", spy_predict)
+    monkeypatch.setattr(network, "load_model", spy_load)
+    monkeypatch.setattr(network, "predict_proba", spy_predict)
 
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as done:
         run_main(fit_mod.main, "fit", [*SMALL, "--out", str(out)])
     assert done.value.code == 0
-    assert len(trained_on) == 4 and not violations
+    assert len(trained_on) == 4
+    # Every prediction came from a fold model, and none of them had trained on what it predicted.
+    for model, ids in calls:
+        assert model in trained_on, (model, sorted(trained_on))
+        assert not set(ids) & trained_on[model], (model, set(ids) & trained_on[model])
+    # Each round predicts in two passes (reliability, then relabelling), each sample once per pass.
+    for r in range(2):
+        rows = [json.loads(line) for line in (out / "rounds" / str(r) / "samples.jsonl").read_text().splitlines()]
+        active = sorted(row["id"] for row in rows if row["mask"].startswith(f"rounds/{r}/labels/"))
+        of_round = [ids for model, ids in calls if f"{os.sep}rounds{os.sep}{r}{os.sep}" in model]
+        passes = [sum(of_round[:len(of_round) // 2], []), sum(of_round[len(of_round) // 2:], [])]
+        assert active and all(sorted(p) == active for p in passes), (active, passes)
 
     state = json.loads((out / "state.json").read_text())["done"]
     assert state[-2:] == ["final2/export", "final2/train"]
@@ -109,10 +123,16 @@ def test_smoke_loop_end_to_end_and_no_sample_is_relabelled_by_its_own_model(tmp_
     manifest = json.loads((out / "export" / "submission.json").read_text())
     train_list = (out / "export" / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
     assert manifest["pairs"] == len(train_list) == sum(r["kept"] for r in rows)
+    # submission.json holds the sha256 of every entry file (itself and the card aside; the VOC tree
+    # links to the same files), each one right.
+    exported = {str(p.relative_to(out / "export")) for p in (out / "export").rglob("*")
+                if p.is_file() and p.relative_to(out / "export").parts[0] != "VOCdevkit"}
+    assert exported - {"submission.json", "README.md"} <= set(manifest["files"])
+    assert len(manifest["files"]) >= 2 * manifest["pairs"]
+    for name, digest in manifest["files"].items():
+        assert hashlib.sha256((out / "export" / name).read_bytes()).hexdigest() == digest, name
     checksum = (out / "final" / "checksum.txt").read_text().split()[0]
     assert manifest["model_sha256"] == checksum
-    import hashlib
-
     assert hashlib.sha256((out / "final" / "model.safetensors").read_bytes()).hexdigest() == checksum
     # The final model trained on exactly the exported files.
     from torchvision.datasets import VOCSegmentation
@@ -121,28 +141,46 @@ def test_smoke_loop_end_to_end_and_no_sample_is_relabelled_by_its_own_model(tmp_
     assert len(voc) == len(train_list)
 
 
-def test_kill_and_resume_gives_the_same_result(tmp_path):
-    env = os.environ | {"SYNTAGEN_PROGRESS": "0"}
-    cmd = [sys.executable, "-m", "syntagen_st.fit", *SMALL, "--loop.rounds", "2"]
-    subprocess.run([*cmd, "--out", str(tmp_path / "clean")], check=True, env=env, capture_output=True)
-
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen([*cmd, "--out", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _kill_when(cmd: list[str], out: Path, ready) -> None:
+    """Start the run and kill -9 it as soon as ``ready()`` holds."""
+    proc = subprocess.Popen([*cmd, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    # Kill -9 in the middle of round 0's second fold model.
-    while time.time() < deadline and not (killed / "rounds" / "0" / "fold1" / "train_config.yaml").exists():
-        time.sleep(0.05)
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert "round0/fold1" not in json.loads((killed / "state.json").read_text())["done"]
-    subprocess.run([*cmd, "--out", str(killed)], check=True, env=env, capture_output=True)
+
+
+def test_kill_and_resume_gives_the_same_result(tmp_path):
+    # The final training checkpoints every 3 of its 15 steps, so a kill there resumes through Lightning.
+    cmd = [sys.executable, "-m", "syntagen_st.fit", *SMALL, "--train.max_steps", "15", "--train.checkpoint_every", "3"]
+    subprocess.run([*cmd, "--out", str(tmp_path / "clean")], check=True, capture_output=True)
+
+    killed = tmp_path / "killed"
+    done = lambda: json.loads((killed / "state.json").read_text())["done"]  # noqa: E731
+    # Kill -9 in the middle of round 0's second fold model, then during the final training.
+    _kill_when(cmd, killed, lambda: (killed / "rounds" / "0" / "fold1" / "train_config.yaml").exists())
+    assert "round0/fold1" not in done()
+    _kill_when(cmd, killed, lambda: (killed / "final" / "checkpoints" / "last.ckpt").exists())
+    assert "final2/export" in done() and "final2/train" not in done()
+    subprocess.run([*cmd, "--out", str(killed)], check=True, capture_output=True)
 
     clean, resumed = _tree(tmp_path / "clean"), _tree(killed)
     assert clean.keys() == resumed.keys()
+    assert {"export/submission.json", "final/model.safetensors", "final/checksum.txt"} <= clean.keys()
+    # What a kill during the final training keeps: the export, byte for byte. What it does not:
+    # the final model's bytes. Lightning resumes from the last checkpoint's weights, optimiser and
+    # step, but the interrupted epoch's data order and augmentations are drawn again, so the
+    # resumed model (and its checksum) differs; submission.json and the card record the new one.
+    model_files = {"final/model.safetensors", "final/checksum.txt", "export/submission.json", "export/README.md"}
     differing = [k for k in clean if clean[k] != resumed[k] and not k.endswith("config.yaml")]
-    assert not differing, differing
-
-
+    assert not set(differing) - model_files, differing
+    before, after = (json.loads(tree["export/submission.json"]) for tree in (clean, resumed))
+    checksum = resumed["final/checksum.txt"].decode().split()[0]
+    assert after["model_sha256"] == checksum == hashlib.sha256(resumed["final/model.safetensors"]).hexdigest()
+    assert {**before, "model_sha256": None} == {**after, "model_sha256": None}
+    card = resumed["export/README.md"].decode().replace(checksum, before["model_sha256"])
+    assert card == clean["export/README.md"].decode()
 def _fit(*argv: str) -> None:
     with pytest.raises(SystemExit) as done:
         run_main(fit_mod.main, "fit", [*SMALL, *argv])
@@ -228,25 +266,116 @@ def test_existing_run_with_another_config_needs_resume_or_overwrite(capsys, tmp_
 
 
 def test_folder_source_refines_an_existing_dataset(tmp_path):
+    """Labels change exactly where a held-out model of a reliable class is confident (it writes
+    its class) or where it doubts a label it is not sure of (255), and nowhere else."""
+    from syntagen_st import refine as rf
+    from syntagen_st.classes import VOC_CLASSES, class_index
+    from syntagen_st.network import load_model, predict_proba
+    from syntagen_st.store import load_mask
+
     data = tmp_path / "data"
     rng = np.random.default_rng(0)
     for i in range(8):
         image = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
         mask = np.zeros((32, 32), np.uint8)
         mask[8:24, 8:24] = 8 if i % 2 else 12
+        image[8:24, 8:24] = (200, 60, 60) if i % 2 else (60, 60, 200)
         (data / "images").mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(data / "images" / f"img{i}.png")
         save_mask(data / "masks" / f"img{i}.png", mask)
     (data / "classes.jsonl").write_text("".join(
         json.dumps({"id": f"img{i}", "classes": ["cat" if i % 2 else "dog"]}) + "\n" for i in range(8)))
     out = tmp_path / "run"
-    with pytest.raises(SystemExit) as done:
-        run_main(fit_mod.main, "fit", [*SMALL, "--rounds", "1", "--source", f"folder:{data}", "--out", str(out)])
-    assert done.value.code == 0
-    rows = [json.loads(line) for f in (out / "pool" / "manifest").glob("*.jsonl") for line in f.open()]
-    assert sorted(r["classes"][0] for r in rows) == ["cat"] * 4 + ["dog"] * 4
-    assert all(r["label_source"] == "folder" for r in rows)
+    relabel_at, keep_at = 0.6, 0.3
+    # Round models long enough to learn the colours: a 4-step model predicts one class everywhere.
+    _fit("--rounds", "1", "--source", f"folder:{data}", "--out", str(out), "--loop.round_steps", "40", "--train.lr", "0.05",
+         "--refine.relabel_confidence", str(relabel_at), "--refine.keep_confidence", str(keep_at))
+    rows = {r["id"]: r for f in (out / "pool" / "manifest").glob("*.jsonl") for r in map(json.loads, f.open())}
+    assert sorted(r["classes"][0] for r in rows.values()) == ["cat"] * 4 + ["dog"] * 4
+    assert all(r["label_source"] == "folder" for r in rows.values())
+
+    stats = json.loads((out / "rounds" / "0" / "stats.json").read_text())
+    reliable = np.array([name in stats["reliable"] for name in VOC_CLASSES])
+    ids = sorted(rows)
+    fold = assign_folds(ids, 2, 0)
+    changed_total = confident_total = 0
+    for k in range(2):
+        model = load_model(out / "rounds" / "0" / f"fold{k}" / "model.safetensors")
+        group = [i for i in ids if fold[i] == k]
+        probs = predict_proba(model, [out / "pool" / "images" / f"{i}.png" for i in group], batch_size=4)
+        for sid, p in zip(group, probs):
+            label = load_mask(out / "pool" / "masks" / f"{sid}.png")
+            refined = load_mask(out / "rounds" / "0" / "labels" / f"{sid}.png")
+            p = rf.restrict(p, [class_index(c) for c in rows[sid]["classes"]])
+            pred, top = p.argmax(0), p.max(0)
+            p_label = np.take_along_axis(p, label.astype(np.intp)[None], 0)[0]
+            confident = reliable[pred] & (top >= relabel_at) & reliable[label]
+            doubted = ~confident & reliable[label] & reliable[pred] & (pred != label) & (p_label < keep_at)
+            expected = np.where(confident, pred, np.where(doubted, 255, label))
+            assert np.array_equal(refined, expected), sid
+            changed_total += int((refined != label).sum())
+            confident_total += int(confident.sum())
+    assert reliable.any() and changed_total > 0 and confident_total > changed_total
+    assert stats["pixels_relabelled"] == changed_total
     assert (out / "final" / "checksum.txt").exists()
+
+
+def test_import_folder_without_a_class_list_takes_the_classes_its_masks_hold(tmp_path):
+    from syntagen_st.loop import import_folder
+    from syntagen_st.store import Pool, load_mask
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    for i, values in enumerate([(8, 12), (15,), ()]):
+        mask = np.zeros((16, 16), np.uint8)
+        for j, v in enumerate(values):
+            mask[j * 4 : j * 4 + 3] = v
+        mask[-1] = 255
+        Image.fromarray(np.full((16, 16, 3), i * 40, np.uint8)).save(data / "images" / f"p{i}.png")
+        save_mask(data / "masks" / f"p{i}.png", mask)
+    pool = Pool(tmp_path / "pool")
+    assert import_folder(str(data), pool) == 3
+    rows = sorted(pool.rows(), key=lambda r: r["id"])
+    assert [r["classes"] for r in rows] == [["cat", "dog"], ["person"], []]
+    assert [Path(r["source"]).name for r in rows] == ["p0.png", "p1.png", "p2.png"]
+    assert np.array_equal(load_mask(pool.mask_path("r00_000001")), load_mask(data / "masks" / "p1.png"))
+    assert import_folder(str(data), pool) == 0  # a resumed import copies nothing twice
+
+
+def test_corrupt_state_file_is_one_line(capsys, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text(Path(SMOKE).read_text())
+    (out / "state.json").write_text('{"done": ["round0/da')
+    err = _refused(capsys, "--config", SMOKE, "--out", str(out))
+    assert "state.json" in err and "--overwrite" in err
+
+
+def test_overwrite_replaces_an_existing_run(monkeypatch, capsys, tmp_path):
+    from syntagen_st.loop import Loop
+
+    def fake_run(loop) -> None:
+        (loop.folder.root / "final").mkdir()
+        (loop.folder.root / "final" / "checksum.txt").write_text("abc  model.safetensors\n")
+
+    monkeypatch.setattr(Loop, "run", fake_run)
+    monkeypatch.setattr(fit_mod, "read_submission", lambda export: {"valid_entry": True})
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text(Path(SMOKE).read_text())
+    (out / "stale.txt").write_text("from the old run")
+    with pytest.raises(SystemExit) as done:
+        run_main(fit_mod.main, "fit", ["--config", SMOKE, "--out", str(out), "--seed", "3", "--overwrite"])
+    assert done.value.code == 0 and "model sha256 abc" in capsys.readouterr().out
+    assert not (out / "stale.txt").exists() and "seed: 3" in (out / "config.yaml").read_text()
+    # A folder that is no run is replaced only on request.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert "not a syntagen_st run" in _refused(capsys, "--config", SMOKE, "--out", str(other))
+    with pytest.raises(SystemExit):
+        run_main(fit_mod.main, "fit", ["--config", SMOKE, "--out", str(other), "--overwrite"])
+    assert not (other / "notes.txt").exists() and (other / "config.yaml").exists()
 
 
 def test_final_selection_keeps_the_best_within_max_pairs_favouring_weak_classes(tmp_path):
@@ -271,9 +400,26 @@ def test_final_selection_keeps_the_best_within_max_pairs_favouring_weak_classes(
 
 
 def test_fit_evaluates_the_final_model_on_voc_val(tmp_path, make_seg_dataset, capsys):
+    from syntagen_st.classes import VOC_CLASSES
+    from syntagen_st.data import find_voc_samples
+    from syntagen_st.network import load_model, predict
+    from syntagen_st.store import load_mask
+
+    from conftest import numpy_confusion, numpy_iou
+
     voc = make_seg_dataset(tmp_path / "voc", kind="voc", n=4, size=32)
     out = tmp_path / "run"
     _fit("--out", str(out), "--rounds", "1", "--loop.generate_total", "4", "--voc-root", str(voc))
     metrics = json.loads((out / "final" / "metrics.json").read_text())
-    assert metrics["val_images"] == 2 and "miou" in {k.lower() for k in metrics}
-    assert "background" in capsys.readouterr().out
+    # The same numbers from the saved final model, predicted and counted independently.
+    samples = find_voc_samples(voc, "val")
+    model = load_model(out / "final" / "model.safetensors")
+    preds = [pred for pred, _ in predict(model, [s.image for s in samples], batch_size=1)]
+    truths = [load_mask(s.mask) for s in samples]
+    assert metrics["val_images"] == 2 and metrics["pixels"] == sum(int((t != 255).sum()) for t in truths)
+    assert np.array_equal(metrics["confusion_matrix"], numpy_confusion(preds, truths))
+    expected = numpy_iou(preds, truths)
+    got = np.array([np.nan if metrics["per_class_iou"][c] is None else metrics["per_class_iou"][c] for c in VOC_CLASSES])
+    assert np.allclose(got, expected, equal_nan=True) and metrics["mIoU"] == pytest.approx(np.nanmean(expected))
+    printed = capsys.readouterr().out
+    assert f"{100 * metrics['mIoU']:.2f}" in printed.split("mIoU")[-1]

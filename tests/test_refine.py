@@ -24,7 +24,7 @@ def probs_for(pred: np.ndarray, p: float, second: np.ndarray | None = None) -> n
 
 
 def relabel(label, probs, allowed, reliable=ALL_RELIABLE, **kw):
-    return refine.relabel(label, probs, allowed, reliable, relabel_confidence=0.8, keep_confidence=0.5, **kw)
+    return refine.relabel(label, refine.restricted(probs, allowed), reliable, relabel_confidence=0.8, keep_confidence=0.5, **kw)
 
 
 def test_confident_reliable_model_fixes_swapped_class_and_fills_unsure():
@@ -95,7 +95,7 @@ def test_reliability_needs_agreement_and_enough_pixels():
     pred = label.copy()
     pred[:5, :1] = 0  # cat IoU 45/50 = 0.9
     confusion = refine.confusion_matrix(pred, label)
-    iou, support = refine.iou_from_confusion(confusion), confusion.sum(axis=1)
+    iou, support = refine.class_iou(confusion), confusion.sum(axis=1)
     reliable = refine.reliable_from(iou, support, 0.85, 10)
     assert reliable[0] and reliable[CAT]
     assert not reliable[DOG]  # perfect, but one pixel is no evidence
@@ -108,7 +108,7 @@ def test_background_only_model_is_not_reliable():
     label = np.zeros((10, 10), np.uint8)
     label[:2] = CAT
     confusion = refine.confusion_matrix(np.zeros_like(label), label)  # background IoU 0.8
-    assert not refine.reliable_from(refine.iou_from_confusion(confusion), confusion.sum(axis=1), 0.5, 1).any()
+    assert not refine.reliable_from(refine.class_iou(confusion), confusion.sum(axis=1), 0.5, 1).any()
 
 
 def test_sample_score_counts_unsure_label_as_miss():
@@ -185,7 +185,7 @@ def test_core_reliability_ignores_boundary_noise_but_not_class_errors():
     label = np.zeros_like(truth)
     label[10:20, 10:20] = CAT
     ev = refine.class_evidence(label, truth, core_margin=2 / 32)
-    assert refine.iou_from_confusion(ev.confusion)[CAT] == pytest.approx(36 / 100)
+    assert refine.class_iou(ev.confusion)[CAT] == pytest.approx(36 / 100)
     assert ev.core_iou()[CAT] == pytest.approx(1.0)
     assert ev.support()[CAT] == 36
     assert refine.reliable_from(ev.core_iou(), ev.support(), 0.7, 10)[[0, CAT]].all()

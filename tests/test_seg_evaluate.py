@@ -17,20 +17,10 @@ from syntagen_st.classes import VOC_CLASSES
 from syntagen_st.cli import run_main
 from syntagen_st.data import MEAN, STD, find_voc_samples
 from syntagen_st.metrics import iou_from_confusion, mean_iou
-from syntagen_st.segmodel import build_segmenter, predict, save_weights
+from syntagen_st.network import build_segmenter, predict, save_weights
 from syntagen_st.store import load_mask, save_mask
 
-
-def numpy_iou(preds: list[np.ndarray], truths: list[np.ndarray]) -> np.ndarray:
-    """The textbook computation: bincount confusion matrix, IoU = TP / (TP + FP + FN), NaN if no union."""
-    cm = np.zeros((21, 21), dtype=np.int64)
-    for pred, truth in zip(preds, truths):
-        keep = truth != 255
-        cm += np.bincount(21 * truth[keep].astype(np.int64) + pred[keep], minlength=21 * 21).reshape(21, 21)
-    tp = np.diag(cm).astype(float)
-    union = cm.sum(0) + cm.sum(1) - tp
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(union > 0, tp / union, np.nan)
+from conftest import numpy_iou
 
 
 def colour_rule(rgb: np.ndarray) -> np.ndarray:

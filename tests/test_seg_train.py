@@ -77,9 +77,9 @@ def test_corrupt_training_sample_is_skipped_and_counted(trained):
     assert any("skipped 1 corrupt training samples" in w for w in trained["warnings"]), trained["warnings"]
 
 
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+def run_cli(argv: list[str], capsys, main=train_cli.main) -> tuple[int, str, str]:
     with pytest.raises(SystemExit) as exit_:
-        run_main(lambda _: train_cli.main(argv), "syntagen_st.train")
+        run_main(lambda _: main(argv), main.__module__)
     out, err = capsys.readouterr()
     return exit_.value.code, out, err
 
@@ -158,3 +158,48 @@ def test_training_opens_its_own_wandb_run_beside_an_open_one(tmp_path, trained, 
     finally:
         outer.finish()
     assert len(glob.glob(str(tmp_path / "wandb" / "offline-run-*"))) == 2
+
+
+def test_evaluate_reads_a_run_folder_and_a_lightning_checkpoint(tmp_path, trained, capsys):
+    """A run folder is evaluated through final/model.safetensors, a .ckpt through its network:
+    the same weights give the same numbers, each written beside (or named as) its source."""
+    import json
+    import shutil
+
+    from syntagen_st import evaluate as evaluate_cli
+
+    out, voc = trained["out"], str(trained["val"])
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    shutil.copy(out / "model.safetensors", run / "final" / "model.safetensors")
+    ckpt = out / "checkpoints" / "last.ckpt"
+    assert run_cli([str(run), "--voc-root", voc], capsys, evaluate_cli.main)[0] == 0
+    from_run = json.loads((run / "final" / "metrics.json").read_text())
+    code, _, _ = run_cli([str(ckpt), "--voc-root", voc, "--out", str(tmp_path / "ckpt.json")], capsys, evaluate_cli.main)
+    from_ckpt = json.loads((tmp_path / "ckpt.json").read_text())
+    assert code == 0 and from_run["weights"] == str(run / "final" / "model.safetensors")
+    assert from_ckpt["weights_sha256"] == sha256_file(ckpt) and from_run["weights_sha256"] == sha256_file(out / "model.safetensors")
+    assert from_ckpt["confusion_matrix"] == from_run["confusion_matrix"] and from_run["pixels"] > 0
+
+
+def test_confidence_weighting_weights_the_loss_by_attention_confidence(tmp_path, make_seg_dataset, monkeypatch):
+    """With confidence_weighting, each pixel's loss is weighted by its pool sample's attention
+    confidence: high inside the labelled object, low where the attention saw nothing."""
+    from syntagen_st import segmodel
+
+    pool = make_seg_dataset(tmp_path / "pool", "pool", n=4, size=48)
+    seen = []
+    real_loss = segmodel.seg_loss
+
+    def spy_loss(outputs, target, aux_weight, weight=None):
+        seen.append((target.clone(), None if weight is None else weight.clone()))
+        return real_loss(outputs, target, aux_weight, weight)
+
+    monkeypatch.setattr(segmodel, "seg_loss", spy_loss)
+    train(tiny_config(max_steps=2, confidence_weighting=True, scale_min=1.0, scale_max=1.0), pool, tmp_path / "out")
+    assert len(seen) == 2
+    for target, weight in seen:
+        assert weight is not None and weight.shape == target.shape
+        assert 0 <= weight.min() and weight.max() <= 1
+        foreground = (target > 0) & (target < 255)
+        assert weight[foreground].mean() > 0.7 and weight[target == 0].mean() < 0.3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import numpy as np
 import pytest
@@ -11,10 +12,8 @@ import torchvision
 
 from syntagen_st.config import TrainConfig, validate_train
 from syntagen_st.errors import UserError
-from syntagen_st.segmodel import (
-    NO_BACKBONE_WARNING, PolyDecay, SegModule, build_segmenter, load_model, predict, predict_proba, save_weights,
-    seg_loss, write_checksum,
-)
+from syntagen_st.network import build_segmenter, load_model, predict, predict_proba, save_weights, write_checksum
+from syntagen_st.segmodel import PolyDecay, SegModule, seg_loss
 from syntagen_st.store import sha256_file
 
 TINY = "lraspp_mobilenet_v3_large"
@@ -55,10 +54,21 @@ def test_wrong_backbone_file_is_one_clear_error(tmp_path):
         build_segmenter(TINY, str(tmp_path / "junk.pth"))
 
 
-def test_no_backbone_weights_warns_what_it_costs():
-    with pytest.warns(UserWarning, match="random weights.*lower mIoU") as record:
+def test_no_backbone_weights_warns_what_it_costs(tmp_path):
+    with pytest.warns(UserWarning) as record:
         SegModule(TrainConfig(arch=TINY, backbone_weights="none"))
-    assert str(record[0].message) == NO_BACKBONE_WARNING
+    message = " ".join(str(w.message) for w in record)
+    for words in ("random weights", "lower mIoU", "ImageNet", "local state-dict file"):
+        assert words in message, message
+    # A backbone from a file is the user's informed choice: no warning then.
+    path = tmp_path / "backbone.safetensors"
+    reference = torchvision.models.mobilenet_v3_large(weights=None)
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SegModule(TrainConfig(arch=TINY, backbone_weights=str(path)))
 
 
 def test_loss_ignores_255_and_weights_pixels():
@@ -119,3 +129,30 @@ def test_train_config_checks_choices():
     for field, value in [("arch", "unet"), ("logger", "tensorboard"), ("val_panels", -1)]:
         with pytest.raises(UserError, match=f"train.{field}"):
             validate_train(dataclasses.replace(TrainConfig(), **{field: value}))
+
+
+def test_only_load_errors_become_unreadable_weights(tmp_path, monkeypatch):
+    """A damaged file is the user's to fix (one line, the cause kept); anything else, such as
+    running out of memory, is not reported as unreadable weights."""
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    with pytest.raises(UserError, match="unreadable safetensors file") as err:
+        load_model(path)
+    assert err.value.__cause__ is not None
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(torch, "load", out_of_memory)
+    with pytest.raises(MemoryError):
+        build_segmenter(TINY, str(tmp_path / "backbone.pth"))
+
+
+def test_refinement_predicts_without_lightning():
+    import subprocess
+    import sys
+
+    code = ("import sys, syntagen_st.loop, syntagen_st.network, syntagen_st.evaluate; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pytorch_lightning', 'lightning', 'wandb')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
