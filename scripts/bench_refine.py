@@ -128,8 +128,8 @@ def label_report(run: Path, data: dict) -> dict:
     print(quality_line(f"label mIoU, all {len(every)} samples' latest labels (relabelling alone)", before, after))
     # What needs no model: pixels of classes the sample did not name become 255 (every gate shut).
     shut = np.zeros(len(VOC_CLASSES), dtype=bool)
-    restricted = [rf.relabel(noisy[i], np.full((len(VOC_CLASSES), *gt[i].shape), 1 / len(VOC_CLASSES), np.float32),
-                             data["classes"][i], shut, 1.0, 0.0) for i in every]
+    uniform = np.full((len(VOC_CLASSES), *gt[0].shape), 1 / len(VOC_CLASSES), np.float32)
+    restricted = [rf.relabel(noisy[i], rf.restricted(uniform, data["classes"][i]), shut, 1.0, 0.0) for i in every]
     no_model = label_quality(restricted, gt[every])
     print(quality_line("  of which the named-class restriction alone (every gate shut)", before, no_model))
 
@@ -171,7 +171,7 @@ def round_report(run: Path, data: dict) -> None:
         for sid in ids:
             probs = next(predict_proba(models[fold[sid]], [pool.image_path(sid)]))
             free.append(probs.argmax(0).astype(np.uint8))
-            named.append(rf.predict(rf.restrict(probs, [class_index(c) for c in rows[sid]["classes"]]))[0])
+            named.append(rf.restricted(probs, [class_index(c) for c in rows[sid]["classes"]]).pred)
         index = [source_index(rows[sid]) for sid in ids]
         gt = data["gt"][index]
         stats = json.loads((rdir / "stats.json").read_text())

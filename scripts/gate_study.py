@@ -53,7 +53,7 @@ def held_out_probs(run: Path, images: np.ndarray, ids: list[str], folds: int, se
 
 def relabel_all(data: dict, probs: list[np.ndarray], reliable: np.ndarray, cfg: RefineConfig) -> list[np.ndarray]:
     return [
-        rf.relabel(data["masks"][i], probs[i], data["classes"][i], reliable, cfg.relabel_confidence, cfg.keep_confidence)
+        rf.relabel(data["masks"][i], rf.restricted(probs[i], data["classes"][i]), reliable, cfg.relabel_confidence, cfg.keep_confidence)
         for i in range(len(probs))
     ]
 
@@ -84,7 +84,7 @@ def main() -> None:
           + " ".join(f"{VOC_CLASSES[c]} {before[c]:.2f}" for c in present))
     for flip in (False, True):
         probs = held_out_probs(run, data["images"], ids, args.folds, args.seed, flip, args.fold)
-        preds = [rf.predict(rf.restrict(p, data["classes"][i]))[0] for i, p in enumerate(probs)]
+        preds = [rf.restricted(p, data["classes"][i]).pred for i, p in enumerate(probs)]
         model_q = label_quality(preds, data["gt"])["per_class"]
         stats = {m: rf.ClassEvidence() for m in args.margins}
         for i, pred in enumerate(preds):
@@ -98,7 +98,7 @@ def main() -> None:
               + " | only c open vs all shut")
         # The fold model that trained on each sample: how much label noise it memorised.
         fitted = held_out_probs(run, data["images"], ids, args.folds, args.seed, flip, args.fold, trained=True)
-        fit_conf = sum(rf.confusion_matrix(rf.predict(rf.restrict(p, data["classes"][i]))[0], data["masks"][i])
+        fit_conf = sum(rf.confusion_matrix(rf.restricted(p, data["classes"][i]).pred, data["masks"][i])
                        for i, p in enumerate(fitted))
         fit_iou = rf.class_iou(fit_conf)
         gap = fit_iou - rf.class_iou(first)
@@ -117,8 +117,12 @@ def main() -> None:
             "all open": np.isin(np.arange(NUM_CLASSES), present),
             "iou_all>=0.5 (old)": rf.reliable_from(rf.class_iou(first), first.sum(axis=1), 0.5, 1000),
         }
-        for u in (0.5, 0.6):
-            gates[f"core>=0.5 & all<={u}"] = rf.reliable_classes(stats[args.margins[0]], 0.5, u, 1000)
+        for u in (0.5, 0.75):
+            over_all = np.nan_to_num(rf.class_iou(first), nan=1.0) <= u
+            gates[f"core>=0.5 & all<={u}"] = rf.reliable_from(stats[args.margins[0]].core_iou(), stats[args.margins[0]].support(),
+                                                              0.5, 1000) & (over_all | (np.arange(NUM_CLASSES) == 0))
+        for u in (0.8, 0.85, 0.9):
+            gates[f"0.5<=core<={u}"] = rf.reliable_classes(stats[args.margins[0]], 0.5, u, 1000)
         for t in (0.6, 0.7):
             gates[f"prec&rec>={t}"] = rf.reliable_from(np.minimum(prec, rec), first.sum(axis=1), t, 1000)
         for m in args.margins:

@@ -217,7 +217,7 @@ class Loop:
         evidence = rf.ClassEvidence()
         for a, model in held_out():
             evidence = evidence + rf.class_evidence(load_sample(a.sample)["mask"], model.pred, cfg.core_margin)
-        reliable = rf.reliable_classes(evidence, cfg.min_reliability, cfg.max_agreement, cfg.min_class_pixels)
+        reliable = rf.reliable_classes(evidence, cfg.min_reliability, cfg.max_core_agreement, cfg.min_class_pixels)
 
         # 2. Relabel and score each sample, gathering the class statistics.
         totals = rf.ClassTotals()

@@ -207,20 +207,25 @@ def test_reliable_from_needs_support_and_a_foreground_class():
     assert not refine.reliable_from(score, support, 0.8, 10).any()  # background alone knows nothing
 
 
-def test_gate_opens_only_where_the_model_is_sound_on_cores_and_the_labels_are_noisy():
+def test_gate_opens_only_where_the_model_is_sound_on_the_cores_but_not_perfect_there():
     truth = np.zeros((32, 32), np.uint8)
     truth[8:24, 8:24] = CAT
     noisy = np.zeros_like(truth)
-    noisy[4:28, 4:28] = CAT  # dilated by 4 px: IoU 256 / 576 = 0.44 with the truth
-    # A model that is right, against noisy labels: sound on the cores (0.64), low agreement overall.
+    noisy[4:28, 4:28] = CAT  # dilated by 4 px: its core (eroded by 2) is 20 x 20, the cat 16 x 16
+    # A model that is right, against noisy labels: it agrees with their cores at 256 / 400.
     ev = refine.class_evidence(noisy, truth, core_margin=2 / 32)
     assert ev.core_iou()[CAT] == pytest.approx(0.64)
-    assert np.flatnonzero(refine.reliable_classes(ev, 0.5, 0.5, 10)).tolist() == [0, CAT]
-    # The same model against labels it matches: nothing to gain, the gate stays shut.
-    ev = refine.class_evidence(truth, truth, core_margin=2 / 32)
-    assert ev.support()[CAT] == 144
-    assert not refine.reliable_classes(ev, 0.5, 0.5, 10).any()
-    assert refine.reliable_classes(ev, 0.5, 1.0, 10)[CAT]  # max_agreement 1: the core test alone
+    assert np.flatnonzero(refine.reliable_classes(ev, 0.5, 0.85, 10)).tolist() == [0, CAT]
+    assert not refine.reliable_classes(ev, 0.7, 0.85, 10).any()  # below min_core
+    # The same model against labels whose cores it matches: nothing to fix, the gate stays shut,
+    # even though a boundary error keeps agreement over every pixel low.
+    blurred = truth.copy()
+    blurred[7, 8:24] = CAT
+    blurred[8:24, 7] = CAT
+    ev = refine.class_evidence(blurred, truth, core_margin=2 / 32)
+    assert ev.core_iou()[CAT] == pytest.approx(1.0) and refine.class_iou(ev.confusion)[CAT] < 0.9
+    assert not refine.reliable_classes(ev, 0.5, 0.85, 10).any()
+    assert refine.reliable_classes(ev, 0.5, 1.0, 10)[CAT]  # max_core 1: the lower bound alone
     # A model that is wrong (calls the cat a dog) against the noisy labels: shut.
     ev = refine.class_evidence(noisy, np.where(truth == CAT, DOG, 0).astype(np.uint8), core_margin=2 / 32)
-    assert not refine.reliable_classes(ev, 0.5, 0.5, 10).any()
+    assert not refine.reliable_classes(ev, 0.5, 0.85, 10).any()
