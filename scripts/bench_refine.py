@@ -1,19 +1,27 @@
 """Does the self-training loop make the data better? Label quality and a downstream model, on shapes.
 
-    python scripts/bench_refine.py                      # the full benchmark (~12 CPU minutes)
+    python scripts/bench_refine.py                      # every noise level (~12 CPU minutes each)
+    python scripts/bench_refine.py --noise harsh --look 1   # one level, another look of the shapes
     python scripts/bench_refine.py --quick              # a ~2 minute sanity run; its figures mean nothing
     python scripts/bench_refine.py --work DIR -- --refine.min_reliability 0.4   # extra flags go to fit
+    python scripts/bench_refine.py --work DIR --refine-again   # redo refinement with the current code
 
 Builds a noisy-shapes training set with known truth (scripts/noisy_shapes.py: blobby 1/8-resolution
 labels, boundary errors, missing objects, swapped classes, failed images) and a clean held-out set
 (its truth as labels), runs ``python -m syntagen_st.fit --source folder:TRAIN`` on the training set,
-and prints:
+and prints, per noise level (clean, moderate, harsh; ``--noise`` picks some):
 1. label mIoU against the truth (255 counted as a miss) before and after refinement, for the
    exported (kept) samples and for every sample's latest label, with coverage and the ignore-255
    mIoU beside it; and how good each round's held-out fold models are against the truth;
+   per class: the labels against the truth before and after relabelling alone, and whether the
+   class passed the reliability gate;
 2. the clean held-out mIoU of two models trained with the same arch, steps and seed, one on the
    unrefined labels of every sample, one on the refined labels of the kept samples.
 The loop's own final training is cut to one step: the two arms are trained here, on the same PNGs.
+A markdown table of every level ends the output.
+
+``--refine-again`` keeps a work folder's data and round-0 fold models and reruns the loop from
+round 0's refinement on: a change to refinement code is measured without training the folds again.
 
 Torch runs with --threads (default 1): on a shared 2-core machine, two OpenMP threads made each
 training step 10-25x slower than one as soon as another process wanted a core.
@@ -41,15 +49,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from noisy_shapes import Noise, label_quality, make_dataset, write_dataset  # noqa: E402
+from noisy_shapes import NOISE_LEVELS, label_quality, make_dataset, make_look, write_dataset  # noqa: E402
 from syntagen_st import refine as rf  # noqa: E402
-from syntagen_st.classes import class_index  # noqa: E402
+from syntagen_st.classes import VOC_CLASSES, class_index  # noqa: E402
 from syntagen_st.cli import load_config_file  # noqa: E402
 from syntagen_st.data import Sample, find_samples, latest_refined  # noqa: E402
 from syntagen_st.evaluate import evaluate  # noqa: E402
 from syntagen_st.loop import assign_folds  # noqa: E402
 from syntagen_st.network import load_model, predict_proba  # noqa: E402
-from syntagen_st.store import Pool, load_mask, read_jsonl  # noqa: E402
+from syntagen_st.store import Pool, atomic_write_json, load_mask, read_jsonl  # noqa: E402
 from syntagen_st.train import train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,8 +112,9 @@ def quality_line(name: str, before: dict[str, float], after: dict[str, float]) -
     )
 
 
-def label_report(run: Path, data: dict) -> None:
-    """Label quality before / after, over the exported samples and over every sample."""
+def label_report(run: Path, data: dict) -> dict:
+    """Label quality before / after, over the exported samples and over every sample; per class
+    before and after relabelling alone. Returns the figures for the summary table."""
     rows = {row["id"]: row for row in Pool(run / "pool").rows()}
     index = {sid: source_index(row) for sid, row in rows.items()}
     latest = read_jsonl(latest_refined(run))
@@ -116,16 +125,35 @@ def label_report(run: Path, data: dict) -> None:
     every = [index[r["id"]] for r in latest]
     before = label_quality(noisy[every], gt[every])
     after = label_quality([load_mask(run / r["mask"]) for r in latest], gt[every])
-    print(quality_line(f"label mIoU, all {len(every)} samples' latest labels", before, after))
+    print(quality_line(f"label mIoU, all {len(every)} samples' latest labels (relabelling alone)", before, after))
+    # What needs no model: pixels of classes the sample did not name become 255 (every gate shut).
+    shut = np.zeros(len(VOC_CLASSES), dtype=bool)
+    uniform = np.full((len(VOC_CLASSES), *gt[0].shape), 1 / len(VOC_CLASSES), np.float32)
+    restricted = [rf.relabel(noisy[i], rf.restricted(uniform, data["classes"][i]), shut, 1.0, 0.0) for i in every]
+    no_model = label_quality(restricted, gt[every])
+    print(quality_line("  of which the named-class restriction alone (every gate shut)", before, no_model))
 
     kept = [index[sid] for sid in exported]
+    kept_before = label_quality(noisy[kept], gt[kept])
     after_kept = label_quality([load_mask(voc / "SegmentationClass" / f"{sid}.png") for sid in exported], gt[kept])
     print(quality_line(f"label mIoU, exported {len(kept)} vs all {len(every)} unrefined", before, after_kept))
-    print(quality_line(f"label mIoU, exported {len(kept)}, same samples unrefined", label_quality(noisy[kept], gt[kept]), after_kept))
+    print(quality_line(f"label mIoU, exported {len(kept)}, same samples unrefined", kept_before, after_kept))
 
     dropped = [index[r["id"]] for r in latest if not r["kept"]]
     failed = int(data["failed"].sum())
     print(f"dropped {len(dropped)} samples, {int(data['failed'][dropped].sum())} of the {failed} failed images among them")
+    reliable = set().union(*(json.loads(p.read_text())["reliable"] for p in (run / "rounds").glob("*/stats.json")))
+    print("  class         labels  relabelled  change  gate")
+    worst = 0.0
+    for c in np.flatnonzero(~np.isnan(before["per_class"])):
+        b, a = before["per_class"][c], after["per_class"][c]
+        worst = min(worst, a - b)
+        print(f"  {VOC_CLASSES[c]:<12} {b:7.3f} {a:10.3f} {a - b:+7.3f}  {'open' if VOC_CLASSES[c] in reliable else 'shut'}")
+    return {
+        "labels": before["miou"], "relabelled": after["miou"], "restricted": no_model["miou"], "kept_unrefined": kept_before["miou"],
+        "exported": after_kept["miou"], "worst_class_change": worst,
+        "gate": sorted(reliable, key=VOC_CLASSES.index),
+    }
 
 
 def round_report(run: Path, data: dict) -> None:
@@ -143,7 +171,7 @@ def round_report(run: Path, data: dict) -> None:
         for sid in ids:
             probs = next(predict_proba(models[fold[sid]], [pool.image_path(sid)]))
             free.append(probs.argmax(0).astype(np.uint8))
-            named.append(rf.predict(rf.restrict(probs, [class_index(c) for c in rows[sid]["classes"]]))[0])
+            named.append(rf.restricted(probs, [class_index(c) for c in rows[sid]["classes"]]).pred)
         index = [source_index(rows[sid]) for sid in ids]
         gt = data["gt"][index]
         stats = json.loads((rdir / "stats.json").read_text())
@@ -163,7 +191,7 @@ def fmt_named(values: dict[str, float | None]) -> str:
     return " ".join(f"{name} {v:.2f}" for name, v in values.items() if v is not None)
 
 
-def arms_report(run: Path, train_dir: Path, held_dir: Path, steps: int, seed: int) -> None:
+def arms_report(run: Path, train_dir: Path, held_dir: Path, steps: int, seed: int) -> dict[str, float]:
     """Two models, same arch / steps / seed: unrefined labels of all samples vs refined kept ones."""
     cfg = replace(load_config_file(str(run / "config.yaml")).train, max_steps=steps, checkpoint_every=steps, logger="none")
     arms: dict[str, list[Sample]] = {"unrefined": find_samples(train_dir), "refined": find_samples(run)}
@@ -178,24 +206,57 @@ def arms_report(run: Path, train_dir: Path, held_dir: Path, steps: int, seed: in
         f"held-out model mIoU ({len(held)} clean images): unrefined {miou['unrefined']:.3f}, "
         f"refined {miou['refined']:.3f} ({gain:+.3f}, x{miou['refined'] / miou['unrefined']:.3f})"
     )
+    return miou
 
 
-def bench(work: Path, budget: Budget, size: int, seed: int, threads: int, extra: list[str]) -> None:
-    data = make_dataset(budget.train_images, size, seed)
-    held = make_dataset(budget.held_images, size, seed + 1)
-    write_dataset(work / "train", data)
-    write_dataset(work / "held", held | {"masks": held["gt"]})
-    print(f"noise: {Noise()}")
+def refine_again(run: Path) -> None:
+    """Forget everything after round 0's fold models, so the loop redoes refinement on."""
+    done = json.loads((run / "state.json").read_text())["done"]
+    keep = [step for step in done if step == "round0/data" or step.startswith("round0/fold")]
+    atomic_write_json(run / "state.json", {"done": keep})
+
+
+def bench(work: Path, level: str, look: int, budget: Budget, size: int, seed: int, threads: int,
+          extra: list[str], again: bool, arms: bool) -> dict:
+    noise = NOISE_LEVELS[level]
+    data = make_dataset(budget.train_images, size, seed, noise, make_look(look))
+    print(f"\n=== noise {level}, look {look}: {noise}", flush=True)
     print(f"budget: {budget}, {size} px, seed {seed}, extra fit flags: {' '.join(extra) or 'none'}")
     run = work / "run"
+    if again and (run / "state.json").exists():
+        refine_again(run)
+    else:
+        held = make_dataset(budget.held_images, size, seed + 1, noise, make_look(look))
+        write_dataset(work / "train", data)
+        write_dataset(work / "held", held | {"masks": held["gt"]})
     command = fit_command(work / "train", run, budget, size, seed, extra)
     print("$ " + " ".join(command), flush=True)
     start = time.time()
     run_fit(command, work / "fit.log", threads)
     print(f"loop: {time.time() - start:.0f} s wall", flush=True)
     round_report(run, data)
-    label_report(run, data)
-    arms_report(run, work / "train", work / "held", budget.arm_steps, seed)
+    figures = label_report(run, data)
+    if arms:
+        figures |= arms_report(run, work / "train", work / "held", budget.arm_steps, seed)
+    return figures
+
+
+def summary(results: dict[str, dict]) -> str:
+    lines = [
+        "| noise | labels | named-class restriction | relabelled (alone) | worst class change | kept, unrefined (filter alone) "
+        "| exported (relabel + filter) | gate open | model: unrefined | model: refined |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for level, f in results.items():
+        model = (f"{f['unrefined']:.3f} | {f['refined']:.3f} ({f['refined'] - f['unrefined']:+.3f})"
+                 if "refined" in f else "- | -")
+        lines.append(
+            f"| {level} | {f['labels']:.3f} | {f['restricted']:.3f} | {f['relabelled']:.3f} ({f['relabelled'] - f['labels']:+.3f}) "
+            f"| {f['worst_class_change']:+.3f} | {f['kept_unrefined']:.3f} "
+            f"| {f['exported']:.3f} ({f['exported'] - f['kept_unrefined']:+.3f}) "
+            f"| {', '.join(f['gate']) or 'none'} | {model} |"
+        )
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -203,16 +264,27 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a tiny configuration for a sanity run (~2 minutes)")
     parser.add_argument("--work", default=None, help="folder for the data and the run (default: a temporary one)")
     parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--images", type=int, default=None, help="training images (default 600)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=None, help="loop rounds (default 1)")
     parser.add_argument("--round-steps", type=int, default=None, help="steps of each round's fold models (default 600)")
     parser.add_argument("--arm-steps", type=int, default=None, help="steps of each held-out comparison model (default 1000)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads here and in fit")
+    parser.add_argument("--noise", default=",".join(NOISE_LEVELS), help="comma-separated levels (default: all)")
+    parser.add_argument("--look", type=int, default=0, help="shapes and colours: 0 fixed, N drawn from N")
+    parser.add_argument("--refine-again", action="store_true", help="reuse --work's data and round-0 folds")
+    parser.add_argument("--no-arms", action="store_true", help="skip the two held-out comparison models")
     args, extra = parser.parse_known_args()
     extra = [a for a in extra if a != "--"]
+    levels = args.noise.split(",")
+    unknown = [lv for lv in levels if lv not in NOISE_LEVELS]
+    if unknown:
+        parser.error(f"unknown noise level {unknown[0]!r}; choose from {', '.join(NOISE_LEVELS)}")
+    if args.refine_again and not args.work:
+        parser.error("--refine-again needs --work")
     base = QUICK if args.quick else FULL
     budget = replace(
-        base, rounds=args.rounds or base.rounds, round_steps=args.round_steps or base.round_steps,
+        base, train_images=args.images or base.train_images, rounds=args.rounds or base.rounds, round_steps=args.round_steps or base.round_steps,
         arm_steps=args.arm_steps or base.arm_steps,
     )
     torch.set_num_threads(args.threads)
@@ -221,11 +293,13 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=".*(random weights|LeafSpec)")
     start = time.time()
 
-    if args.work:
-        bench(Path(args.work), budget, args.size, args.seed, args.threads, extra)
-    else:
-        with tempfile.TemporaryDirectory(prefix="bench_refine_") as tmp:
-            bench(Path(tmp), budget, args.size, args.seed, args.threads, extra)
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="bench_refine_") as tmp:
+        root = Path(args.work or tmp)
+        for level in levels:
+            results[level] = bench(root / level, level, args.look, budget, args.size, args.seed, args.threads,
+                                   extra, args.refine_again, not args.no_arms)
+    print("\n" + summary(results))
     usage = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = sum(u.ru_utime + u.ru_stime for u in usage)
     print(f"time: {time.time() - start:.0f} s wall, {cpu:.0f} s CPU")

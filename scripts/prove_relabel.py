@@ -42,19 +42,20 @@ def predict_probs(model: torch.nn.Module, images: np.ndarray, batch: int = 64) -
 
 def refine_half(data: dict, probs: np.ndarray, cfg: RefineConfig, gate: bool) -> dict[str, float]:
     """Relabel, score and drop as the loop will; returns label quality figures."""
-    preds = [refine.predict(refine.restrict(p, c)) for p, c in zip(probs, data["classes"])]
-    totals = sum((refine.class_totals(m, m, pred, top) for m, (pred, top) in zip(data["masks"], preds)), refine.ClassTotals())
+    views = [refine.restricted(p, c) for p, c in zip(probs, data["classes"])]
+    evidence = sum((refine.class_evidence(m, v.pred, cfg.core_margin) for m, v in zip(data["masks"], views)),
+                   refine.ClassEvidence())
     reliable = (
-        refine.reliable_classes(totals.confusion, cfg.min_reliability, cfg.min_class_pixels)
-        if gate else np.ones(len(totals.confusion), dtype=bool)
+        refine.reliable_classes(evidence, cfg.min_reliability, cfg.max_core_agreement, cfg.min_class_pixels)
+        if gate else np.ones(len(evidence.confusion), dtype=bool)
     )
     refined = [
-        refine.relabel(m, p, c, reliable, cfg.relabel_confidence, cfg.keep_confidence)
-        for m, p, c in zip(data["masks"], probs, data["classes"])
+        refine.relabel(m, v, reliable, cfg.relabel_confidence, cfg.keep_confidence)
+        for m, v in zip(data["masks"], views)
     ]
     scores = {
-        f"{i:05d}": refine.sample_score(m, pred, top, c, cfg.confidence_weight)
-        for i, (m, (pred, top), c) in enumerate(zip(refined, preds, data["classes"]))
+        f"{i:05d}": refine.sample_score(m, v.pred, v.top, c, cfg.confidence_weight)
+        for i, (m, v, c) in enumerate(zip(refined, views, data["classes"]))
     }
     # Scores from a model reliable for no class rank noise: drop nothing then.
     dropped = refine.select_drops(scores, cfg.drop_fraction if reliable[1:].any() else 0.0)

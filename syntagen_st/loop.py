@@ -253,12 +253,13 @@ class Loop:
         active = self.active()
         held_out = self._held_out_predictions(r, active)
 
-        # 1. Held-out reliability: the classes whose held-out predictions agree with the labels.
-        confusion = np.zeros((len(VOC_CLASSES), len(VOC_CLASSES)), np.int64)
+        # 1. Held-out reliability on the labels' cores: the classes the
+        # model may relabel.
+        evidence = rf.ClassEvidence()
         for a, model in held_out():
-            confusion += rf.confusion_matrix(model.pred, load_sample(a.sample)["mask"])
-        confusion = dist.all_reduce_sum(confusion)
-        reliable = rf.reliable_classes(confusion, cfg.min_reliability, cfg.min_class_pixels)
+            evidence = evidence + rf.class_evidence(load_sample(a.sample)["mask"], model.pred, cfg.core_margin)
+        evidence = rf.ClassEvidence(*(dist.all_reduce_sum(getattr(evidence, f.name)) for f in fields(rf.ClassEvidence)))
+        reliable = rf.reliable_classes(evidence, cfg.min_reliability, cfg.max_core_agreement, cfg.min_class_pixels)
 
         # 2. Relabel and score each sample, gathering the class statistics.
         totals = rf.ClassTotals()
@@ -308,6 +309,7 @@ class Loop:
             "pixels": pixels,
             "classes_in_pool": sorted({c for a in active for c in a.classes}, key=class_index),
             "iou_model_vs_labels": _named(totals.iou()),
+            "core_iou_model_vs_labels": _named(evidence.core_iou()),
             "reliable": [VOC_CLASSES[c] for c in np.flatnonzero(reliable)],
             "weakness": _named(weakness),
             "weights": weights,

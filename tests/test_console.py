@@ -42,7 +42,7 @@ def test_smoke_fit_prints_each_step_and_each_round_and_no_noise(tmp_path):
         "--config", SMOKE, "--generate.height", "64", "--generate.width", "64", "--generate.steps", "2",
         "--loop.rounds", "2", "--loop.generate_total", "12", "--loop.round_steps", "4", "--train.max_steps", "4",
         "--train.crop_size", "32", "--train.num_workers", "8", "--refine.min_class_pixels", "0",
-        "--refine.min_reliability", "0", "--refine.drop_fraction", "0.2",
+        "--refine.min_reliability", "0", "--refine.max_core_agreement", "1", "--refine.drop_fraction", "0.2",
     ]
     result = subprocess.run([sys.executable, "-m", "syntagen_st.fit", *args, "--out", str(out)],
                             capture_output=True, text=True, check=True)

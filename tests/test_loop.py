@@ -21,11 +21,13 @@ from syntagen_st.store import save_mask
 from conftest import SMOKE
 
 # The smoke config, shrunk: 2 rounds of 6 images at 64 px, 4-step round models. Every class
-# counts as reliable, so the relabel and drop paths run even with such weak models.
+# counts as reliable (min_reliability 0, max_core_agreement 1), so the relabel and drop paths run even
+# with such weak models.
 SMALL = [
     "--config", SMOKE, "--generate.height", "64", "--generate.width", "64", "--generate.steps", "2",
     "--loop.rounds", "2", "--loop.generate_total", "12", "--loop.round_steps", "4", "--train.max_steps", "4",
-    "--train.crop_size", "32", "--refine.min_class_pixels", "0", "--refine.min_reliability", "0", "--refine.drop_fraction", "0.2",
+    "--train.crop_size", "32", "--refine.min_class_pixels", "0", "--refine.min_reliability", "0", "--refine.max_core_agreement", "1",
+    "--refine.drop_fraction", "0.2",
     "--no-progress",
 ]
 

@@ -95,10 +95,11 @@ def test_reliability_needs_agreement_and_enough_pixels():
     pred = label.copy()
     pred[:5, :1] = 0  # cat IoU 45/50 = 0.9
     confusion = refine.confusion_matrix(pred, label)
-    reliable = refine.reliable_classes(confusion, min_reliability=0.85, min_pixels=10)
+    iou, support = refine.class_iou(confusion), confusion.sum(axis=1)
+    reliable = refine.reliable_from(iou, support, 0.85, 10)
     assert reliable[0] and reliable[CAT]
     assert not reliable[DOG]  # perfect, but one pixel is no evidence
-    assert not refine.reliable_classes(confusion, min_reliability=0.95, min_pixels=10)[CAT]
+    assert not refine.reliable_from(iou, support, 0.95, 10)[CAT]
     label[0, 0] = 255  # ignored
     assert refine.confusion_matrix(pred, label).sum() == 99
 
@@ -107,7 +108,7 @@ def test_background_only_model_is_not_reliable():
     label = np.zeros((10, 10), np.uint8)
     label[:2] = CAT
     confusion = refine.confusion_matrix(np.zeros_like(label), label)  # background IoU 0.8
-    assert not refine.reliable_classes(confusion, min_reliability=0.5, min_pixels=1).any()
+    assert not refine.reliable_from(refine.class_iou(confusion), confusion.sum(axis=1), 0.5, 1).any()
 
 
 def test_sample_score_counts_unsure_label_as_miss():
@@ -160,3 +161,71 @@ def test_weakest_class_gets_the_most_weight():
     floored = refine.prompt_weights(np.eye(NUM_CLASSES)[DOG], power=1.0, min_weight=0.2)
     assert min(floored.values()) > 0
     assert refine.prompt_weights(np.zeros(NUM_CLASSES), 1.0, 0.2) == {n: 1.0 for n in FOREGROUND_CLASSES}
+
+
+def test_core_mask_keeps_pixels_away_from_boundaries_and_the_255_band():
+    label = np.zeros((10, 10), np.uint8)
+    label[2:6, 2:6] = CAT
+    label[8, 8] = 255
+    core = refine.core_mask(label, margin=1)
+    expected_cat = np.zeros_like(core)
+    expected_cat[3:5, 3:5] = True
+    assert np.array_equal(core & (label == CAT), expected_cat)
+    assert not core[1:7, 1:7][label[1:7, 1:7] == 0].any()  # the ring of background around the cat
+    assert not core[7:10, 7:10].any()  # the 255 pixel and its neighbours
+    assert core[0, 0] and core[9, 0]  # the image edge is no boundary
+    assert np.array_equal(refine.core_mask(label, margin=0), label != 255)
+
+
+def test_core_reliability_ignores_boundary_noise_but_not_class_errors():
+    """A label dilated by 2 px around a model that is right: agreement over every pixel says
+    unreliable (IoU 0.36), agreement on the label's core says reliable."""
+    truth = np.zeros((32, 32), np.uint8)
+    truth[12:18, 12:18] = CAT
+    label = np.zeros_like(truth)
+    label[10:20, 10:20] = CAT
+    ev = refine.class_evidence(label, truth, core_margin=2 / 32)
+    assert refine.class_iou(ev.confusion)[CAT] == pytest.approx(36 / 100)
+    assert ev.core_iou()[CAT] == pytest.approx(1.0)
+    assert ev.support()[CAT] == 36
+    assert refine.reliable_from(ev.core_iou(), ev.support(), 0.7, 10)[[0, CAT]].all()
+    # The model calls the cat a dog: its core disagrees with the label, and the gate shuts.
+    ev = refine.class_evidence(label, np.where(truth == CAT, DOG, 0).astype(np.uint8), core_margin=2 / 32)
+    assert not refine.reliable_from(ev.core_iou(), ev.support(), 0.7, 10).any()
+    # Margin 0 is agreement over every labelled pixel.
+    assert np.array_equal(refine.class_evidence(label, truth, 0.0).core_confusion, refine.confusion_matrix(truth, label))
+
+
+def test_reliable_from_needs_support_and_a_foreground_class():
+    score = np.full(NUM_CLASSES, np.nan)
+    score[0], score[CAT], score[DOG] = 0.9, 0.9, 0.95
+    support = np.zeros(NUM_CLASSES, np.int64)
+    support[0], support[CAT], support[DOG] = 100, 100, 5
+    reliable = refine.reliable_from(score, support, 0.8, 10)
+    assert np.flatnonzero(reliable).tolist() == [0, CAT]  # dog: too few pixels; NaN classes: no
+    score[CAT] = 0.7
+    assert not refine.reliable_from(score, support, 0.8, 10).any()  # background alone knows nothing
+
+
+def test_gate_opens_only_where_the_model_is_sound_on_the_cores_but_not_perfect_there():
+    truth = np.zeros((32, 32), np.uint8)
+    truth[8:24, 8:24] = CAT
+    noisy = np.zeros_like(truth)
+    noisy[4:28, 4:28] = CAT  # dilated by 4 px: its core (eroded by 2) is 20 x 20, the cat 16 x 16
+    # A model that is right, against noisy labels: it agrees with their cores at 256 / 400.
+    ev = refine.class_evidence(noisy, truth, core_margin=2 / 32)
+    assert ev.core_iou()[CAT] == pytest.approx(0.64)
+    assert np.flatnonzero(refine.reliable_classes(ev, 0.5, 0.85, 10)).tolist() == [0, CAT]
+    assert not refine.reliable_classes(ev, 0.7, 0.85, 10).any()  # below min_core
+    # The same model against labels whose cores it matches: nothing to fix, the gate stays shut,
+    # even though a boundary error keeps agreement over every pixel low.
+    blurred = truth.copy()
+    blurred[7, 8:24] = CAT
+    blurred[8:24, 7] = CAT
+    ev = refine.class_evidence(blurred, truth, core_margin=2 / 32)
+    assert ev.core_iou()[CAT] == pytest.approx(1.0) and refine.class_iou(ev.confusion)[CAT] < 0.9
+    assert not refine.reliable_classes(ev, 0.5, 0.85, 10).any()
+    assert refine.reliable_classes(ev, 0.5, 1.0, 10)[CAT]  # max_core 1: the lower bound alone
+    # A model that is wrong (calls the cat a dog) against the noisy labels: shut.
+    ev = refine.class_evidence(noisy, np.where(truth == CAT, DOG, 0).astype(np.uint8), core_margin=2 / 32)
+    assert not refine.reliable_classes(ev, 0.5, 0.85, 10).any()
