@@ -30,6 +30,8 @@ SHORTCUTS = {
     "batch_size": "train.batch_size",
     "logger": "train.logger",
     "backbone_weights": "train.backbone_weights",
+    "devices": "train.devices",
+    "num_nodes": "train.num_nodes",
 }
 """Short flags (``--num-images``) for the config keys a command's users set most; one table for all CLIs."""
 

@@ -111,6 +111,8 @@ class TrainConfig:
     num_workers: int = 4
     accelerator: str = "auto"
     devices: str = "auto"
+    """Devices per node ('auto', N, or ids '0,1'). ``fit`` and ``generate`` run every stage on
+    train.devices x train.num_nodes processes (one per device); batch_size is the total batch."""
     num_nodes: int = 1
     precision: str = "auto"
     """'auto': bf16-mixed on CUDA, 32 on CPU."""
@@ -304,6 +306,27 @@ def validate_label(cfg: LabelConfig) -> None:
         _check(value >= 1 and value & (value - 1) == 0, f"label.{name} must be a power of 2, got {value}")
 
 
+def device_count(devices: str) -> int | None:
+    """How many devices ``train.devices`` names per node: 'N', or a list of ids ('0,1', '[0, 1]');
+    None when Lightning decides ('auto', '-1')."""
+    text = devices.strip().strip("[]").strip()
+    if text.isdigit():
+        return int(text) if not devices.strip().startswith("[") else 1
+    ids = [part.strip() for part in text.split(",") if part.strip()]
+    return len(ids) if len(ids) > 1 and all(part.isdigit() for part in ids) else None
+
+
+def per_device_batch(cfg: TrainConfig, world: int) -> int:
+    """``train.batch_size`` is the total batch (the protocol's 8): each of ``world`` devices takes
+    an equal share, so the learning rate and schedule hold; a count that does not divide it is refused."""
+    _check(
+        cfg.batch_size % world == 0,
+        f"train.batch_size {cfg.batch_size} is the total batch and cannot be split over {world} devices "
+        f"(train.devices x train.num_nodes); use a device count that divides it",
+    )
+    return cfg.batch_size // world
+
+
 def validate_train(cfg: TrainConfig) -> None:
     for name in ("max_steps", "batch_size", "crop_size", "num_nodes", "log_every", "val_every", "checkpoint_every"):
         _check(getattr(cfg, name) >= 1, f"train.{name} must be >= 1, got {getattr(cfg, name)}")
@@ -312,6 +335,10 @@ def validate_train(cfg: TrainConfig) -> None:
     _check(0 < cfg.scale_min <= cfg.scale_max, "train.scale_min must be > 0 and <= train.scale_max")
     _fraction("train.momentum", cfg.momentum)
     _check(cfg.val_panels >= 0, f"train.val_panels must be >= 0, got {cfg.val_panels}")
+    count = device_count(cfg.devices)
+    _check(count != 0, "train.devices must not be 0; use 'auto' or a device count")
+    if count is not None:
+        per_device_batch(cfg, count * cfg.num_nodes)
     # Flags such as --arch are mapped onto the config after parsing, past jsonargparse's type check.
     from typing import get_args, get_type_hints
 

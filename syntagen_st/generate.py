@@ -11,11 +11,13 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .attention import AttentionStore, capture_attention
@@ -23,11 +25,13 @@ from .classes import VOC_CLASSES, class_index, display_name
 from .cli import config_from, config_parser, prepare_run_folder, run_main
 from .config import TINY_MODELS, Config, ConfigError, LabelConfig, ModelConfig, is_local_path
 from .device import resolve_device
+from .distributed import SINGLE, Dist, ShardSampler, launch
 from .errors import UserError
 from .labels import attention_to_scores, scores_to_labels, upsample_scores
 from .prompt_rounds import round_records
 from .prompts import PromptRecord
 from .store import Pool
+from .writer import BackgroundWriter
 
 _SCHEDULERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
 
@@ -127,10 +131,11 @@ def label_sample(
 class SampleGenerator:
     """A loaded pipeline that turns prompt records into labelled samples."""
 
-    def __init__(self, cfg: Config, pipe: StableDiffusionPipeline | None = None) -> None:
-        """Load the configured pipeline, or use ``pipe`` (already on its device) as given."""
+    def __init__(self, cfg: Config, pipe: StableDiffusionPipeline | None = None, device: torch.device | None = None) -> None:
+        """Load the configured pipeline (on ``device``, e.g. a rank's GPU, or model.device), or
+        use ``pipe`` (already on its device) as given."""
         self.gen, self.label = cfg.generate, cfg.label
-        self.device = resolve_device(cfg.model.device, "model.device")
+        self.device = device if device is not None else resolve_device(cfg.model.device, "model.device")
         self.dtype = resolve_dtype(cfg.model.dtype, self.device)
         self.pipe = pipe if pipe is not None else load_pipeline(cfg.model, self.device, self.dtype)
         self.latent_hw = (self.gen.height // self.pipe.vae_scale_factor, self.gen.width // self.pipe.vae_scale_factor)
@@ -154,34 +159,52 @@ class SampleGenerator:
                 for i, r in enumerate(records)
             ]
 
-    def fill(self, pool: Pool, records: Sequence[PromptRecord], progress: bool = True) -> int:
-        """Generate every record the pool lacks, a batch at a time; returns how many were made.
+    def fill(self, pool: Pool, records: Sequence[PromptRecord], progress: bool = True, dist: Dist = SINGLE) -> int:
+        """Generate every record the pool lacks; returns how many this rank made.
 
-        Each batch's files are written before its manifest shard, so a crash loses at most the
-        batch in flight and a rerun skips what is done.
+        The records are cut into batches of ``generate.batch_size`` in order, whatever the number
+        of processes, and a ShardSampler deals the batches to the ranks. A batch's manifest shard
+        is named after its first sample, so the pool, manifests included, is the same with 1 or
+        N processes. A background writer encodes and writes a batch (files, then its manifest
+        shard) while the next one denoises; a crash loses at most the queued batches, and a rerun
+        regenerates exactly those.
         """
-        done = pool.done_ids()
-        todo = [r for r in records if r.id not in done]
+        # Rank 0's view of the pool: a rank reading it after another has started writing would
+        # cut other batches and deal them differently.
+        done = dist.broadcast(pool.done_ids() if dist.is_main else None)
+        size = self.gen.batch_size
+        batches = ([r for r in records[i : i + size] if r.id not in done] for i in range(0, len(records), size))
+        todo = [batch for batch in batches if batch]
         if not todo:
             return 0
-        for record in todo:  # an over-long prompt is refused now, not hours into the run
-            class_token_groups(self.pipe.tokenizer, record)
-        bar = tqdm(total=len(todo), desc="generate", unit="img", disable=not progress)
+        for batch in todo:  # an over-long prompt is refused now, not hours into the run
+            for record in batch:
+                class_token_groups(self.pipe.tokenizer, record)
+        loader = DataLoader(todo, batch_size=None, sampler=ShardSampler(todo, dist), collate_fn=_as_is)  # type: ignore[arg-type]
+        mine = sum(len(todo[i]) for i in loader.sampler)
+        bar = tqdm(total=mine, desc="generate", unit="img", disable=not (progress and dist.is_main))
         start = time.perf_counter()
-        batch_size = self.gen.batch_size
         with capture_attention(
-            self.pipe.unet, min(batch_size, len(todo)), self.latent_hw, self.label.cross_factor,
+            self.pipe.unet, max(len(b) for b in todo), self.latent_hw, self.label.cross_factor,
             self.label.self_factor, self.pipe.tokenizer.model_max_length,
-        ) as store:
-            for i in range(0, len(todo), batch_size):
-                samples = self.generate(todo[i : i + batch_size], store)
-                for s in samples:
-                    pool.write_sample(s.record.id, s.image, s.mask, scores=s.scores, class_ids=s.class_ids)
-                pool.write_manifest_shard(samples[0].record.id, [s.manifest_row() for s in samples])
-                bar.update(len(samples))
+        ) as store, BackgroundWriter(max_pending=2) as writer:
+            for batch in loader:
+                writer.submit(partial(write_batch, pool, self.generate(batch, store)))
+                bar.update(len(batch))
                 bar.set_postfix(img_per_s=f"{bar.n / (time.perf_counter() - start):.2f}")
         bar.close()
-        return len(todo)
+        return mine
+
+
+def _as_is(batch: list[PromptRecord]) -> list[PromptRecord]:
+    return batch
+
+
+def write_batch(pool: Pool, samples: Sequence[LabelledImage]) -> None:
+    """A batch's files, then its manifest shard: a sample exists only once its files do."""
+    for s in samples:
+        pool.write_sample(s.record.id, s.image, s.mask, scores=s.scores, class_ids=s.class_ids)
+    pool.write_manifest_shard(samples[0].record.id, [s.manifest_row() for s in samples])
 
 
 # Values that may change between runs into the same folder without changing any sample.
@@ -191,7 +214,7 @@ _FREE_KEYS = {"name", "generate.num_images", "generate.batch_size", "model.devic
 def main(argv: Sequence[str] | None = None) -> int:
     parser = config_parser(
         "python -m syntagen_st.generate", "Generate SD images with attention masks into a pool.",
-        sections=("model", "generate", "label"), shortcuts=("num_images",), progress=True,
+        sections=("model", "generate", "label"), shortcuts=("num_images", "devices", "num_nodes"), progress=True,
     )
     parser.add_argument("--out", required=True, help="run folder; the pool goes to OUT/pool")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing folder and start again")
@@ -199,13 +222,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = config_from(parser, ns)
     from .preflight import preflight
 
-    print(preflight(cfg, cfg.generate.num_images), flush=True)
+    # --devices N: N processes, each generating its share of the batches (rank 0 owns the folder).
+    dist = launch(cfg.train)
+    if dist.is_main:
+        print(preflight(cfg, cfg.generate.num_images), flush=True)
     out = Path(ns.out)
-    prepare_run_folder(out, cfg, _FREE_KEYS, overwrite=ns.overwrite)
+    dist.main_first(lambda: prepare_run_folder(out, cfg, _FREE_KEYS, overwrite=ns.overwrite), others=False)
     # Prompts first: a language model writing them is freed before Stable Diffusion loads.
-    records = round_records(cfg, 0, cfg.generate.num_images, run_root=out)
-    made = SampleGenerator(cfg).fill(Pool(out / "pool"), records, not ns.no_progress)
-    print(f"{made} new samples; the pool at {out / 'pool'} holds {len(Pool(out / 'pool').done_ids())}")
+    records = dist.main_first(lambda: round_records(cfg, 0, cfg.generate.num_images, run_root=out))
+    made = SampleGenerator(cfg, device=dist.device).fill(Pool(out / "pool"), records, not ns.no_progress, dist)
+    made = int(dist.all_reduce_sum(np.array([made], np.int64))[0])
+    if dist.is_main:
+        print(f"{made} new samples; the pool at {out / 'pool'} holds {len(Pool(out / 'pool').done_ids())}")
     return 0
 
 

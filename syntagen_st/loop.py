@@ -20,7 +20,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +30,11 @@ from .classes import VOC_CLASSES, canonical, class_index
 from .config import Config
 from .data import Sample, find_samples, latest_refined, load_sample
 from .device import resolve_device
+from .distributed import SINGLE, Dist
 from .errors import UserError
 from .export import dataset_digest, export_run, record_model, verify_files
 from .dashboards import RoundLogger
-from .store import Pool, atomic_write_json, atomic_write_text, read_jsonl, save_image, save_mask, write_jsonl
+from .store import Pool, atomic_write_json, atomic_write_text, load_mask, read_jsonl, save_image, save_mask, write_jsonl
 from .summary import round_summary, step_title
 
 
@@ -103,8 +104,12 @@ class Run:
 
 
 class Loop:
-    def __init__(self, cfg: Config, run: Run, voc_root: str | None = None, progress: bool = True) -> None:
-        self.cfg, self.folder, self.voc_root, self.progress = cfg, run, voc_root, progress
+    """The rounds. Over several processes (``dist``) every rank walks the same steps; rank 0 owns
+    the run folder (state.json, step folders, merged files) and the others compute their shards."""
+
+    def __init__(self, cfg: Config, run: Run, voc_root: str | None = None, progress: bool = True, dist: Dist = SINGLE) -> None:
+        self.cfg, self.folder, self.voc_root, self.dist = cfg, run, voc_root, dist
+        self.progress = progress and dist.is_main
         self.reporter = RoundLogger(cfg, run.root)
 
     # ------------------------------------------------------------------ driver
@@ -113,19 +118,25 @@ class Loop:
         rounds = self.cfg.loop.rounds
         for r in range(rounds):
             self._step(f"round{r}/data", lambda r=r: self.add_data(r))
-            for k in range(self.cfg.refine.folds):
-                self._step(f"round{r}/fold{k}", lambda r=r, k=k: self.train_fold(r, k), restart=self.folder.round_dir(r) / f"fold{k}")
+            # One fold model per rank at a time: all K at once with >= K processes, in turn with fewer.
+            self._steps_side_by_side([
+                (f"round{r}/fold{k}", lambda r=r, k=k: self.train_fold(r, k), self.folder.round_dir(r) / f"fold{k}")
+                for k in range(self.cfg.refine.folds)
+            ])
             self._step(f"round{r}/refine", lambda r=r: self.refine_round(r))
             self._write_report()
         # Named after the round count: a run resumed with more rounds exports and trains again.
         root = self.folder.root
         self._step(f"final{rounds}/export", self.export_final, restart=root / "export")
         self._step(f"final{rounds}/train", self.train_final, restart=root / "final" if self._final_stale() else None)
-        self.reporter.finish()
+        if self.dist.is_main:
+            self.reporter.finish()
         self._write_report()
 
     def _write_report(self) -> None:
-        """The HTML report of the run so far; a failure to write it never stops the run."""
+        """The HTML report of the run so far (rank 0); a failure to write it never stops the run."""
+        if not self.dist.is_main:
+            return
         try:
             from .report import write_report
 
@@ -139,23 +150,48 @@ class Loop:
         return trained_on.exists() and trained_on.read_text().strip() != dataset_digest(self.folder.root / "export")
 
     def _step(self, name: str, fn, restart: Path | None = None) -> None:
-        if name in self.folder.done_steps():
-            return
-        if restart is not None and restart.exists():
-            # A step killed mid-way starts again from nothing, so the result is the same as an
-            # uninterrupted run's (a Lightning resume of a round model would reshuffle its data).
-            shutil.rmtree(restart)
-        print(step_title(name, self.cfg.loop.rounds, self.cfg.refine.folds), flush=True)
+        """A step every rank takes part in (each does its share inside ``fn``)."""
+        if self._not_done([name]):
+            self._run_together([(name, fn, restart)], every_rank=True)
+
+    def _steps_side_by_side(self, steps: list[tuple[str, Callable[[], None], Path]]) -> None:
+        """Independent steps, one per rank at a time: with N ranks, N of them run at once."""
+        pending = [s for s in steps if s[0] in self._not_done([s[0] for s in steps])]
+        for start in range(0, len(pending), self.dist.world):
+            self._run_together(pending[start : start + self.dist.world], every_rank=False)
+
+    def _not_done(self, names: list[str]) -> list[str]:
+        """Rank 0 reads state.json; every rank gets its answer."""
+        done = self.folder.done_steps() if self.dist.is_main else []
+        return self.dist.broadcast([n for n in names if n not in done])
+
+    def _run_together(self, steps: list[tuple[str, Callable[[], None], Path | None]], every_rank: bool) -> None:
+        """Rank 0 clears the steps' folders; then every rank runs the step (``every_rank``) or rank i
+        runs step i; once all have finished, rank 0 marks them done."""
+        if self.dist.is_main:
+            for name, _, restart in steps:
+                if restart is not None and restart.exists():
+                    # A step killed mid-way starts again from nothing, so the result is the same as an
+                    # uninterrupted run's (a Lightning resume of a round model would reshuffle its data).
+                    shutil.rmtree(restart)
+                print(step_title(name, self.cfg.loop.rounds, self.cfg.refine.folds), flush=True)
+        self.dist.barrier()
         start = time.perf_counter()
-        fn()
-        self.folder.mark_done(name, time.perf_counter() - start)
+        if every_rank:
+            steps[0][1]()
+        elif self.dist.rank < len(steps):
+            steps[self.dist.rank][1]()
+        self.dist.barrier()
+        if self.dist.is_main:
+            for name, _, _ in steps:
+                self.folder.mark_done(name, time.perf_counter() - start)
 
     # ------------------------------------------------------------------ round steps
 
     def add_data(self, r: int) -> None:
         loop = self.cfg.loop
         if loop.source.startswith("folder:"):
-            if r == 0:
+            if r == 0 and self.dist.is_main:
                 import_folder(loop.source[len("folder:"):], self.folder.pool)
             return
         from .generate import SampleGenerator, round_records
@@ -166,8 +202,8 @@ class Loop:
         split = loop.budget_split if r == 0 else "equal"
         count = round_budgets(loop.generate_total - earlier, loop.rounds - r, split)[0]
         # Prompts are saved (and a language model writing them freed) before SD loads.
-        records = round_records(self.cfg, r, count, self.weights_for(r), self.folder.root)
-        SampleGenerator(self.cfg).fill(self.folder.pool, records, self.progress)
+        records = self.dist.main_first(lambda: round_records(self.cfg, r, count, self.weights_for(r), self.folder.root))
+        SampleGenerator(self.cfg, device=self.dist.device).fill(self.folder.pool, records, self.progress, self.dist)
 
     def weights_for(self, r: int) -> dict[str, float] | None:
         if r == 0:
@@ -197,33 +233,39 @@ class Loop:
         cfg = copy.deepcopy(self.cfg.train)
         cfg.max_steps = self.cfg.loop.round_steps
         cfg.checkpoint_every = cfg.max_steps
+        # On one device whatever the process count: the model depends only on the round and the fold.
         train(cfg, samples, self.folder.round_dir(r) / f"fold{k}", seed=derived_seed(self.cfg.seed, f"r{r}k{k}"),
-              run_name=f"{self.cfg.name}-r{r}-fold{k}", progress=self.progress)
+              run_name=f"{self.cfg.name}-r{r}-fold{k}", progress=self.progress, single_device=True)
 
     def refine_round(self, r: int) -> None:
-        """Relabel, score, filter and steer with the round's fold models, in the method's order."""
+        """Relabel, score, filter and steer with the round's fold models, in the method's order.
+
+        Over several ranks each predicts and relabels its shard; the per-class counts and the
+        sample scores are merged, and rank 0 takes the decisions and writes the round's files."""
         cfg = self.cfg.refine
         rdir = self.folder.round_dir(r)
+        dist = self.dist
         # A redo after a crash must read the labels as they were before this round.
-        (rdir / "samples.jsonl").unlink(missing_ok=True)
+        dist.main_first(lambda: (rdir / "samples.jsonl").unlink(missing_ok=True), others=False)
         previous = latest_refined(self.folder.root)
         earlier = {row["id"]: row for row in read_jsonl(previous)} if previous else {}
         judged = {i for i, row in earlier.items() if row.get("judged")}
         active = self.active()
         held_out = self._held_out_predictions(r, active)
 
-        # 1. Held-out reliability, on the labels' cores and over every pixel: the classes the
+        # 1. Held-out reliability on the labels' cores: the classes the
         # model may relabel.
         evidence = rf.ClassEvidence()
         for a, model in held_out():
             evidence = evidence + rf.class_evidence(load_sample(a.sample)["mask"], model.pred, cfg.core_margin)
+        evidence = rf.ClassEvidence(*(dist.all_reduce_sum(getattr(evidence, f.name)) for f in fields(rf.ClassEvidence)))
         reliable = rf.reliable_classes(evidence, cfg.min_reliability, cfg.max_core_agreement, cfg.min_class_pixels)
 
         # 2. Relabel and score each sample, gathering the class statistics.
         totals = rf.ClassTotals()
         scores: dict[str, rf.SampleScore] = {}
+        confidence: dict[str, np.ndarray] = {}
         relabelled = pixels = 0
-        examples = []
         for a, model in held_out():
             # Attention confidence exists for labels not yet refined (they have scores).
             item = load_sample(a.sample, confidence=a.sample.scores is not None)
@@ -231,13 +273,22 @@ class Loop:
             refined = rf.relabel(label, model, reliable, cfg.relabel_confidence, cfg.keep_confidence,
                                  item.get("weight"), cfg.label_sure)
             scores[a.id] = rf.sample_score(label, model.pred, model.top, _allowed(a), cfg.confidence_weight)
-            totals = totals + rf.class_totals(label, refined, model.pred, model.top)
+            counted = rf.class_totals(label, refined, model.pred, model.top)
+            totals, confidence[a.id] = totals + counted, counted.confidence_sum
             relabelled += int((refined != label).sum())
             pixels += label.size
             save_mask(rdir / "labels" / f"{a.id}.png", refined)
             save_mask(rdir / "pred" / f"{a.id}.png", model.pred)  # the held-out prediction, for the report
-            if len(examples) < 8:
-                examples.append((a.sample.image, label, refined, model.pred))
+        totals = rf.ClassTotals(*(dist.all_reduce_sum(getattr(totals, f.name)) for f in fields(rf.ClassTotals)))
+        # Float sums are added sample by sample in the single-process order: the same bits for any world size.
+        confidence = {i: v for shard in dist.all_gather_objects(confidence) for i, v in shard.items()}
+        totals.confidence_sum = sum((confidence[a.id] for group in self._fold_groups(active) for a in group),
+                                    rf.ClassTotals().confidence_sum)
+        relabelled, pixels = (int(n) for n in dist.all_reduce_sum(np.array([relabelled, pixels], np.int64)))
+        scores = {i: score for shard in dist.all_gather_objects(scores) for i, score in shard.items()}
+        dist.barrier()  # every rank's label files are written
+        if not dist.is_main:
+            return
 
         # 3. Drops: each sample faces the filter once, in the first round whose model can judge
         # it; a model reliable for no foreground class cannot, so then nothing is dropped.
@@ -266,27 +317,38 @@ class Loop:
         atomic_write_json(rdir / "stats.json", stats)
         atomic_write_json(rdir / "weights.json", weights)
         write_jsonl(rdir / "samples.jsonl", _sample_rows(r, earlier, active, scores, drops, judged | set(candidates)))
-        self.reporter.log_round(r, stats, examples)
+        self.reporter.log_round(r, stats, self._examples(r, active))
         print(round_summary(stats, drops, self.cfg.loop.rounds), flush=True)
 
     def _held_out_predictions(self, r: int, active: list[Active]) -> Callable[[], Iterator[tuple[Active, rf.Restricted]]]:
         """A pass over every active sample with the prediction of the fold model that did not train
         on it, restricted to the sample's classes; fold by fold, in batches. Each call is a pass."""
         from . import network
+        from .refine_shard import predict_shard
 
-        device = resolve_device(self.cfg.model.device, "model.device")
+        device = self.dist.device or resolve_device(self.cfg.model.device, "model.device")
         models = [network.load_model(self.folder.round_dir(r) / f"fold{k}" / "model.safetensors", device)
                   for k in range(self.cfg.refine.folds)]
-        fold = self.folds(active)
+        groups = self._fold_groups(active)
 
         def one_pass() -> Iterator[tuple[Active, rf.Restricted]]:
-            for k, model in enumerate(models):
-                group = [a for a in active if fold[a.id] == k]
-                probs = network.predict_proba(model, [a.sample.image for a in group], batch_size=self.cfg.train.batch_size)
-                for a, p in zip(group, probs):
-                    yield a, rf.restricted(p, _allowed(a))
+            # This rank's share; over all ranks every sample once, in the single-process batches.
+            for a, p in predict_shard(models, groups, self.cfg.train.batch_size, self.dist, lambda a: a.sample.image):
+                yield a, rf.restricted(p, _allowed(a))
 
         return one_pass
+
+    def _fold_groups(self, active: list[Active]) -> list[list[Active]]:
+        fold = self.folds(active)
+        return [[a for a in active if fold[a.id] == k] for k in range(self.cfg.refine.folds)]
+
+    def _examples(self, r: int, active: list[Active], count: int = 8) -> list[tuple[Path, np.ndarray, np.ndarray, np.ndarray]]:
+        """The first samples of a pass (image, attention label, refined label, held-out prediction),
+        read back from the round's files: the same ones whichever rank predicted them."""
+        rdir = self.folder.round_dir(r)
+        first = [a for group in self._fold_groups(active) for a in group][:count]
+        return [(a.sample.image, load_sample(a.sample)["mask"], load_mask(rdir / "labels" / f"{a.id}.png"),
+                 load_mask(rdir / "pred" / f"{a.id}.png")) for a in first]
 
     # ------------------------------------------------------------------ final steps
 
@@ -305,7 +367,8 @@ class Loop:
 
     def export_final(self) -> None:
         """The entry layout, VOC tree, submission.json and card in RUN/export (export.py's function)."""
-        export_run(self.cfg, self.folder.root, self.selected(), self.folder.root / "export", self.progress)
+        if self.dist.is_main:
+            export_run(self.cfg, self.folder.root, self.selected(), self.folder.root / "export", self.progress)
 
     def train_final(self) -> None:
         """The fixed protocol on exactly the exported files; with --voc-root it validates on VOC
@@ -316,12 +379,18 @@ class Loop:
         root = self.folder.root
         export = root / "export"
         final = root / "final"
-        verify_files(export)  # the files on disk are those submission.json lists
-        final.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(final / "export_digest.txt", dataset_digest(export) + "\n")
+        def check_export() -> None:
+            verify_files(export)  # the files on disk are those submission.json lists
+            final.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(final / "export_digest.txt", dataset_digest(export) + "\n")
+
+        self.dist.main_first(check_export, others=False)
         # The export's VOC tree links to its entry files: the model reads exactly those bytes.
+        # Data-parallel over every rank, the total batch split between them.
         train(self.cfg.train, export, final, val_data=self.voc_root,
               seed=derived_seed(self.cfg.seed, "final"), run_name=f"{self.cfg.name}-final", progress=self.progress)
+        if not self.dist.is_main:
+            return
         record_model(export, (final / "checksum.txt").read_text().split()[0])
         if self.voc_root:
             print(format_table(json.loads((final / "metrics.json").read_text())))

@@ -26,8 +26,9 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from .checkpoints import read_checkpoint
 from .cli import config_from, config_parser, run_main
-from .config import TrainConfig
+from .config import TrainConfig, per_device_batch
 from .data import Sample, find_samples
+from .distributed import acting_as_rank_zero
 from .errors import UserError
 from .metrics import summarize
 from .network import model_from_checkpoint, save_weights, write_checksum
@@ -104,8 +105,17 @@ def _precision(cfg: TrainConfig) -> str:
     return "bf16-mixed" if on_gpu else "32-true"
 
 
-def _devices(value: str) -> str | int:
-    return int(value) if value.lstrip("-").isdigit() else value
+def _placement(cfg: TrainConfig, single_device: bool) -> dict:
+    """Trainer keywords: ``train.devices`` x ``train.num_nodes`` with DDP, or this rank's one
+    device (a fold model trained beside the other ranks' fold models)."""
+    if single_device:
+        on_gpu = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
+        device = [int(os.environ.get("LOCAL_RANK", "0"))] if on_gpu else 1
+        return {"accelerator": cfg.accelerator, "devices": device, "num_nodes": 1, "strategy": "auto"}
+    devices = int(cfg.devices) if cfg.devices.lstrip("-").isdigit() else cfg.devices
+    many = cfg.num_nodes > 1 or (isinstance(devices, int) and devices > 1)
+    return {"accelerator": cfg.accelerator, "devices": devices, "num_nodes": cfg.num_nodes,
+            "strategy": "ddp" if many else "auto"}
 
 
 def export_weights(module_or_ckpt: SegModule | Path, out: Path) -> Path:
@@ -122,13 +132,26 @@ def export_weights(module_or_ckpt: SegModule | Path, out: Path) -> Path:
 
 def train(
     cfg: TrainConfig, data: Data, out: str | os.PathLike, val_data: Data | None = None,
-    *, seed: int = 0, run_name: str | None = None, progress: bool = True,
+    *, seed: int = 0, run_name: str | None = None, progress: bool = True, single_device: bool = False,
 ) -> Path:
     """Train (or resume) into ``out`` for cfg.max_steps steps; return the final safetensors path.
 
     ``data`` / ``val_data`` are dataset folders (any kind find_samples knows) or sample lists.
     Each call builds a fresh Trainer, so a loop may call it once per round with its own ``out``.
+    ``train.batch_size`` is the total batch: over N devices each one takes batch_size / N, so
+    the protocol's learning rate and schedule hold for any device count. ``single_device``
+    trains on this process's device alone, whatever ``train.devices`` says.
     """
+    if single_device:
+        with acting_as_rank_zero():
+            return _train(cfg, data, out, val_data, seed=seed, run_name=run_name, progress=progress, single_device=True)
+    return _train(cfg, data, out, val_data, seed=seed, run_name=run_name, progress=progress, single_device=False)
+
+
+def _train(
+    cfg: TrainConfig, data: Data, out: str | os.PathLike, val_data: Data | None,
+    *, seed: int, run_name: str | None, progress: bool, single_device: bool,
+) -> Path:
     out = Path(out)
     train_samples = _samples(data, "train")
     val_samples = _samples(val_data, "val") if val_data is not None else []
@@ -144,14 +167,12 @@ def train(
     quiet_lightning()
     pl.seed_everything(seed, workers=True, verbose=False)
     module = SegModule(cfg)
-    datamodule = SegDataModule(train_samples, cfg, val_samples)
     logger = make_logger(cfg.logger, out, cfg.wandb_project, run_name or out.name)
     checkpoints = ModelCheckpoint(
         dirpath=out / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=cfg.checkpoint_every,
     )
     trainer = pl.Trainer(
-        default_root_dir=out, max_steps=cfg.max_steps, accelerator=cfg.accelerator, devices=_devices(cfg.devices),
-        num_nodes=cfg.num_nodes, precision=_precision(cfg), logger=logger,
+        default_root_dir=out, max_steps=cfg.max_steps, **_placement(cfg, single_device), precision=_precision(cfg), logger=logger,
         callbacks=[checkpoints, *([StepProgressBar(run_name or out.name)] if progress else [])],
         log_every_n_steps=cfg.log_every, limit_val_batches=1.0 if val_samples else 0,
         val_check_interval=min(cfg.val_every, cfg.max_steps) if val_samples else None,
@@ -159,6 +180,8 @@ def train(
         enable_progress_bar=progress,
         enable_model_summary=False,
     )
+    per_device = dataclasses.replace(cfg, batch_size=per_device_batch(cfg, trainer.world_size))
+    datamodule = SegDataModule(train_samples, per_device, val_samples)
     try:
         # Ctrl-C: Lightning shuts down and exits with status 1; rerunning resumes from last.ckpt.
         trainer.fit(module, datamodule=datamodule, ckpt_path=last if last.is_file() else None)

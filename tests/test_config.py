@@ -114,7 +114,9 @@ def test_device_names_are_checked(monkeypatch):
     [
         ("train", ["--train.arch", "--steps", "--batch-size", "--no-progress"], ["--generate.steps", "--refine.", "--loop."]),
         ("evaluate", ["--train.num_workers", "--voc-root"], ["--generate.", "--model.", "--loop."]),
-        ("generate", ["--generate.steps", "--model.pretrained", "--label.tau", "--num-images"], ["--train.", "--refine.", "--loop."]),
+        # generate runs on --devices (= --train.devices), the one train setting it reads.
+        ("generate", ["--generate.steps", "--model.pretrained", "--label.tau", "--num-images", "--devices"],
+         ["--train.arch", "--train.max_steps", "--refine.", "--loop."]),
         ("fit", ["--generate.steps", "--train.arch", "--refine.folds", "--loop.rounds", "--rounds", "--resume"], []),
     ],
 )

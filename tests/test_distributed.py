@@ -1,0 +1,201 @@
+"""Scale-out: N processes (gloo on the CPU) give the same data as one, and a killed rank resumes.
+
+The multi-process tests start the real CLIs in subprocesses with ``--devices 2``: Lightning's
+launcher re-runs the command line for rank 1, exactly as a user's run does.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from syntagen_st import fit as fit_mod
+from syntagen_st.cli import run_main
+from syntagen_st.distributed import Dist, ShardSampler
+from syntagen_st.writer import BackgroundWriter
+
+from conftest import SMOKE
+from test_loop import SMALL, _tree
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
+       "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+
+def _files(root: Path, skip: tuple[str, ...] = ()) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and not str(p.relative_to(root)).startswith(skip)}
+
+
+def test_shards_cover_every_index_once():
+    for n in (0, 1, 5, 8):
+        for world in (1, 2, 3):
+            shards = [list(ShardSampler(range(n), Dist(rank, world))) for rank in range(world)]
+            assert sorted(sum(shards, [])) == list(range(n)), (n, world, shards)
+            assert [len(s) for s in shards] == [len(ShardSampler(range(n), Dist(rank, world))) for rank in range(world)]
+
+
+def test_background_writer_runs_jobs_in_order_bounded_and_raises_a_failure():
+    done, gate = [], threading.Event()
+    with BackgroundWriter(max_pending=1) as writer:
+        writer.submit(lambda: (gate.wait(5), done.append(0)))
+        writer.submit(lambda: done.append(1))  # fills the queue while job 0 blocks
+        blocked = threading.Thread(target=writer.submit, args=(lambda: done.append(2),))
+        blocked.start()
+        time.sleep(0.2)
+        assert blocked.is_alive(), "a full queue must make the producer wait"
+        gate.set()
+        blocked.join(5)
+    assert done == [0, 1, 2]
+
+    def fail():
+        raise OSError("disk full")
+
+    writer = BackgroundWriter(max_pending=2)
+    writer.submit(fail)
+    writer.submit(lambda: done.append(3))  # dropped: the rerun regenerates it
+    with pytest.raises(OSError, match="disk full"):
+        writer.close()
+    assert done == [0, 1, 2]
+
+
+GENERATE = [sys.executable, "-m", "syntagen_st.generate", "--config", SMOKE, "--num-images", "7", "--generate.height", "64",
+            "--generate.width", "64", "--generate.steps", "2", "--generate.batch_size", "2", "--no-progress"]
+
+
+def test_generate_with_two_processes_writes_the_same_pool_as_one(tmp_path):
+    subprocess.run([*GENERATE, "--out", str(tmp_path / "one")], check=True, capture_output=True, env=ENV)
+    subprocess.run([*GENERATE, "--devices", "2", "--out", str(tmp_path / "two")], check=True, capture_output=True, env=ENV)
+    one, two = _files(tmp_path / "one", ("config.yaml",)), _files(tmp_path / "two", ("config.yaml",))
+    # 7 samples in batches of 2: rank 0 makes batches 0 and 2, rank 1 batches 1 and 3 (of one sample).
+    assert len([k for k in one if k.startswith("pool/images/")]) == 7
+    assert len([k for k in one if k.startswith("pool/manifest/")]) == 4
+    assert one.keys() == two.keys()
+    assert [k for k in one if one[k] != two[k]] == []
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_fit_with_two_processes_equals_one_and_resumes_after_a_rank_is_killed(tmp_path):
+    fit = [sys.executable, "-m", "syntagen_st.fit", *SMALL]
+    subprocess.run([*fit, "--out", str(tmp_path / "one")], check=True, capture_output=True, env=ENV)
+
+    two = tmp_path / "two"
+    proc = subprocess.Popen([*fit, "--devices", "2", "--out", str(two)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # Rank 1 trains fold model 1 beside rank 0's fold 0: kill -9 it in the middle.
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (two / "rounds" / "0" / "fold1" / "train_config.yaml").exists():
+        time.sleep(0.02)
+    ranks = _children(proc.pid)
+    assert len(ranks) == 1, ranks
+    os.kill(ranks[0], signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    # Rank 0 stops with one line at its next barrier, or Lightning's launcher ends it naming the dead rank.
+    assert "another rank stopped" in err or "terminated with code -9" in err, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    assert "round0/fold1" not in json.loads((two / "state.json").read_text())["done"]
+
+    done = subprocess.run([*fit, "--devices", "2", "--out", str(two)], capture_output=True, text=True, env=ENV)
+    assert done.returncode == 0, done.stderr[-2000:]
+    one, resumed = _tree(tmp_path / "one"), _tree(two)
+    assert one.keys() == resumed.keys()
+    # The pool, prompts, refined labels, scores, drops, weights and the exported files are the same;
+    # the final model is not: it trained data-parallel, 2 x batch 2 instead of 1 x batch 4.
+    model_files = {"final/model.safetensors", "final/checksum.txt", "export/submission.json", "export/README.md",
+                   "config.yaml", "final/train_config.yaml"}
+    assert [k for k in one if one[k] != resumed[k] and k not in model_files] == []
+    assert any(k.startswith("rounds/1/labels/") for k in one) and any(k.startswith("pool/manifest/") for k in one)
+    before, after = (json.loads(tree["export/submission.json"]) for tree in (one, resumed))
+    assert {**before, "model_sha256": None, "config": None} == {**after, "model_sha256": None, "config": None}
+    assert after["model_sha256"] == resumed["final/checksum.txt"].decode().split()[0]
+    # The fold models (trained one per rank, on one device each) are the single process's.
+    for r in (0, 1):
+        for k in (0, 1):
+            name = f"rounds/{r}/fold{k}/model.safetensors"
+            assert (tmp_path / "one" / name).read_bytes() == (two / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("flags", [["--train.devices", "3", "--train.batch_size", "8"], ["--devices", "3"]])
+def test_a_device_count_that_does_not_divide_the_batch_is_refused(capsys, tmp_path, flags):
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(fit_mod.main, "syntagen_st.fit", ["--config", str(Path(SMOKE).parent / "protocol.yaml"), *flags, "--out", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "train.batch_size 8" in err and "3 devices" in err
+    assert not (tmp_path / "run").exists()
+
+
+def _models():
+    import torch
+
+    from syntagen_st.network import build_segmenter
+
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(build_segmenter("lraspp_mobilenet_v3_large", "none").eval())
+    return models
+
+
+def _predict_and_count(rank: int, world: int, init: str, images: list, labels: dict, out: str) -> None:
+    """One rank of a 2-process refine pass: its shard's probabilities, and the merged confusion."""
+    import torch
+    import torch.distributed as torch_dist
+
+    from syntagen_st import refine as rf
+    from syntagen_st.refine_shard import predict_shard
+
+    torch.set_num_threads(1)
+    torch_dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    dist = Dist(rank, world)
+    probs = dict(predict_shard(_models(), [images[:5], images[5:]], 2, dist))
+    confusion = sum(rf.confusion_matrix(p.argmax(0).astype(np.uint8), labels[i]) for i, p in probs.items())
+    np.savez(Path(out) / f"rank{rank}.npz", confusion=dist.all_reduce_sum(confusion),
+             **{f"p_{i}": p for i, p in probs.items()})
+    torch_dist.destroy_process_group()
+
+
+def test_refine_predictions_over_two_ranks_equal_one(tmp_path):
+    import torch
+    import torch.multiprocessing as mp
+
+    from syntagen_st import refine as rf
+    from syntagen_st.refine_shard import predict_shard
+
+    rng = np.random.default_rng(0)
+    images, labels = [], {}
+    for n in range(9):
+        path = tmp_path / f"s{n}.png"
+        from PIL import Image
+
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path)
+        images.append(str(path))
+        labels[str(path)] = rng.integers(0, 21, (32, 32), dtype=np.uint8)
+    mp.spawn(_predict_and_count, args=(2, f"file://{tmp_path / 'init'}", images, labels, str(tmp_path)), nprocs=2)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ranks ran with one thread each: the same kernels
+    try:
+        single = dict(predict_shard(_models(), [images[:5], images[5:]], 2))
+    finally:
+        torch.set_num_threads(threads)
+    ranks = [np.load(tmp_path / f"rank{r}.npz") for r in (0, 1)]
+    shards = [{k[2:] for k in f.files if k.startswith("p_")} for f in ranks]
+    assert not shards[0] & shards[1] and shards[0] | shards[1] == set(images) and all(shards)
+    for f, shard in zip(ranks, shards):
+        for i in shard:
+            assert np.array_equal(f[f"p_{i}"], single[i]), i
+    confusion = sum(rf.confusion_matrix(p.argmax(0).astype(np.uint8), labels[i]) for i, p in single.items())
+    for f in ranks:
+        assert np.array_equal(f["confusion"], confusion)
