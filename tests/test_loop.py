@@ -14,9 +14,10 @@ import pytest
 from PIL import Image
 
 from syntagen_st import fit as fit_mod
+from syntagen_st import refine as refine_mod
 from syntagen_st.cli import run_main
 from syntagen_st.loop import assign_folds, round_budgets
-from syntagen_st.store import save_mask
+from syntagen_st.store import load_mask, save_mask
 
 from conftest import SMOKE
 
@@ -87,13 +88,22 @@ def test_smoke_loop_end_to_end_and_no_sample_is_relabelled_by_its_own_model(tmp_
         calls.append((getattr(model, "loaded_from", "?"), [Path(i).stem for i in images]))
         return real_predict(model, images, *args, **kwargs)
 
+    evidence_labels: list[bytes] = []
+    real_evidence = refine_mod.class_evidence
+
+    def spy_evidence(label, *args, **kwargs):
+        evidence_labels.append(label.tobytes())
+        return real_evidence(label, *args, **kwargs)
+
     monkeypatch.setattr(train_mod, "train", spy_train)
     monkeypatch.setattr(network, "load_model", spy_load)
     monkeypatch.setattr(network, "predict_proba", spy_predict)
+    monkeypatch.setattr(refine_mod, "class_evidence", spy_evidence)
 
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as done:
-        run_main(fit_mod.main, "fit", [*SMALL, "--out", str(out)])
+        # relabel_confidence 0: even these weak models rewrite labels, so a refined label differs from its original.
+        run_main(fit_mod.main, "fit", [*SMALL, "--refine.relabel_confidence", "0", "--out", str(out)])
     assert done.value.code == 0
     assert len(trained_on) == 4
     # Every prediction came from a fold model, and none of them had trained on what it predicted.
@@ -107,6 +117,17 @@ def test_smoke_loop_end_to_end_and_no_sample_is_relabelled_by_its_own_model(tmp_
         of_round = [ids for model, ids in calls if f"{os.sep}rounds{os.sep}{r}{os.sep}" in model]
         passes = [sum(of_round[:len(of_round) // 2], []), sum(of_round[len(of_round) // 2:], [])]
         assert active and all(sorted(p) == active for p in passes), (active, passes)
+
+    # The gate is measured against the original attention labels, never against refined ones
+    # (a model's own output would vouch for it); and a sample is relabelled once, in the first
+    # round that judged it: later rounds keep its label.
+    originals = {load_mask(p).tobytes() for p in (out / "pool" / "masks").iterdir()}
+    assert evidence_labels and set(evidence_labels) <= originals
+    first = {row["id"]: row for row in map(json.loads, (out / "rounds" / "0" / "samples.jsonl").read_text().splitlines())}
+    judged = [i for i, row in first.items() if row.get("judged") and row["kept"]]
+    assert judged and any(load_mask(out / first[i]["mask"]).tobytes() not in originals for i in judged)
+    for i in judged:
+        assert np.array_equal(load_mask(out / "rounds" / "1" / "labels" / f"{i}.png"), load_mask(out / first[i]["mask"])), i
 
     state = json.loads((out / "state.json").read_text())["done"]
     assert state[-2:] == ["final2/export", "final2/train"]
