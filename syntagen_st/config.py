@@ -152,7 +152,7 @@ class RefineConfig:
     label_sure: float = 0.8
     """Attention confidence at or above which a label pixel is sure and survives disagreement."""
     min_class_pixels: int = 1000
-    """A class needs this many held-out labelled pixels before its reliability counts."""
+    """A class needs this many held-out core label pixels (``core_margin``) before its reliability counts."""
     confidence_weight: float = 0.25
     """Sample score = (1 - w) * model-label agreement + w * mean model confidence."""
     drop_fraction: float = 0.1

@@ -235,7 +235,7 @@ class Loop:
         cfg.checkpoint_every = cfg.max_steps
         # On one device whatever the process count: the model depends only on the round and the fold.
         train(cfg, samples, self.folder.round_dir(r) / f"fold{k}", seed=derived_seed(self.cfg.seed, f"r{r}k{k}"),
-              run_name=f"{self.cfg.name}-r{r}-fold{k}", progress=self.progress, single_device=True)
+              run_name=f"{self.cfg.name}-r{r}-fold{k}", progress=self.progress, single_device=True, device=self.dist.device)
 
     def refine_round(self, r: int) -> None:
         """Relabel, score, filter and steer with the round's fold models, in the method's order.

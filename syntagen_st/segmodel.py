@@ -179,7 +179,10 @@ class SegDataModule(pl.LightningDataModule):
         cfg = self.cfg
         dataset = SegDataset(
             self.train_samples, train_transform(cfg.crop_size, cfg.scale_min, cfg.scale_max),
-            skip_corrupt=True, confidence=cfg.confidence_weighting, min_length=cfg.batch_size,
+            # Every rank's sampler takes 1 / world of the data: padded to a whole batch per rank,
+            # a small pool still trains under DDP instead of dropping its only batch.
+            skip_corrupt=True, confidence=cfg.confidence_weighting,
+            min_length=cfg.batch_size * (self.trainer.world_size if self.trainer is not None else 1),
         )
         return self._loader(dataset, cfg.batch_size, train=True)
 

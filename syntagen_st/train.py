@@ -26,7 +26,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from .checkpoints import read_checkpoint
 from .cli import config_from, config_parser, run_main
-from .config import TrainConfig, per_device_batch
+from .config import TrainConfig, device_count, per_device_batch
 from .data import Sample, find_samples
 from .distributed import acting_as_rank_zero
 from .errors import UserError
@@ -105,17 +105,26 @@ def _precision(cfg: TrainConfig) -> str:
     return "bf16-mixed" if on_gpu else "32-true"
 
 
-def _placement(cfg: TrainConfig, single_device: bool) -> dict:
-    """Trainer keywords: ``train.devices`` x ``train.num_nodes`` with DDP, or this rank's one
-    device (a fold model trained beside the other ranks' fold models)."""
+def _placement(cfg: TrainConfig, single_device: bool, device: torch.device | None) -> dict:
+    """Trainer keywords: ``train.devices`` x ``train.num_nodes`` with DDP, or one device (a fold
+    model trained beside the other ranks' fold models): this rank's ``device`` when it has one,
+    which the launcher found (SLURM sets no LOCAL_RANK), else the first GPU ``train.devices`` lists."""
+    on_gpu = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
     if single_device:
-        on_gpu = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
-        device = [int(os.environ.get("LOCAL_RANK", "0"))] if on_gpu else 1
-        return {"accelerator": cfg.accelerator, "devices": device, "num_nodes": 1, "strategy": "auto"}
+        if device is not None and device.type == "cuda":
+            return {"accelerator": "gpu", "devices": [device.index or 0], "num_nodes": 1, "strategy": "auto"}
+        listed = [int(part) for part in cfg.devices.strip().strip("[]").split(",") if part.strip().isdigit()]
+        first = listed[0] if "," in cfg.devices or cfg.devices.strip().startswith("[") else 0
+        return {"accelerator": cfg.accelerator, "devices": [first] if on_gpu else 1, "num_nodes": 1, "strategy": "auto"}
     devices = int(cfg.devices) if cfg.devices.lstrip("-").isdigit() else cfg.devices
     many = cfg.num_nodes > 1 or (isinstance(devices, int) and devices > 1)
+    launched = torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    # BatchNorm over the whole batch, as the protocol's one-GPU batch of 8 has: with 8 GPUs a
+    # device holds one image, which plain BatchNorm refuses in DeepLabv3's pooling branch.
+    # torch syncs BatchNorm on GPUs only.
+    sync = on_gpu and (many or launched or (device_count(cfg.devices) or 1) > 1)
     return {"accelerator": cfg.accelerator, "devices": devices, "num_nodes": cfg.num_nodes,
-            "strategy": "ddp" if many else "auto"}
+            "strategy": "ddp" if many else "auto", "sync_batchnorm": sync}
 
 
 def export_weights(module_or_ckpt: SegModule | Path, out: Path) -> Path:
@@ -133,6 +142,7 @@ def export_weights(module_or_ckpt: SegModule | Path, out: Path) -> Path:
 def train(
     cfg: TrainConfig, data: Data, out: str | os.PathLike, val_data: Data | None = None,
     *, seed: int = 0, run_name: str | None = None, progress: bool = True, single_device: bool = False,
+    device: torch.device | None = None,
 ) -> Path:
     """Train (or resume) into ``out`` for cfg.max_steps steps; return the final safetensors path.
 
@@ -140,17 +150,17 @@ def train(
     Each call builds a fresh Trainer, so a loop may call it once per round with its own ``out``.
     ``train.batch_size`` is the total batch: over N devices each one takes batch_size / N, so
     the protocol's learning rate and schedule hold for any device count. ``single_device``
-    trains on this process's device alone, whatever ``train.devices`` says.
+    trains on this process's ``device`` alone, whatever ``train.devices`` says.
     """
     if single_device:
         with acting_as_rank_zero():
-            return _train(cfg, data, out, val_data, seed=seed, run_name=run_name, progress=progress, single_device=True)
-    return _train(cfg, data, out, val_data, seed=seed, run_name=run_name, progress=progress, single_device=False)
+            return _train(cfg, data, out, val_data, seed=seed, run_name=run_name, progress=progress, placement=_placement(cfg, True, device))
+    return _train(cfg, data, out, val_data, seed=seed, run_name=run_name, progress=progress, placement=_placement(cfg, False, None))
 
 
 def _train(
     cfg: TrainConfig, data: Data, out: str | os.PathLike, val_data: Data | None,
-    *, seed: int, run_name: str | None, progress: bool, single_device: bool,
+    *, seed: int, run_name: str | None, progress: bool, placement: dict,
 ) -> Path:
     out = Path(out)
     train_samples = _samples(data, "train")
@@ -172,7 +182,7 @@ def _train(
         dirpath=out / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=cfg.checkpoint_every,
     )
     trainer = pl.Trainer(
-        default_root_dir=out, max_steps=cfg.max_steps, **_placement(cfg, single_device), precision=_precision(cfg), logger=logger,
+        default_root_dir=out, max_steps=cfg.max_steps, **placement, precision=_precision(cfg), logger=logger,
         callbacks=[checkpoints, *([StepProgressBar(run_name or out.name)] if progress else [])],
         log_every_n_steps=cfg.log_every, limit_val_batches=1.0 if val_samples else 0,
         val_check_interval=min(cfg.val_every, cfg.max_steps) if val_samples else None,

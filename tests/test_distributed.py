@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from syntagen_st import fit as fit_mod
 from syntagen_st.cli import run_main
@@ -199,3 +200,31 @@ def test_refine_predictions_over_two_ranks_equal_one(tmp_path):
     confusion = sum(rf.confusion_matrix(p.argmax(0).astype(np.uint8), labels[i]) for i, p in single.items())
     for f in ranks:
         assert np.array_equal(f["confusion"], confusion)
+
+
+def test_a_fold_model_trains_on_its_rank_device_and_ddp_syncs_batchnorm_on_gpus(monkeypatch):
+    from syntagen_st import train as train_mod
+    from syntagen_st.config import TrainConfig
+
+    # The rank's own device, found by the launcher (SLURM sets no LOCAL_RANK), whatever train.devices says.
+    placed = train_mod._placement(TrainConfig(devices="4"), True, torch.device("cuda", 3))
+    assert placed["devices"] == [3] and placed["accelerator"] == "gpu" and placed["strategy"] == "auto"
+    assert train_mod._placement(TrainConfig(devices="4"), True, None)["devices"] == 1  # CPU: one device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert train_mod._placement(TrainConfig(devices="2,3"), True, None)["devices"] == [2]  # the first listed GPU
+    # With 8 GPUs a device holds one image of the protocol's 8: BatchNorm must see all of them.
+    assert train_mod._placement(TrainConfig(devices="8"), False, None)["sync_batchnorm"]
+    assert not train_mod._placement(TrainConfig(devices="1"), False, None)["sync_batchnorm"]
+
+
+def test_a_small_pool_fills_a_whole_batch_on_every_rank(make_seg_dataset, tmp_path):
+    from types import SimpleNamespace
+
+    from syntagen_st.config import TrainConfig
+    from syntagen_st.data import find_samples
+    from syntagen_st.segmodel import SegDataModule
+
+    samples = find_samples(make_seg_dataset(tmp_path / "d", n=3))
+    module = SegDataModule(samples, TrainConfig(batch_size=4, crop_size=32, num_workers=0))
+    module.trainer = SimpleNamespace(world_size=2)  # each rank's sampler takes half: 4 each
+    assert len(module.train_dataloader().dataset) == 8

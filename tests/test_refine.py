@@ -177,6 +177,21 @@ def test_core_mask_keeps_pixels_away_from_boundaries_and_the_255_band():
     assert np.array_equal(refine.core_mask(label, margin=0), label != 255)
 
 
+def test_core_mask_matches_a_brute_force_window_on_random_labels():
+    rng = np.random.default_rng(0)
+    for margin in (1, 2, 3):
+        label = rng.choice(np.array([0, CAT, DOG, 255], np.uint8), size=(9, 11), p=[0.5, 0.2, 0.2, 0.1])
+        label = np.repeat(np.repeat(label, 6, axis=0), 5, axis=1)  # blocks, so some cores exist
+        padded = np.pad(label, margin, mode="edge")
+        expected = np.zeros(label.shape, bool)
+        for y in range(label.shape[0]):
+            for x in range(label.shape[1]):
+                window = padded[y : y + 2 * margin + 1, x : x + 2 * margin + 1]
+                expected[y, x] = label[y, x] != 255 and (window == label[y, x]).all()
+        assert expected.any()
+        assert np.array_equal(refine.core_mask(label, margin), expected), margin
+
+
 def test_core_reliability_ignores_boundary_noise_but_not_class_errors():
     """A label dilated by 2 px around a model that is right: agreement over every pixel says
     unreliable (IoU 0.36), agreement on the label's core says reliable."""
