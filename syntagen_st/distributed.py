@@ -89,12 +89,37 @@ class Dist:
 
     def main_first(self, fn: Callable[[], T], others: bool = True) -> T | None:
         """Run ``fn`` on rank 0, then (``others``) on the other ranks once it is done, e.g. rank 0
-        writes a file the others then read; with ``others=False`` they only wait."""
-        out = fn() if self.is_main else None
-        self.barrier()
+        writes a file the others then read; with ``others=False`` they only wait. An error on
+        rank 0 stops every rank with rank 0's message."""
+        out = None
+        if self.is_main:
+            try:
+                out = fn()
+            except BaseException as err:
+                self.share_outcome(err)
+                raise
+        self.share_outcome(None)
         if others and not self.is_main:
             out = fn()
         return out
+
+    def share_outcome(self, error: BaseException | None) -> None:
+        """Every rank says how its part ended, at a point where all of them wait for it: a rank that
+        failed then re-raises its own error, the others stop with the first failure's message.
+        Without this, ranks left waiting for one that stopped alone would hold their GPUs until
+        the collective timeout."""
+        if self.world == 1:
+            return
+        said = _describe(error) if error is not None else None
+        try:
+            failures = [(rank, text) for rank, text in enumerate(self.all_gather_objects(said)) if text is not None]
+        except RankFailure:
+            if error is not None:
+                return  # the caller re-raises its own error
+            raise
+        if failures and error is None:
+            rank, text = failures[0]
+            raise RankFailure(f"rank {rank} stopped: {text}")
 
     def mine(self, items: Sequence[T]) -> list[T]:
         """This rank's share of ``items``: every world-th one from its rank on, no padding."""
@@ -102,6 +127,13 @@ class Dist:
 
 
 SINGLE = Dist()
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, UserError):
+        return str(error)
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {first}; rerun the same command to resume" if first else type(error).__name__
 
 
 class ShardSampler(DistributedSampler):

@@ -162,7 +162,7 @@ class Loop:
 
     def _not_done(self, names: list[str]) -> list[str]:
         """Rank 0 reads state.json; every rank gets its answer."""
-        done = self.folder.done_steps() if self.dist.is_main else []
+        done = self.dist.main_first(self.folder.done_steps, others=False) or []
         return self.dist.broadcast([n for n in names if n not in done])
 
     def _run_together(self, steps: list[tuple[str, Callable[[], None], Path | None]], every_rank: bool) -> None:

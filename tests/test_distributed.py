@@ -228,3 +228,32 @@ def test_a_small_pool_fills_a_whole_batch_on_every_rank(make_seg_dataset, tmp_pa
     module = SegDataModule(samples, TrainConfig(batch_size=4, crop_size=32, num_workers=0))
     module.trainer = SimpleNamespace(world_size=2)  # each rank's sampler takes half: 4 each
     assert len(module.train_dataloader().dataset) == 8
+
+
+def _fail_on_rank_zero(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as torch_dist
+
+    from syntagen_st.distributed import current
+    from syntagen_st.errors import UserError
+
+    torch_dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    dist = current()
+
+    def bad_config():
+        raise UserError("runs/x holds a run with another config")
+
+    try:
+        dist.main_first(bad_config, others=False)
+        message = "no error"
+    except UserError as err:
+        message = f"{type(err).__name__}: {err}"
+    Path(out, f"rank{rank}.txt").write_text(message)
+    torch_dist.destroy_process_group()
+
+
+def test_an_error_on_rank_zero_alone_stops_every_rank_with_its_message(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_fail_on_rank_zero, args=(2, f"file://{tmp_path / 'init'}", str(tmp_path)), nprocs=2)
+    assert (tmp_path / "rank0.txt").read_text() == "UserError: runs/x holds a run with another config"
+    assert (tmp_path / "rank1.txt").read_text() == "RankFailure: rank 0 stopped: runs/x holds a run with another config"
