@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from pytorch_lightning.utilities.parsing import AttributeDict
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 ALLOWED_GLOBALS = [AttributeDict]
 """The only non-builtin types a syntagen_st training checkpoint may hold."""
@@ -29,7 +29,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         with torch.serialization.safe_globals(ALLOWED_GLOBALS):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "unsupported object"
+        first = first_line(err, "unsupported object")
         raise UserError(
             f"{path}: refused: the checkpoint holds objects other than tensors and plain values, which "
             f"would run code when loaded ({first[:160]}); give a .safetensors file instead"

@@ -24,7 +24,7 @@ import torch.distributed as torch_dist
 from torch.utils.data import DistributedSampler
 
 from .config import TrainConfig, per_device_batch
-from .errors import UserError
+from .errors import UserError, first_line
 
 T = TypeVar("T")
 
@@ -54,7 +54,7 @@ class Dist:
         try:
             return fn(*args)
         except (RuntimeError, torch_dist.DistBackendError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            first = first_line(err)
             raise RankFailure(f"rank {self.rank}: another rank stopped ({first}); rerun the same command to resume") from None
 
     def barrier(self) -> None:
@@ -132,7 +132,7 @@ SINGLE = Dist()
 def _describe(error: BaseException) -> str:
     if isinstance(error, UserError):
         return str(error)
-    first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    first = first_line(error, "")
     return f"{type(error).__name__}: {first}; rerun the same command to resume" if first else type(error).__name__
 
 

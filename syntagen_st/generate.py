@@ -26,7 +26,7 @@ from .cli import config_from, config_parser, prepare_run_folder, run_main
 from .config import TINY_MODELS, Config, ConfigError, LabelConfig, ModelConfig, is_local_path
 from .device import resolve_device
 from .distributed import SINGLE, Dist, ShardSampler, launch
-from .errors import UserError
+from .errors import UserError, first_line
 from .labels import attention_to_scores, scores_to_labels, upsample_scores
 from .prompt_rounds import round_records
 from .prompts import PromptRecord
@@ -61,7 +61,7 @@ def load_pipeline(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) ->
                 safety_checker=None, requires_safety_checker=False,
             )
         except (OSError, ValueError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            first = first_line(err)
             raise UserError(f"cannot load Stable Diffusion from {cfg.pretrained!r}: {first}") from None
     if cfg.scheduler != "default":
         pipe.scheduler = _SCHEDULERS[cfg.scheduler].from_config(pipe.scheduler.config)

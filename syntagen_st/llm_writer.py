@@ -25,7 +25,7 @@ from .captions import NearDuplicates, Verdict, check_caption, parse_captions
 from .classes import display_name
 from .config import TINY_MODELS, Config, GenerateConfig, ModelConfig, is_local_path
 from .device import resolve_device
-from .errors import UserError
+from .errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def clip_tokenizer(cfg: ModelConfig):
     try:
         return CLIPTokenizer.from_pretrained(ref, subfolder="tokenizer", revision=cfg.revision)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise UserError(f"cannot load the tokenizer of {cfg.pretrained!r}: {first}") from None
 
 
@@ -90,7 +90,7 @@ def load_llm(ref: str, revision: str | None, device: torch.device):
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
         model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=llm_dtype(device))
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise UserError(f"cannot load the language model {ref!r}: {first}") from None
     if not getattr(tokenizer, "chat_template", None):
         raise UserError(f"the language model {ref!r} has no chat template; use an instruct / chat model")
