@@ -306,6 +306,11 @@ def validate_label(cfg: LabelConfig) -> None:
         _check(value >= 1 and value & (value - 1) == 0, f"label.{name} must be a power of 2, got {value}")
 
 
+def lightning_devices(devices: str) -> str | int:
+    """``train.devices`` as Lightning takes it: a count as an int, ids and 'auto' as given."""
+    return int(devices) if devices.lstrip("-").isdigit() else devices
+
+
 def device_count(devices: str) -> int | None:
     """How many devices ``train.devices`` names per node: 'N', or a list of ids ('0,1', '[0, 1]');
     None when Lightning decides ('auto', '-1')."""

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as torch_dist
 from torch.utils.data import DistributedSampler
 
-from .config import TrainConfig, per_device_batch
+from .config import TrainConfig, lightning_devices, per_device_batch
 from .errors import UserError, first_line
 
 T = TypeVar("T")
@@ -151,10 +151,6 @@ class ShardSampler(DistributedSampler):
         return len(range(self.rank, self.total, self.num_replicas))
 
 
-def _devices(value: str) -> str | int:
-    return int(value) if value.lstrip("-").isdigit() else value
-
-
 def launch(cfg: TrainConfig) -> Dist:
     """Start (or join) the job's processes for ``train.devices`` x ``train.num_nodes`` and return
     this process's place; one process and no launcher around it: no process group at all."""
@@ -164,12 +160,12 @@ def launch(cfg: TrainConfig) -> Dist:
     if torch_dist.is_available() and torch_dist.is_initialized():
         return current()
     external = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    fabric = Fabric(accelerator=cfg.accelerator, devices=_devices(cfg.devices), num_nodes=cfg.num_nodes)
+    fabric = Fabric(accelerator=cfg.accelerator, devices=lightning_devices(cfg.devices), num_nodes=cfg.num_nodes)
     if fabric.world_size == 1 and not external:
         return SINGLE
     per_device_batch(cfg, fabric.world_size)
     fabric = Fabric(
-        accelerator=cfg.accelerator, devices=_devices(cfg.devices), num_nodes=cfg.num_nodes,
+        accelerator=cfg.accelerator, devices=lightning_devices(cfg.devices), num_nodes=cfg.num_nodes,
         strategy=DDPStrategy(timeout=_COLLECTIVE_TIMEOUT),
     )
     fabric.launch()

@@ -26,7 +26,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from .checkpoints import read_checkpoint
 from .cli import config_from, config_parser, run_main
-from .config import TrainConfig, device_count, per_device_batch
+from .config import TrainConfig, device_count, lightning_devices, per_device_batch
 from .data import Sample, find_samples
 from .distributed import acting_as_rank_zero
 from .errors import UserError
@@ -116,7 +116,7 @@ def _placement(cfg: TrainConfig, single_device: bool, device: torch.device | Non
         listed = [int(part) for part in cfg.devices.strip().strip("[]").split(",") if part.strip().isdigit()]
         first = listed[0] if "," in cfg.devices or cfg.devices.strip().startswith("[") else 0
         return {"accelerator": cfg.accelerator, "devices": [first] if on_gpu else 1, "num_nodes": 1, "strategy": "auto"}
-    devices = int(cfg.devices) if cfg.devices.lstrip("-").isdigit() else cfg.devices
+    devices = lightning_devices(cfg.devices)
     many = cfg.num_nodes > 1 or (isinstance(devices, int) and devices > 1)
     launched = torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
     # BatchNorm over the whole batch, as the protocol's one-GPU batch of 8 has: with 8 GPUs a
