@@ -50,7 +50,7 @@ SUBMISSION = "submission.json"
 CARD = "README.md"
 TRAIN_LIST = "train.txt"
 ZIP_TIME = (1980, 1, 1, 0, 0, 0)
-SAMPLE_KEYS = ("round", "index", "prompt", "class_prompt", "classes", "seed", "label_source")
+SAMPLE_KEYS = ("round", "index", "prompt", "class_prompt", "classes", "seed", "label_source", "batch")
 
 
 def encode_jpeg(image: np.ndarray) -> bytes:

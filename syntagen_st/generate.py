@@ -159,10 +159,13 @@ class SampleGenerator:
                 for i, r in enumerate(records)
             ]
 
-    def fill(self, pool: Pool, records: Sequence[PromptRecord], progress: bool = True, dist: Dist = SINGLE) -> int:
+    def fill(
+        self, pool: Pool, records: Sequence[PromptRecord], progress: bool = True, dist: Dist = SINGLE,
+        batch_size: int | None = None,
+    ) -> int:
         """Generate every record the pool lacks; returns how many this rank made.
 
-        The records are cut into batches of ``generate.batch_size`` in order, whatever the number
+        The records are cut into batches of ``batch_size`` (default ``generate.batch_size``) in order, whatever the number
         of processes, and a ShardSampler deals the batches to the ranks. A batch's manifest shard
         is named after its first sample, so the pool, manifests included, is the same with 1 or
         N processes. A background writer encodes and writes a batch (files, then its manifest
@@ -172,7 +175,7 @@ class SampleGenerator:
         # Rank 0's view of the pool: a rank reading it after another has started writing would
         # cut other batches and deal them differently.
         done = dist.broadcast(pool.done_ids() if dist.is_main else None)
-        size = self.gen.batch_size
+        size = batch_size or self.gen.batch_size
         batches = ([r for r in records[i : i + size] if r.id not in done] for i in range(0, len(records), size))
         todo = [batch for batch in batches if batch]
         if not todo:
@@ -201,10 +204,12 @@ def _as_is(batch: list[PromptRecord]) -> list[PromptRecord]:
 
 
 def write_batch(pool: Pool, samples: Sequence[LabelledImage]) -> None:
-    """A batch's files, then its manifest shard: a sample exists only once its files do."""
+    """A batch's files, then its manifest shard: a sample exists only once its files do. Each row
+    records its batch's length: CPU and GPU kernels pick their blocking by shape, so a sample is
+    bit-identical again only in a batch of that length (reproduce uses it)."""
     for s in samples:
         pool.write_sample(s.record.id, s.image, s.mask, scores=s.scores, class_ids=s.class_ids)
-    pool.write_manifest_shard(samples[0].record.id, [s.manifest_row() for s in samples])
+    pool.write_manifest_shard(samples[0].record.id, [s.manifest_row() | {"batch": len(samples)} for s in samples])
 
 
 # Values that may change between runs into the same folder without changing any sample.

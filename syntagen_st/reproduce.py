@@ -22,7 +22,7 @@ import math
 import random
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -160,15 +160,46 @@ def _record(sid: str, row: dict) -> PromptRecord:
                         row["class_prompt"], int(row["seed"]))
 
 
-def regenerate(source: Source, cfg: Config, ids: list[str], progress: bool) -> list[dict]:
-    """Regenerate ``ids`` into a temporary pool and compare each with the source."""
+def regeneration_batches(records: Sequence[PromptRecord], lengths: dict[str, int]) -> dict[int, list[PromptRecord]]:
+    """The records to generate in batches of each length: every record in a batch as long as the
+    one it was made in (``lengths``), since kernels pick their blocking by shape; what else is in
+    the batch does not change a sample. Records of one length share batches; copies pad the last."""
+    groups: dict[int, list[PromptRecord]] = {}
+    for record in records:
+        groups.setdefault(lengths[record.id], []).append(record)
+    for n, group in groups.items():
+        short = -len(group) % n
+        group.extend(replace(group[j % len(group)], id=f"{group[j % len(group)].id}-pad{j}") for j in range(short))
+    return dict(sorted(groups.items()))
+
+
+MAX_BATCH = 256
+"""More images in one batch than any GPU holds at 512 px: a recorded length beyond it is not real."""
+
+
+def recorded_batch(sid: str, row: dict) -> int | None:
+    """The length of the batch a sample was made in, from its row (None where a row predates it)."""
+    value = row.get("batch")
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_BATCH:
+        raise UserError(f"sample {sid}: recorded batch {value!r} is not a batch length (1..{MAX_BATCH})")
+    return value
+
+
+def regenerate(source: Source, cfg: Config, ids: list[str], progress: bool, batch_size: int | None = None) -> list[dict]:
+    """Regenerate ``ids`` into a temporary pool and compare each with the source: each in a batch of
+    ``batch_size``, or of the length its row records (else ``generate.batch_size``)."""
     from .generate import SampleGenerator
 
     records = [_record(sid, source.rows[sid]) for sid in ids]
+    lengths = {sid: batch_size or recorded_batch(sid, source.rows[sid]) or cfg.generate.batch_size for sid in ids}
     results = []
     with tempfile.TemporaryDirectory(prefix="syntagen-reproduce-") as tmp:
         pool = Pool(tmp)
-        SampleGenerator(cfg).fill(pool, records, progress)
+        generator = SampleGenerator(cfg)
+        for n, batch in regeneration_batches(records, lengths).items():
+            generator.fill(pool, batch, progress, batch_size=n)
         for sid in ids:
             new_image = _decode(pool.image_path(sid).read_bytes())
             if source.run is None:
@@ -255,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--into", default=None, help="--full's run folder (default: SOURCE-reproduced beside it)")
     parser.add_argument("--model", default=None, help="the SD weights here (hub id or folder), if not where recorded")
     parser.add_argument("--device", default=None, help="model.device for generation (auto, cpu, cuda:N)")
-    parser.add_argument("--batch-size", type=int, default=None, help="generate.batch_size (bit-exact only with the recorded one)")
+    parser.add_argument("--batch-size", type=int, default=None, help="regenerate in batches of N instead of each sample's recorded batch length (then not bit-exact)")
     parser.add_argument("--min-psnr", type=float, default=None, help="also accept images at or above this PSNR (dB)")
     parser.add_argument("--no-progress", action="store_true")
     ns = parser.parse_args(argv)
@@ -270,9 +301,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0 if full(source, cfg, into) else 1
         ids = pick_ids(source.rows, ns.ids, ns.sample, ns.sample_seed)
         print(f"regenerating {len(ids)} of {len(source.rows)} samples of {source.label} "
-              f"({cfg.model.pretrained} on {cfg.model.device}, batch {cfg.generate.batch_size}, "
+              f"({cfg.model.pretrained} on {cfg.model.device}, batches {ns.batch_size or 'as recorded'}, "
               f"{torch.get_num_threads()} CPU threads, seed {cfg.seed})")
-        results = regenerate(source, cfg, ids, not ns.no_progress)
+        results = regenerate(source, cfg, ids, not ns.no_progress, ns.batch_size)
         identical = print_samples(results, source.labels_are)
         close = ns.min_psnr is not None and min(r["psnr"] for r in results) >= ns.min_psnr
         return 0 if identical or close else 1
