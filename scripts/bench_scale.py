@@ -4,7 +4,7 @@ Each arm runs the project's own code under the same launcher as ``fit --devices 
 Fabric; gloo on the CPU, NCCL on GPUs): ``SampleGenerator.fill`` sharded by batch, and
 ``predict_shard`` over the written pool. Efficiency = images/s with N / (N x images/s with 1).
 
-    python scripts/bench_scale.py                                   # CPU: 1 vs 2 processes, 1 thread each
+    python scripts/bench_scale.py                                   # CPU: 1 vs 2 processes, 1 thread and core each
     python scripts/bench_scale.py --model sd15 --size 512 --steps 50 --batch 8 --images 64 \\
         --arch deeplabv3_resnet50                                   # GPUs: 1 vs all visible, fp16
 """
@@ -36,7 +36,12 @@ def worker(args: argparse.Namespace) -> None:
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
         torch.set_num_threads(1)
-    dist = launch(TrainConfig(accelerator="gpu" if on_gpu else "cpu", devices=str(args.devices), batch_size=args.batch))
+    dist = launch(TrainConfig(accelerator="gpu" if on_gpu else "cpu", devices=str(args.devices)), split_batch=False)
+    if not on_gpu:
+        # One core per rank, its background writer included, as a GPU rank owns its device: else the
+        # single process would write PNGs on the core the second rank needs.
+        cores = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cores[dist.rank % len(cores)]})
     device = dist.device or torch.device("cuda" if on_gpu else "cpu")
     cfg = Config()
     cfg.model.pretrained, cfg.model.device = "tiny", device.type

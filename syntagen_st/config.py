@@ -332,6 +332,26 @@ def per_device_batch(cfg: TrainConfig, world: int) -> int:
     return cfg.batch_size // world
 
 
+def check_batch_split(cfg: TrainConfig, world: int | None = None) -> None:
+    """Refuse, before anything starts, a device count that cannot share the total batch: ``world``
+    processes, or the count ``train.devices`` x ``train.num_nodes`` names. Only the commands that
+    train ask: generation has no batch to split."""
+    if world is None:
+        count = device_count(cfg.devices)
+        if count is None:
+            return
+        world = count * cfg.num_nodes
+    if cfg.batch_size % world and device_count(cfg.devices) is None:
+        # 'auto' found the devices: name the most of them that can share the batch.
+        fits = [d for d in range(1, world // cfg.num_nodes + 1) if cfg.batch_size % (d * cfg.num_nodes) == 0]
+        hint = f" (here --devices {fits[-1]})" if fits else ""
+        raise ConfigError(
+            f"train.devices {cfg.devices} found {world} devices in all (train.devices x train.num_nodes), which cannot "
+            f"share the total batch train.batch_size {cfg.batch_size}; pass --devices with a count that divides it{hint}"
+        )
+    per_device_batch(cfg, world)
+
+
 def validate_train(cfg: TrainConfig) -> None:
     for name in ("max_steps", "batch_size", "crop_size", "num_nodes", "log_every", "val_every", "checkpoint_every"):
         _check(getattr(cfg, name) >= 1, f"train.{name} must be >= 1, got {getattr(cfg, name)}")
@@ -340,10 +360,7 @@ def validate_train(cfg: TrainConfig) -> None:
     _check(0 < cfg.scale_min <= cfg.scale_max, "train.scale_min must be > 0 and <= train.scale_max")
     _fraction("train.momentum", cfg.momentum)
     _check(cfg.val_panels >= 0, f"train.val_panels must be >= 0, got {cfg.val_panels}")
-    count = device_count(cfg.devices)
-    _check(count != 0, "train.devices must not be 0; use 'auto' or a device count")
-    if count is not None:
-        per_device_batch(cfg, count * cfg.num_nodes)
+    _check(device_count(cfg.devices) != 0, "train.devices must not be 0; use 'auto' or a device count")
     # Flags such as --arch are mapped onto the config after parsing, past jsonargparse's type check.
     from typing import get_args, get_type_hints
 

@@ -16,20 +16,23 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
 import torch.distributed as torch_dist
 from torch.utils.data import DistributedSampler
 
-from .config import TrainConfig, lightning_devices, per_device_batch
+from .config import TrainConfig, check_batch_split, lightning_devices
 from .errors import UserError, first_line
+
+if TYPE_CHECKING:
+    from lightning_fabric import Fabric
 
 T = TypeVar("T")
 
 # A rank waits at a barrier while rank 0 alone exports or writes prompts with a language model.
-_COLLECTIVE_TIMEOUT = timedelta(hours=6)
+COLLECTIVE_TIMEOUT = timedelta(hours=6)
 
 
 class RankFailure(UserError):
@@ -103,6 +106,11 @@ class Dist:
             out = fn()
         return out
 
+    def from_main(self, fn: Callable[[], T]) -> T:
+        """Rank 0's ``fn()`` on every rank: one reading of the run folder for all of them (on a
+        shared file system another node's cached listing may lag behind)."""
+        return self.broadcast(self.main_first(fn, others=False))  # type: ignore[arg-type]
+
     def share_outcome(self, error: BaseException | None) -> None:
         """Every rank says how its part ended, at a point where all of them wait for it: a rank that
         failed then re-raises its own error, the others stop with the first failure's message.
@@ -110,7 +118,7 @@ class Dist:
         the collective timeout."""
         if self.world == 1:
             return
-        said = _describe(error) if error is not None else None
+        said = describe(error) if error is not None else None
         try:
             failures = [(rank, text) for rank, text in enumerate(self.all_gather_objects(said)) if text is not None]
         except RankFailure:
@@ -129,7 +137,7 @@ class Dist:
 SINGLE = Dist()
 
 
-def _describe(error: BaseException) -> str:
+def describe(error: BaseException) -> str:
     if isinstance(error, UserError):
         return str(error)
     first = first_line(error, "")
@@ -151,25 +159,50 @@ class ShardSampler(DistributedSampler):
         return len(range(self.rank, self.total, self.num_replicas))
 
 
-def launch(cfg: TrainConfig) -> Dist:
+def launch(cfg: TrainConfig, split_batch: bool = True) -> Dist:
     """Start (or join) the job's processes for ``train.devices`` x ``train.num_nodes`` and return
-    this process's place; one process and no launcher around it: no process group at all."""
-    from lightning_fabric import Fabric
+    this process's place; one process and no launcher around it: no process group at all.
+    ``split_batch``: the command trains, so the device count must divide the total batch."""
     from lightning_fabric.strategies import DDPStrategy
 
     if torch_dist.is_available() and torch_dist.is_initialized():
         return current()
+    if split_batch:
+        check_batch_split(cfg)  # a count named on the command line, before Lightning looks for it
     external = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    fabric = Fabric(accelerator=cfg.accelerator, devices=lightning_devices(cfg.devices), num_nodes=cfg.num_nodes)
+    fabric = _fabric(cfg)
+    if split_batch:
+        check_batch_split(cfg, fabric.world_size)
     if fabric.world_size == 1 and not external:
         return SINGLE
-    per_device_batch(cfg, fabric.world_size)
-    fabric = Fabric(
-        accelerator=cfg.accelerator, devices=lightning_devices(cfg.devices), num_nodes=cfg.num_nodes,
-        strategy=DDPStrategy(timeout=_COLLECTIVE_TIMEOUT),
-    )
+    fabric = _fabric(cfg, strategy=DDPStrategy(timeout=COLLECTIVE_TIMEOUT))
     fabric.launch()
     return current(fabric.device)
+
+
+def planned_world(cfg: TrainConfig) -> int:
+    """How many processes ``train.devices`` x ``train.num_nodes`` make on this machine, as
+    Lightning counts them (for 'auto' too); nothing is started."""
+    return _fabric(cfg).world_size
+
+
+def _fabric(cfg: TrainConfig, **options: Any) -> Fabric:
+    from lightning_fabric import Fabric
+
+    with devices_checked(cfg):
+        return Fabric(accelerator=cfg.accelerator, devices=lightning_devices(cfg.devices), num_nodes=cfg.num_nodes, **options)
+
+
+@contextmanager
+def devices_checked(cfg: TrainConfig) -> Iterator[None]:
+    """Lightning's word on devices it cannot use (none of that kind, more GPUs than the machine
+    has, ids it lacks) as one line naming the settings, around building a Fabric or a Trainer."""
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        yield
+    except (MisconfigurationException, RuntimeError, TypeError, ValueError, ImportError) as err:
+        raise UserError(f"train.accelerator {cfg.accelerator} with train.devices {cfg.devices}: {first_line(err)}") from None
 
 
 def current(device: torch.device | None = None) -> Dist:

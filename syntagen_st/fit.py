@@ -18,6 +18,7 @@ from .export import not_an_entry_warning, read_submission
 from .distributed import launch
 from .loop import Loop, Run
 from .preflight import preflight
+from .rank_watch import watched
 
 
 # Settings that do not change a run's results: speed, placement, names, and generate.num_images
@@ -49,27 +50,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         find_voc_samples(ns.voc_root, "val")
     # Every rank re-runs the command up to here; from here on rank 0 alone writes the run's own files.
     dist = launch(cfg.train)
-    loop, train = cfg.loop, cfg.train
-    if dist.is_main:
-        if cfg.loop.source == "sd":
-            print(preflight(cfg, cfg.loop.generate_total), flush=True)
-        print(f"then {loop.rounds} rounds x {cfg.refine.folds} fold models x {loop.round_steps} steps, and a final "
-              f"{train.arch} training of {train.max_steps:,} steps at batch {train.batch_size}"
-              + (f" over {dist.world} processes" if dist.world > 1 else ""), flush=True)
-    root = Path(ns.out) if ns.out else Path("runs") / cfg.name
-    dist.main_first(lambda: prepare_run_folder(
-        root, cfg, _FREE_KEYS, overwrite=ns.overwrite, resume=ns.resume, resumable=_RESUMABLE_KEYS,
-    ), others=False)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    Loop(cfg, Run(root), ns.voc_root, progress=not ns.no_progress, dist=dist).run()
-    if not dist.is_main:
+    with watched(dist, "syntagen_st.fit"):
+        loop, train = cfg.loop, cfg.train
+        if dist.is_main:
+            if cfg.loop.source == "sd":
+                print(preflight(cfg, cfg.loop.generate_total), flush=True)
+            print(f"then {loop.rounds} rounds x {cfg.refine.folds} fold models x {loop.round_steps} steps, and a final "
+                  f"{train.arch} training of {train.max_steps:,} steps at batch {train.batch_size}"
+                  + (f" over {dist.world} processes" if dist.world > 1 else ""), flush=True)
+        root = Path(ns.out) if ns.out else Path("runs") / cfg.name
+        dist.main_first(lambda: prepare_run_folder(
+            root, cfg, _FREE_KEYS, overwrite=ns.overwrite, resume=ns.resume, resumable=_RESUMABLE_KEYS,
+        ), others=False)
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        Loop(cfg, Run(root), ns.voc_root, progress=not ns.no_progress, dist=dist).run()
+        if not dist.is_main:
+            return 0
+        checksum = (root / "final" / "checksum.txt").read_text().split()[0]
+        print(f"done: {root}/export ({root}/export/submission.json), model sha256 {checksum}")
+        warning = not_an_entry_warning(read_submission(root / "export"))
+        if warning:
+            print(warning, file=sys.stderr)
         return 0
-    checksum = (root / "final" / "checksum.txt").read_text().split()[0]
-    print(f"done: {root}/export ({root}/export/submission.json), model sha256 {checksum}")
-    warning = not_an_entry_warning(read_submission(root / "export"))
-    if warning:
-        print(warning, file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from .errors import UserError, first_line
 from .labels import attention_to_scores, scores_to_labels, upsample_scores
 from .prompt_rounds import round_records
 from .prompts import PromptRecord
+from .rank_watch import watched
 from .store import Pool
 from .writer import BackgroundWriter
 
@@ -228,17 +229,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .preflight import preflight
 
     # --devices N: N processes, each generating its share of the batches (rank 0 owns the folder).
-    dist = launch(cfg.train)
-    if dist.is_main:
-        print(preflight(cfg, cfg.generate.num_images), flush=True)
-    out = Path(ns.out)
-    dist.main_first(lambda: prepare_run_folder(out, cfg, _FREE_KEYS, overwrite=ns.overwrite), others=False)
-    # Prompts first: a language model writing them is freed before Stable Diffusion loads.
-    records = dist.main_first(lambda: round_records(cfg, 0, cfg.generate.num_images, run_root=out))
-    made = SampleGenerator(cfg, device=dist.device).fill(Pool(out / "pool"), records, not ns.no_progress, dist)
-    made = int(dist.all_reduce_sum(np.array([made], np.int64))[0])
-    if dist.is_main:
-        print(f"{made} new samples; the pool at {out / 'pool'} holds {len(Pool(out / 'pool').done_ids())}")
+    # Generation has no batch to split: any device count will do.
+    dist = launch(cfg.train, split_batch=False)
+    with watched(dist, "syntagen_st.generate"):
+        if dist.is_main:
+            print(preflight(cfg, cfg.generate.num_images), flush=True)
+        out = Path(ns.out)
+        dist.main_first(lambda: prepare_run_folder(out, cfg, _FREE_KEYS, overwrite=ns.overwrite), others=False)
+        # Prompts first: a language model writing them is freed before Stable Diffusion loads.
+        records = dist.from_main(lambda: round_records(cfg, 0, cfg.generate.num_images, run_root=out))
+        made = SampleGenerator(cfg, device=dist.device).fill(Pool(out / "pool"), records, not ns.no_progress, dist)
+        made = int(dist.all_reduce_sum(np.array([made], np.int64))[0])
+        if dist.is_main:
+            print(f"{made} new samples; the pool at {out / 'pool'} holds {len(Pool(out / 'pool').done_ids())}")
     return 0
 
 

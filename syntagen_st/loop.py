@@ -21,6 +21,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +29,12 @@ import numpy as np
 from . import refine as rf
 from .classes import VOC_CLASSES, canonical, class_index
 from .config import Config
-from .data import Sample, find_samples, latest_refined, load_sample
+from .data import Sample, find_samples, find_voc_samples, latest_refined, load_sample
 from .device import resolve_device
 from .distributed import SINGLE, Dist
 from .errors import UserError
 from .export import dataset_digest, export_run, record_model, verify_files
+from .prompts import PromptRecord
 from .dashboards import RoundLogger
 from .store import Pool, atomic_write_json, atomic_write_text, load_mask, read_jsonl, save_image, save_mask, write_jsonl
 from .summary import round_summary, step_title
@@ -118,17 +120,14 @@ class Loop:
         rounds = self.cfg.loop.rounds
         for r in range(rounds):
             self._step(f"round{r}/data", lambda r=r: self.add_data(r))
-            # One fold model per rank at a time: all K at once with >= K processes, in turn with fewer.
-            self._steps_side_by_side([
-                (f"round{r}/fold{k}", lambda r=r, k=k: self.train_fold(r, k), self.folder.round_dir(r) / f"fold{k}")
-                for k in range(self.cfg.refine.folds)
-            ])
+            self._train_folds(r)
             self._step(f"round{r}/refine", lambda r=r: self.refine_round(r))
             self._write_report()
         # Named after the round count: a run resumed with more rounds exports and trains again.
         root = self.folder.root
         self._step(f"final{rounds}/export", self.export_final, restart=root / "export")
-        self._step(f"final{rounds}/train", self.train_final, restart=root / "final" if self._final_stale() else None)
+        stale = self.dist.is_main and self._final_stale()
+        self._step(f"final{rounds}/train", self.train_final, restart=root / "final" if stale else None)
         if self.dist.is_main:
             self.reporter.finish()
         self._write_report()
@@ -154,16 +153,23 @@ class Loop:
         if self._not_done([name]):
             self._run_together([(name, fn, restart)], every_rank=True)
 
-    def _steps_side_by_side(self, steps: list[tuple[str, Callable[[], None], Path]]) -> None:
-        """Independent steps, one per rank at a time: with N ranks, N of them run at once."""
-        pending = [s for s in steps if s[0] in self._not_done([s[0] for s in steps])]
-        for start in range(0, len(pending), self.dist.world):
-            self._run_together(pending[start : start + self.dist.world], every_rank=False)
+    def _train_folds(self, r: int) -> None:
+        """The round's fold models, one per rank at a time: all K at once with >= K processes, in
+        turn with fewer. Each rank trains on rank 0's reading of the pool: a step that only some
+        ranks take must not read the folder collectively."""
+        names = {f"round{r}/fold{k}": k for k in range(self.cfg.refine.folds)}
+        pending = self._not_done(list(names))
+        if not pending:
+            return
+        active = self.dist.from_main(self.active)
+        steps = [(name, partial(self.train_fold, r, names[name], active), self.folder.round_dir(r) / f"fold{names[name]}")
+                 for name in pending]
+        for start in range(0, len(steps), self.dist.world):
+            self._run_together(steps[start : start + self.dist.world], every_rank=False)
 
     def _not_done(self, names: list[str]) -> list[str]:
         """Rank 0 reads state.json; every rank gets its answer."""
-        done = self.dist.main_first(self.folder.done_steps, others=False) or []
-        return self.dist.broadcast([n for n in names if n not in done])
+        return self.dist.from_main(lambda: [n for n in names if n not in self.folder.done_steps()])
 
     def _run_together(self, steps: list[tuple[str, Callable[[], None], Path | None]], every_rank: bool) -> None:
         """Rank 0 clears the steps' folders; then every rank runs the step (``every_rank``) or rank i
@@ -196,14 +202,17 @@ class Loop:
             return
         from .generate import SampleGenerator, round_records
 
-        # What earlier rounds generated is subtracted, so resuming with more rounds spreads the
-        # rest of the budget instead of exceeding it.
-        earlier = sum(1 for row in self.folder.pool.rows() if row["round"] < r)
-        split = loop.budget_split if r == 0 else "equal"
-        count = round_budgets(loop.generate_total - earlier, loop.rounds - r, split)[0]
-        # Prompts are saved (and a language model writing them freed) before SD loads.
-        records = self.dist.main_first(lambda: round_records(self.cfg, r, count, self.weights_for(r), self.folder.root))
-        SampleGenerator(self.cfg, device=self.dist.device).fill(self.folder.pool, records, self.progress, self.dist)
+        def records() -> list[PromptRecord]:
+            # What earlier rounds generated is subtracted, so resuming with more rounds spreads the
+            # rest of the budget instead of exceeding it.
+            earlier = sum(1 for row in self.folder.pool.rows() if row["round"] < r)
+            split = loop.budget_split if r == 0 else "equal"
+            count = round_budgets(loop.generate_total - earlier, loop.rounds - r, split)[0]
+            return round_records(self.cfg, r, count, self.weights_for(r), self.folder.root)
+
+        # Prompts are saved (and a language model writing them freed) before SD loads; every rank
+        # generates from rank 0's records.
+        SampleGenerator(self.cfg, device=self.dist.device).fill(self.folder.pool, self.dist.from_main(records), self.progress, self.dist)
 
     def weights_for(self, r: int) -> dict[str, float] | None:
         if r == 0:
@@ -211,7 +220,8 @@ class Loop:
         return json.loads((self.folder.round_dir(r - 1) / "weights.json").read_text())
 
     def active(self) -> list[Active]:
-        """Kept samples with their current (latest refined) labels, in id order."""
+        """Kept samples with their current (latest refined) labels, in id order (as this rank reads
+        the folder: ranks take rank 0's reading through ``dist.from_main``)."""
         rows = {row["id"]: row for row in self.folder.pool.rows()}
         out = []
         for sample in find_samples(self.folder.root):
@@ -224,10 +234,9 @@ class Loop:
             raise UserError(f"{len(active)} samples are too few for refine.folds={self.cfg.refine.folds}; add data")
         return assign_folds([a.id for a in active], self.cfg.refine.folds, self.cfg.seed)
 
-    def train_fold(self, r: int, k: int) -> None:
+    def train_fold(self, r: int, k: int, active: list[Active]) -> None:
         from .train import train
 
-        active = self.active()
         fold = self.folds(active)
         samples = [a.sample for a in active if fold[a.id] != k]
         cfg = copy.deepcopy(self.cfg.train)
@@ -245,12 +254,15 @@ class Loop:
         cfg = self.cfg.refine
         rdir = self.folder.round_dir(r)
         dist = self.dist
-        # A redo after a crash must read the labels as they were before this round.
-        dist.main_first(lambda: (rdir / "samples.jsonl").unlink(missing_ok=True), others=False)
-        previous = latest_refined(self.folder.root)
-        earlier = {row["id"]: row for row in read_jsonl(previous)} if previous else {}
+
+        def read() -> tuple[dict[str, dict], list[Active]]:
+            # A redo after a crash must read the labels as they were before this round.
+            (rdir / "samples.jsonl").unlink(missing_ok=True)
+            previous = latest_refined(self.folder.root)
+            return ({row["id"]: row for row in read_jsonl(previous)} if previous else {}), self.active()
+
+        earlier, active = dist.from_main(read)
         judged = {i for i, row in earlier.items() if row.get("judged")}
-        active = self.active()
         held_out = self._held_out_predictions(r, active)
 
         # 1. Held-out reliability on the cores of the original attention labels: the classes the
@@ -384,16 +396,17 @@ class Loop:
         root = self.folder.root
         export = root / "export"
         final = root / "final"
-        def check_export() -> None:
+        def check_export() -> tuple[list[Sample], list[Sample] | None]:
             verify_files(export)  # the files on disk are those submission.json lists
             final.mkdir(parents=True, exist_ok=True)
             atomic_write_text(final / "export_digest.txt", dataset_digest(export) + "\n")
+            return find_samples(export), (find_voc_samples(self.voc_root) if self.voc_root else None)
 
-        self.dist.main_first(check_export, others=False)
         # The export's VOC tree links to its entry files: the model reads exactly those bytes.
-        # Data-parallel over every rank, the total batch split between them.
-        train(self.cfg.train, export, final, val_data=self.voc_root,
-              seed=derived_seed(self.cfg.seed, "final"), run_name=f"{self.cfg.name}-final", progress=self.progress)
+        # Data-parallel over every rank, the total batch split between them, on rank 0's lists.
+        samples, val_samples = self.dist.from_main(check_export)
+        train(self.cfg.train, samples, final, val_data=val_samples, seed=derived_seed(self.cfg.seed, "final"),
+              run_name=f"{self.cfg.name}-final", progress=self.progress, dist=self.dist)
         if not self.dist.is_main:
             return
         record_model(export, (final / "checksum.txt").read_text().split()[0])

@@ -26,9 +26,9 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from .checkpoints import read_checkpoint
 from .cli import config_from, config_parser, run_main
-from .config import TrainConfig, device_count, lightning_devices, per_device_batch
+from .config import TrainConfig, check_batch_split, device_count, lightning_devices, per_device_batch
 from .data import Sample, find_samples
-from .distributed import acting_as_rank_zero
+from .distributed import SINGLE, Dist, acting_as_rank_zero, devices_checked, planned_world
 from .errors import UserError
 from .metrics import summarize
 from .network import model_from_checkpoint, save_weights, write_checksum
@@ -142,7 +142,7 @@ def export_weights(module_or_ckpt: SegModule | Path, out: Path) -> Path:
 def train(
     cfg: TrainConfig, data: Data, out: str | os.PathLike, val_data: Data | None = None,
     *, seed: int = 0, run_name: str | None = None, progress: bool = True, single_device: bool = False,
-    device: torch.device | None = None,
+    device: torch.device | None = None, dist: Dist = SINGLE,
 ) -> Path:
     """Train (or resume) into ``out`` for cfg.max_steps steps; return the final safetensors path.
 
@@ -150,17 +150,21 @@ def train(
     Each call builds a fresh Trainer, so a loop may call it once per round with its own ``out``.
     ``train.batch_size`` is the total batch: over N devices each one takes batch_size / N, so
     the protocol's learning rate and schedule hold for any device count. ``single_device``
-    trains on this process's ``device`` alone, whatever ``train.devices`` says.
+    trains on this process's ``device`` alone, whatever ``train.devices`` says. ``dist``: the
+    ranks of an already launched job that train together; rank 0 reads the checkpoint for all,
+    so they agree on whether to resume.
     """
     if single_device:
         with acting_as_rank_zero():
-            return _train(cfg, data, out, val_data, seed=seed, run_name=run_name, progress=progress, placement=_placement(cfg, True, device))
-    return _train(cfg, data, out, val_data, seed=seed, run_name=run_name, progress=progress, placement=_placement(cfg, False, None))
+            return _train(cfg, data, out, val_data, seed=seed, run_name=run_name, progress=progress,
+                          placement=_placement(cfg, True, device), dist=SINGLE)
+    return _train(cfg, data, out, val_data, seed=seed, run_name=run_name, progress=progress,
+                  placement=_placement(cfg, False, None), dist=dist)
 
 
 def _train(
     cfg: TrainConfig, data: Data, out: str | os.PathLike, val_data: Data | None,
-    *, seed: int, run_name: str | None, progress: bool, placement: dict,
+    *, seed: int, run_name: str | None, progress: bool, placement: dict, dist: Dist,
 ) -> Path:
     out = Path(out)
     train_samples = _samples(data, "train")
@@ -168,9 +172,11 @@ def _train(
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "train_config.yaml", config_yaml_train(cfg, seed))
     last = out / "checkpoints" / "last.ckpt"
-    done = checkpoint_step(last)
+    done = dist.from_main(lambda: checkpoint_step(last))
     if done is not None and done >= cfg.max_steps:
         # Lightning would resume and train nothing: the weights are final, (re)export them.
+        if not dist.is_main:
+            return out / WEIGHTS_NAME
         log.info("%s: finished at step %d >= max_steps %d; exporting", last, done, cfg.max_steps)
         return export_weights(last, out)
 
@@ -181,22 +187,24 @@ def _train(
     checkpoints = ModelCheckpoint(
         dirpath=out / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=cfg.checkpoint_every,
     )
-    trainer = pl.Trainer(
-        default_root_dir=out, max_steps=cfg.max_steps, **placement, precision=_precision(cfg), logger=logger,
-        callbacks=[checkpoints, *([StepProgressBar(run_name or out.name)] if progress else [])],
-        log_every_n_steps=cfg.log_every, limit_val_batches=1.0 if val_samples else 0,
-        val_check_interval=min(cfg.val_every, cfg.max_steps) if val_samples else None,
-        check_val_every_n_epoch=None, num_sanity_val_steps=0, benchmark=torch.cuda.is_available(),
-        enable_progress_bar=progress,
-        enable_model_summary=False,
-    )
+    with devices_checked(cfg):
+        trainer = pl.Trainer(
+            default_root_dir=out, max_steps=cfg.max_steps, **placement, precision=_precision(cfg), logger=logger,
+            callbacks=[checkpoints, *([StepProgressBar(run_name or out.name)] if progress else [])],
+            log_every_n_steps=cfg.log_every, limit_val_batches=1.0 if val_samples else 0,
+            val_check_interval=min(cfg.val_every, cfg.max_steps) if val_samples else None,
+            check_val_every_n_epoch=None, num_sanity_val_steps=0, benchmark=torch.cuda.is_available(),
+            enable_progress_bar=progress,
+            enable_model_summary=False,
+        )
     per_device = dataclasses.replace(cfg, batch_size=per_device_batch(cfg, trainer.world_size))
     datamodule = SegDataModule(train_samples, per_device, val_samples)
     try:
         # Ctrl-C: Lightning shuts down and exits with status 1; rerunning resumes from last.ckpt.
-        trainer.fit(module, datamodule=datamodule, ckpt_path=last if last.is_file() else None)
-        # ModelCheckpoint saves every N steps: make sure last.ckpt holds the final step too.
-        if checkpoint_step(last) != trainer.global_step:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=last if done is not None else None)
+        # ModelCheckpoint saves every N steps: make sure last.ckpt holds the final step too. Rank 0
+        # wrote it and reads it; every rank takes the same branch (saving is collective).
+        if trainer.strategy.broadcast(checkpoint_step(last) if trainer.is_global_zero else None) != trainer.global_step:
             trainer.save_checkpoint(last)
         if val_samples and (module.val_metrics is None or module.val_metrics["step"] != trainer.global_step):
             trainer.validate(module, datamodule=datamodule, verbose=False)
@@ -227,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--val-data", default=None, help="optional validation dataset (a VOC tree uses val.txt)")
     ns = parser.parse_args(argv)
     cfg = config_from(parser, ns)
+    check_batch_split(cfg.train)  # a count named on the command line, before Lightning looks for it
+    check_batch_split(cfg.train, planned_world(cfg.train))
     out = Path(ns.out)
     weights = train(cfg.train, ns.data, out, ns.val_data, seed=cfg.seed, run_name=cfg.name if cfg.name != "run" else None,
                     progress=not ns.no_progress)

@@ -70,13 +70,17 @@ GENERATE = [sys.executable, "-m", "syntagen_st.generate", "--config", SMOKE, "--
             "--generate.width", "64", "--generate.steps", "2", "--generate.batch_size", "2", "--no-progress"]
 
 
-def test_generate_with_two_processes_writes_the_same_pool_as_one(tmp_path):
+def test_generate_with_three_processes_writes_the_same_pool_as_one(tmp_path):
     subprocess.run([*GENERATE, "--out", str(tmp_path / "one")], check=True, capture_output=True, env=ENV)
-    subprocess.run([*GENERATE, "--devices", "2", "--out", str(tmp_path / "two")], check=True, capture_output=True, env=ENV)
+    # 3 processes, though train.batch_size 4 cannot be split over them: generation splits no batch.
+    subprocess.run([*GENERATE, "--devices", "3", "--out", str(tmp_path / "two")], check=True, capture_output=True, env=ENV)
     one, two = _files(tmp_path / "one", ("config.yaml",)), _files(tmp_path / "two", ("config.yaml",))
-    # 7 samples in batches of 2: rank 0 makes batches 0 and 2, rank 1 batches 1 and 3 (of one sample).
+    # 7 samples in batches of 2: rank 0 makes batches 0 and 3 (of one sample), rank 1 batch 1, rank 2 batch 2.
     assert len([k for k in one if k.startswith("pool/images/")]) == 7
     assert len([k for k in one if k.startswith("pool/manifest/")]) == 4
+    # Each row records its batch's length, the shape a bit-exact regeneration needs.
+    rows = [json.loads(line) for k in sorted(one) if k.startswith("pool/manifest/") for line in one[k].decode().splitlines()]
+    assert [row["batch"] for row in rows] == [2, 2, 2, 2, 2, 2, 1]
     assert one.keys() == two.keys()
     assert [k for k in one if one[k] != two[k]] == []
 
@@ -135,6 +139,55 @@ def test_a_device_count_that_does_not_divide_the_batch_is_refused(capsys, tmp_pa
     assert len(err.splitlines()) == 1, err
     assert "train.batch_size 8" in err and "3 devices" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_train_command_refuses_it_too_and_generate_takes_any_count(capsys, tmp_path):
+    from syntagen_st import train as train_mod
+    from syntagen_st.cli import config_from, config_parser
+    from syntagen_st.config import ConfigError, TrainConfig, check_batch_split
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(train_mod.main, "syntagen_st.train", ["--config", str(Path(SMOKE).parent / "protocol.yaml"), "--train.devices", "3",
+                                                       "--data", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and "cannot be split over 3 devices" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    # Generation splits no batch: 3 processes are fine whatever train.batch_size says.
+    parser = config_parser("generate", "", shortcuts=("devices",))
+    assert config_from(parser, parser.parse_args(["--config", str(Path(SMOKE).parent / "protocol.yaml"), "--devices", "3"])).train.devices == "3"
+    # 'auto' found a count that does not fit: the line names the largest that does, per node.
+    with pytest.raises(ConfigError, match=r"found 3 devices in all .* \(here --devices 2\)"):
+        check_batch_split(TrainConfig(devices="auto", batch_size=8), 3)
+    with pytest.raises(ConfigError, match=r"\(here --devices 2\)"):
+        check_batch_split(TrainConfig(devices="auto", batch_size=8, num_nodes=2), 6)
+    check_batch_split(TrainConfig(devices="auto", batch_size=8), 4)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has the GPU this test asks for in vain")
+def test_devices_lightning_cannot_use_are_refused_in_one_line(capsys, tmp_path, monkeypatch):
+    from lightning_fabric import Fabric
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+    from syntagen_st import train as train_mod
+
+    def refuse(_, *args, **kwargs):  # what Lightning says on a machine with fewer GPUs than asked for
+        raise MisconfigurationException("You requested gpu: [0, 1, 2, 3]\n But your machine only has: [0]")
+
+    out = ["--out", str(tmp_path / "run")]
+    cases = [
+        (fit_mod.main, ["--config", SMOKE, "--train.accelerator", "gpu", *out], None, "No supported gpu backend found!"),
+        (fit_mod.main, ["--config", SMOKE, "--train.devices", "4", *out], refuse, "You requested gpu: [0, 1, 2, 3]"),
+        (train_mod.main, ["--config", SMOKE, "--train.devices", "4", "--data", str(tmp_path), *out], refuse, "You requested gpu"),
+    ]
+    for main, argv, fabric_init, said in cases:
+        with monkeypatch.context() as patch:
+            if fabric_init is not None:
+                patch.setattr(Fabric, "__init__", fabric_init)
+            with pytest.raises(SystemExit) as exit_info:
+                run_main(main, "cmd", argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "train.accelerator" in err and said in err, err
+        assert not (tmp_path / "run").exists()
 
 
 def _models():
@@ -257,3 +310,95 @@ def test_an_error_on_rank_zero_alone_stops_every_rank_with_its_message(tmp_path)
     mp.spawn(_fail_on_rank_zero, args=(2, f"file://{tmp_path / 'init'}", str(tmp_path)), nprocs=2)
     assert (tmp_path / "rank0.txt").read_text() == "UserError: runs/x holds a run with another config"
     assert (tmp_path / "rank1.txt").read_text() == "RankFailure: rank 0 stopped: runs/x holds a run with another config"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+RANK_SCRIPT = str(Path(__file__).parent / "rank_scripts.py")
+
+
+def _start_ranks(*args: str, world: int = 2) -> list[subprocess.Popen]:
+    """``world`` processes started as torchrun starts them, each running ``rank_scripts.py ARGS``."""
+    port = str(_free_port())
+    return [subprocess.Popen([sys.executable, RANK_SCRIPT, *args], text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env={**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(r),
+                                  "LOCAL_RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world)})
+            for r in range(world)]
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.communicate()
+
+
+def test_the_line_the_other_ranks_print():
+    from syntagen_st.distributed import RankFailure
+    from syntagen_st.errors import UserError
+    from syntagen_st.rank_watch import failure_line
+
+    dist = Dist(rank=3, world=4)
+    assert failure_line(dist, UserError("runs/x: no such folder")) == "rank 3 stopped: runs/x: no such folder"
+    assert failure_line(dist, OSError(28, "No space left on device")) == \
+        "rank 3 stopped: OSError: [Errno 28] No space left on device; rerun the same command to resume"
+    # Ctrl-C (Lightning's training turns it into SystemExit(1)) is no error of the run.
+    for interrupt in (KeyboardInterrupt(), SystemExit(1)):
+        assert failure_line(dist, interrupt) == "rank 3 was interrupted; rerun the same command to resume"
+    assert failure_line(dist, RankFailure("rank 1 stopped: x")) == "rank 1 stopped: x"
+
+
+@pytest.mark.parametrize("fail_rank", [0, 1])
+def test_an_error_mid_step_on_one_rank_ends_the_rank_waiting_in_a_collective(fail_rank):
+    procs = _start_ranks("watched", str(fail_rank), "raise")
+    waiting = procs[1 - fail_rank]
+    try:
+        # The failing rank lives on, so its barrier partner learns of it from the watcher alone.
+        out, err = waiting.communicate(timeout=60)
+    finally:
+        _stop(procs)
+    assert waiting.returncode == 2, (out, err)
+    assert err.strip().splitlines()[-1] == (f"prog: error: rank {fail_rank} stopped: OSError: [Errno 28] No space left on "
+                                            "device; rerun the same command to resume"), err
+    assert "returned" not in out and "Traceback" not in err
+
+
+def test_the_end_waits_for_every_rank_and_a_silent_death_of_rank_zero_is_reported():
+    procs = _start_ranks("watched", "-1", "none")
+    results = [p.communicate(timeout=60) for p in procs]
+    # Rank 0 hosts the store and ended first: rank 1 must not take that for a death.
+    assert [p.returncode for p in procs] == [0, 0], results
+    assert all(out.strip() == "returned" and "error" not in err for out, err in results), results
+
+    procs = _start_ranks("watched", "1", "late")  # rank 0 is done when rank 1 fails: it must not end well
+    try:
+        out, err = procs[0].communicate(timeout=60)
+    finally:
+        _stop(procs)
+    assert procs[0].returncode == 2 and "prog: error: rank 1 stopped: OSError" in err and "returned" not in out, (out, err)
+
+    procs = _start_ranks("watched", "0", "die")
+    try:
+        out, err = procs[1].communicate(timeout=60)
+    finally:
+        _stop(procs)
+    assert procs[1].returncode == 2 and "prog: error: rank 1: lost contact with rank 0" in err.strip().splitlines()[-1], err
+
+
+def test_other_ranks_take_rank_zeros_reading_of_the_run_folder(tmp_path):
+    fit = [*SMALL, "--loop.rounds", "1", "--loop.generate_total", "6", "--devices", "2", "--out", str(tmp_path / "run")]
+    procs = _start_ranks("blind_fit", *fit)
+    try:
+        results = [p.communicate(timeout=300) for p in procs]
+    finally:
+        _stop(procs)
+    assert [p.returncode for p in procs] == [0, 0], [err[-3000:] for _, err in results]
+    done = json.loads((tmp_path / "run" / "state.json").read_text())["done"]
+    assert done[-1] == "final1/train" and "round0/fold1" in done
+    assert len(list((tmp_path / "run" / "export" / "mask").glob("*.png"))) >= 4

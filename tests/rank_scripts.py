@@ -1,0 +1,81 @@
+"""Ranks started by hand the way ``torchrun`` starts them (RANK, WORLD_SIZE, MASTER_ADDR/PORT in
+the environment), for the scale-out tests: ``python tests/rank_scripts.py SCENARIO ARGS...``."""
+
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def watched_body(fail_rank: int, how: str) -> None:
+    """Inside ``watched``: rank ``fail_rank`` fails (``how``) and stays alive, so only the watcher
+    can tell the other rank, which waits in a barrier; ``how=none`` ends normally, rank 1 last;
+    ``how=late``: rank ``fail_rank`` fails after the other has finished its work."""
+    import torch.distributed as torch_dist
+
+    from syntagen_st.distributed import current
+    from syntagen_st.rank_watch import watched
+
+    torch_dist.init_process_group("gloo")
+    dist = current()
+    try:
+        with watched(dist, "prog", poll_s=0.1):
+            if how in ("none", "late"):
+                time.sleep(1.0 if dist.rank == 1 else 0)  # rank 0 reaches the end first
+                if how == "late" and dist.rank == fail_rank:
+                    raise OSError("[Errno 28] No space left on device")
+            elif dist.rank == fail_rank and how == "raise":
+                raise OSError("[Errno 28] No space left on device")
+            elif dist.rank == fail_rank and how == "die":
+                os._exit(9)  # no last word
+            elif how == "die":
+                time.sleep(30)
+            else:
+                dist.barrier()
+    except OSError as err:
+        print(f"raised {err}", flush=True)
+        time.sleep(30)  # alive: gloo cannot tell the other rank
+    print("returned", flush=True)
+
+
+def blind_fit(argv: list[str]) -> None:
+    """``fit`` where every rank but 0 is blind to the run folder's listings: the other ranks must
+    take rank 0's reading (on a shared file system another node's listing may lag)."""
+    if os.environ["RANK"] != "0":
+        import syntagen_st.data as data
+        import syntagen_st.loop as loop
+        import syntagen_st.store as store
+        import syntagen_st.train as train
+
+        def blind(name):
+            def refuse(*args, **kwargs):
+                raise AssertionError(f"rank {os.environ['RANK']} read the run folder itself ({name})")
+            return refuse
+
+        for module, name in ((data, "find_samples"), (loop, "find_samples"), (train, "find_samples"),
+                             (data, "latest_refined"), (loop, "latest_refined")):
+            setattr(module, name, blind(name))
+        store.Pool.rows = blind("Pool.rows")
+        loop.Run.done_steps = blind("Run.done_steps")
+        own_step = train.checkpoint_step  # a fold model's own checkpoint is this rank's to read
+
+        def checkpoint_step(path):
+            if "final" in Path(path).parts:
+                blind("checkpoint_step of the final training")()
+            return own_step(path)
+
+        train.checkpoint_step = checkpoint_step
+    from syntagen_st import fit
+    from syntagen_st.cli import run_main
+
+    run_main(fit.main, "syntagen_st.fit", argv)
+
+
+if __name__ == "__main__":
+    scenario, *rest = sys.argv[1:]
+    if scenario == "watched":
+        watched_body(int(rest[0]), rest[1])
+    else:
+        blind_fit(rest)
