@@ -336,12 +336,12 @@ def check_batch_split(cfg: TrainConfig, world: int | None = None) -> None:
     """Refuse, before anything starts, a device count that cannot share the total batch: ``world``
     processes, or the count ``train.devices`` x ``train.num_nodes`` names. Only the commands that
     train ask: generation has no batch to split."""
+    named = device_count(cfg.devices)
     if world is None:
-        count = device_count(cfg.devices)
-        if count is None:
+        if named is None:
             return
-        world = count * cfg.num_nodes
-    if cfg.batch_size % world and device_count(cfg.devices) is None:
+        world = named * cfg.num_nodes
+    if cfg.batch_size % world and named is None:
         # 'auto' found the devices: name the most of them that can share the batch.
         fits = [d for d in range(1, world // cfg.num_nodes + 1) if cfg.batch_size % (d * cfg.num_nodes) == 0]
         hint = f" (here --devices {fits[-1]})" if fits else ""

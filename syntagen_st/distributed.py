@@ -167,13 +167,9 @@ def launch(cfg: TrainConfig, split_batch: bool = True) -> Dist:
 
     if torch_dist.is_available() and torch_dist.is_initialized():
         return current()
-    if split_batch:
-        check_batch_split(cfg)  # a count named on the command line, before Lightning looks for it
     external = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    fabric = _fabric(cfg)
-    if split_batch:
-        check_batch_split(cfg, fabric.world_size)
-    if fabric.world_size == 1 and not external:
+    world = training_world(cfg) if split_batch else planned_world(cfg)
+    if world == 1 and not external:
         return SINGLE
     fabric = _fabric(cfg, strategy=DDPStrategy(timeout=COLLECTIVE_TIMEOUT))
     fabric.launch()
@@ -184,6 +180,15 @@ def planned_world(cfg: TrainConfig) -> int:
     """How many processes ``train.devices`` x ``train.num_nodes`` make on this machine, as
     Lightning counts them (for 'auto' too); nothing is started."""
     return _fabric(cfg).world_size
+
+
+def training_world(cfg: TrainConfig) -> int:
+    """``planned_world`` for a command that trains: a count that cannot share the total batch is
+    refused in one line, a count named on the command line before Lightning looks for devices."""
+    check_batch_split(cfg)
+    world = planned_world(cfg)
+    check_batch_split(cfg, world)
+    return world
 
 
 def _fabric(cfg: TrainConfig, **options: Any) -> Fabric:

@@ -41,6 +41,10 @@ def failure_line(dist: Dist, error: BaseException) -> str:
     return f"rank {dist.rank} stopped: {describe(error)}"
 
 
+def _lost_contact(dist: Dist, err: BaseException) -> str:
+    return f"rank {dist.rank}: lost contact with rank 0 ({first_line(err)}); rerun the same command to resume"
+
+
 def _stopped(rank: int) -> str:
     return f"stopped/{rank}"
 
@@ -56,7 +60,7 @@ class _Watcher(threading.Thread):
             try:
                 text = self._failure()
             except RuntimeError as err:  # the store lives in rank 0: it is gone
-                text = f"rank {self.dist.rank}: lost contact with rank 0 ({first_line(err)}); rerun the same command to resume"
+                text = _lost_contact(self.dist, err)
             if text is not None and not self.quit.is_set():
                 # The main thread may be blocked in a collective that nothing can interrupt: end the
                 # process. A raw write: a stalled stdout pipe must not keep it alive.
@@ -133,7 +137,7 @@ def _finish(store: torch_dist.Store, dist: Dist, watcher: _Watcher) -> None:
         if dist.is_main:
             _wait_until(store, _LEFT, dist.world, 60.0)  # the work is done: a rank gone since then costs nothing
     except RuntimeError as err:  # the store went with rank 0
-        raise RankFailure(f"rank {dist.rank}: lost contact with rank 0 ({first_line(err)}); rerun the same command to resume") from None
+        raise RankFailure(_lost_contact(dist, err)) from None
 
 
 def _announce(store: torch_dist.Store, dist: Dist, error: BaseException) -> str | None:

@@ -26,9 +26,9 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from .checkpoints import read_checkpoint
 from .cli import config_from, config_parser, run_main
-from .config import TrainConfig, check_batch_split, device_count, lightning_devices, per_device_batch
+from .config import TrainConfig, device_count, lightning_devices, per_device_batch
 from .data import Sample, find_samples
-from .distributed import SINGLE, Dist, acting_as_rank_zero, devices_checked, planned_world
+from .distributed import SINGLE, Dist, acting_as_rank_zero, devices_checked, training_world
 from .errors import UserError
 from .metrics import summarize
 from .network import model_from_checkpoint, save_weights, write_checksum
@@ -235,8 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--val-data", default=None, help="optional validation dataset (a VOC tree uses val.txt)")
     ns = parser.parse_args(argv)
     cfg = config_from(parser, ns)
-    check_batch_split(cfg.train)  # a count named on the command line, before Lightning looks for it
-    check_batch_split(cfg.train, planned_world(cfg.train))
+    training_world(cfg.train)  # a device count that cannot share the batch is refused before the folder exists
     out = Path(ns.out)
     weights = train(cfg.train, ns.data, out, ns.val_data, seed=cfg.seed, run_name=cfg.name if cfg.name != "run" else None,
                     progress=not ns.no_progress)
