@@ -17,10 +17,11 @@ import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from syntagen_st.attention import capture_attention
-from syntagen_st.config import Config
-from syntagen_st.generate import SampleGenerator, round_records
-from syntagen_st.tiny import build_tokenizer
+from syntagen_st.core.config import Config
+from syntagen_st.generation.attention import capture_attention
+from syntagen_st.generation.sampler import SampleGenerator
+from syntagen_st.generation.tiny import build_tokenizer
+from syntagen_st.prompts.rounds import round_records
 
 
 def sd15_pipeline(dtype: torch.dtype, device: torch.device) -> StableDiffusionPipeline:

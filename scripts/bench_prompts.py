@@ -21,10 +21,10 @@ import time
 
 import torch
 
-from syntagen_st.classes import FOREGROUND_CLASSES
-from syntagen_st.config import Config
-from syntagen_st.prompt_rounds import llm_records
-from syntagen_st.prompts import make_records
+from syntagen_st.core.classes import FOREGROUND_CLASSES
+from syntagen_st.core.config import Config
+from syntagen_st.prompts.records import make_records
+from syntagen_st.prompts.rounds import llm_records
 
 TINY_CLASSES = ("dog", "sofa", "cat", "person")
 
@@ -37,7 +37,7 @@ def trigrams(text: str) -> set[tuple[str, ...]]:
 def text_encoder(clip: str):
     """CLIP's text encoder and tokenizer: from a diffusers folder / hub id, or the tiny one."""
     if clip == "tiny":
-        from syntagen_st.tiny import build_tiny_pipeline
+        from syntagen_st.generation.tiny import build_tiny_pipeline
 
         pipe = build_tiny_pipeline()
         return pipe.text_encoder, pipe.tokenizer
@@ -66,7 +66,7 @@ def diversity(prompts: list[str], encoder, tokenizer, device) -> dict:
 
 
 def tiny_llm_folder(classes: tuple[str, ...], folder: str) -> str:
-    from syntagen_st.tiny import build_tiny_llm, tiny_chat_corpus, train_tiny_llm
+    from syntagen_st.testing.llm import build_tiny_llm, tiny_chat_corpus, train_tiny_llm
 
     chats = tiny_chat_corpus(list(classes))
     model, tokenizer = build_tiny_llm(chats)

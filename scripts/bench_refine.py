@@ -50,15 +50,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from noisy_shapes import NOISE_LEVELS, label_quality, make_dataset, make_look, write_dataset  # noqa: E402
-from syntagen_st import refine as rf  # noqa: E402
-from syntagen_st.classes import VOC_CLASSES, class_index  # noqa: E402
-from syntagen_st.cli import load_config_file  # noqa: E402
-from syntagen_st.data import Sample, find_samples, latest_refined  # noqa: E402
-from syntagen_st.evaluate import evaluate  # noqa: E402
-from syntagen_st.loop import assign_folds  # noqa: E402
-from syntagen_st.network import load_model, predict_proba  # noqa: E402
-from syntagen_st.store import Pool, atomic_write_json, load_mask, read_jsonl  # noqa: E402
-from syntagen_st.train import train  # noqa: E402
+
+from syntagen_st.core.classes import VOC_CLASSES, class_index  # noqa: E402
+from syntagen_st.core.cli import load_config_file  # noqa: E402
+from syntagen_st.core.layout import RunLayout  # noqa: E402
+from syntagen_st.core.store import Pool, atomic_write_json, load_mask, read_jsonl  # noqa: E402
+from syntagen_st.segmentation.data import Sample, find_samples  # noqa: E402
+from syntagen_st.segmentation.evaluate import evaluate  # noqa: E402
+from syntagen_st.segmentation.network import load_model, predict_proba  # noqa: E402
+from syntagen_st.segmentation.trainer import train  # noqa: E402
+from syntagen_st.selftrain import refine as rf  # noqa: E402
+from syntagen_st.selftrain.pool import assign_folds  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -117,7 +119,7 @@ def label_report(run: Path, data: dict) -> dict:
     before and after relabelling alone. Returns the figures for the summary table."""
     rows = {row["id"]: row for row in Pool(run / "pool").rows()}
     index = {sid: source_index(row) for sid, row in rows.items()}
-    latest = read_jsonl(latest_refined(run))
+    latest = read_jsonl(RunLayout(run).latest_samples())
     voc = run / "export" / "VOCdevkit" / "VOC2012"
     exported = (voc / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
     gt, noisy = data["gt"], data["masks"]

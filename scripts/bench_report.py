@@ -29,10 +29,10 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from syntagen_st.classes import FOREGROUND_CLASSES, VOC_CLASSES  # noqa: E402
-from syntagen_st.loop import round_budgets  # noqa: E402
-from syntagen_st.report import write_report  # noqa: E402
-from syntagen_st.store import mask_to_png  # noqa: E402
+from syntagen_st.core.classes import FOREGROUND_CLASSES, VOC_CLASSES  # noqa: E402
+from syntagen_st.core.store import mask_to_png  # noqa: E402
+from syntagen_st.reporting.page import write_report  # noqa: E402
+from syntagen_st.selftrain.pool import round_budgets  # noqa: E402
 
 SIZE = 512
 TOTAL = 10_000

@@ -25,10 +25,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
-from syntagen_st.config import Config, TrainConfig  # noqa: E402
-from syntagen_st.distributed import launch  # noqa: E402
-from syntagen_st.generate import SampleGenerator, round_records  # noqa: E402
-from syntagen_st.store import Pool  # noqa: E402
+from syntagen_st.core.config import Config, TrainConfig  # noqa: E402
+from syntagen_st.core.store import Pool  # noqa: E402
+from syntagen_st.generation.sampler import SampleGenerator  # noqa: E402
+from syntagen_st.prompts.rounds import round_records  # noqa: E402
+from syntagen_st.scaleout.dist import launch  # noqa: E402
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -52,7 +53,7 @@ def worker(args: argparse.Namespace) -> None:
 
         pipe = sd15_pipeline(torch.float16 if on_gpu else torch.float32, device)
     else:
-        from syntagen_st.generate import load_pipeline
+        from syntagen_st.generation.sampler import load_pipeline
 
         pipe = load_pipeline(cfg.model, device, torch.float32)
     generator = SampleGenerator(cfg, pipe=pipe, device=device)
@@ -75,8 +76,8 @@ def worker(args: argparse.Namespace) -> None:
 
     generate_s = timed(lambda: generator.fill(pool, records, progress=False, dist=dist))
 
-    from syntagen_st import network
-    from syntagen_st.refine_shard import predict_shard
+    from syntagen_st.segmentation import network
+    from syntagen_st.selftrain.heldout import predict_shard
 
     model = network.build_segmenter(args.arch, "none").to(device).eval()
     images = [pool.image_path(r.id) for r in records]

@@ -21,17 +21,17 @@ import time
 import warnings
 from pathlib import Path
 
-import pytorch_lightning as pl
 import numpy as np
+import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from syntagen_st.config import TrainConfig  # noqa: E402
-from syntagen_st.data import SegDataset, Sample, collate, train_transform  # noqa: E402
-from syntagen_st.segmodel import SegModule, seg_loss  # noqa: E402
-from syntagen_st.store import save_image, save_mask  # noqa: E402
+from syntagen_st.core.config import TrainConfig  # noqa: E402
+from syntagen_st.core.store import save_image, save_mask  # noqa: E402
+from syntagen_st.segmentation.data import Sample, SegDataset, collate, train_transform  # noqa: E402
+from syntagen_st.segmentation.module import SegModule, seg_loss  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s) for MFU; pass --peak-tflops for other devices.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0}

@@ -23,11 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from noisy_shapes import NOISE_LEVELS, label_quality, make_dataset, make_look  # noqa: E402
-from syntagen_st import refine as rf  # noqa: E402
-from syntagen_st.classes import NUM_CLASSES, VOC_CLASSES  # noqa: E402
-from syntagen_st.config import RefineConfig  # noqa: E402
-from syntagen_st.loop import assign_folds  # noqa: E402
-from syntagen_st.network import load_model, predict_proba  # noqa: E402
+
+from syntagen_st.core.classes import NUM_CLASSES, VOC_CLASSES  # noqa: E402
+from syntagen_st.core.config import RefineConfig  # noqa: E402
+from syntagen_st.segmentation.network import load_model, predict_proba  # noqa: E402
+from syntagen_st.selftrain import refine as rf  # noqa: E402
+from syntagen_st.selftrain.pool import assign_folds  # noqa: E402
 
 
 def held_out_probs(run: Path, images: np.ndarray, ids: list[str], folds: int, seed: int, flip: bool,

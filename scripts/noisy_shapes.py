@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from syntagen_st.classes import IGNORE_INDEX, NUM_CLASSES, VOC_CLASSES  # noqa: E402
-from syntagen_st.store import save_image, save_mask  # noqa: E402
+from syntagen_st.core.classes import IGNORE_INDEX, NUM_CLASSES, VOC_CLASSES  # noqa: E402
+from syntagen_st.core.store import save_image, save_mask  # noqa: E402
 
 # Co-occurring pairs: a swap exchanges the two classes of a pair, as attention mixes up
 # objects that appear together.

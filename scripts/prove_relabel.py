@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from noisy_shapes import label_quality, make_dataset  # noqa: E402
-from syntagen_st import refine  # noqa: E402
-from syntagen_st.config import RefineConfig  # noqa: E402
+
+from syntagen_st.core.config import RefineConfig  # noqa: E402
+from syntagen_st.selftrain import refine  # noqa: E402
 
 
 def _tensor(images: np.ndarray) -> torch.Tensor:

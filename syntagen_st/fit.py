@@ -1,4 +1,4 @@
-"""The whole job: ``python -m syntagen_st.fit --rounds 3 [--config configs/smoke.yaml]``.
+"""``python -m syntagen_st.fit --rounds 3 [--config configs/smoke.yaml]``: the whole job.
 
 Generates, trains, refines and steers for N rounds, then exports the best <= 10,000 pairs,
 trains the fixed protocol on exactly them, evaluates on VOC val when --voc-root is given, and
@@ -10,30 +10,43 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
-from .cli import config_from, config_parser, prepare_run_folder, run_main
-from .data import find_samples, find_voc_samples
-from .export import not_an_entry_warning, read_submission
-from .distributed import launch
-from .loop import Loop, Run
-from .preflight import preflight
-from .rank_watch import watched
+from .core.cli import config_from, config_parser, prepare_run_folder, run_main
+from .core.config import NEUTRAL_KEYS
+from .core.errors import first_line
+from .core.layout import RunLayout
+from .generation.preflight import preflight
+from .reporting.page import write_report
+from .scaleout.dist import launch
+from .scaleout.watch import watched
+from .segmentation.data import find_samples, find_voc_samples
+from .selftrain.loop import run_loop
+from .selftrain.steps import Job
+from .submission.export import not_an_entry_warning, read_submission
+
+PROG = "syntagen_st.fit"
+RESUMABLE_KEYS = {"loop.rounds", "loop.generate_total", "loop.max_pairs", "loop.round_steps", "train"}
+"""Settings a run may continue with after a change (--resume): the later steps use the new values."""
+
+log = logging.getLogger(__name__)
 
 
-# Settings that do not change a run's results: speed, placement, names, and generate.num_images
-# (fit draws from loop.generate_total instead).
-_FREE_KEYS = {"name", "model.device", "generate.batch_size", "generate.num_images", "train.num_workers",
-              "train.devices", "train.num_nodes", "train.accelerator", "train.logger", "train.wandb_project"}
+def report_writer(run: RunLayout):
+    """The report of ``run`` so far, written after each round: a disk that refuses it costs a warning,
+    not the run (a bug in the report is a bug, and stops the command)."""
 
+    def write() -> None:
+        try:
+            write_report(run.root)
+        except OSError as err:
+            log.warning("report not written: %s", first_line(err))
 
-# Settings a run may continue with after a change (--resume): the later steps use the new values.
-_RESUMABLE_KEYS = {"loop.rounds", "loop.generate_total", "loop.max_pairs", "loop.round_steps", "train"}
+    return write
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = config_parser(
-        "syntagen_st.fit", "Self-training active refinement: generate, train, refine, export.",
+        f"python -m {PROG}", "Self-training active refinement: generate, train, refine, export.",
         shortcuts=("rounds", "source", "devices", "num_nodes"), progress=True,
     )
     parser.add_argument("--out", help="run folder (default runs/<name>)")
@@ -50,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         find_voc_samples(ns.voc_root, "val")
     # Every rank re-runs the command up to here; from here on rank 0 alone writes the run's own files.
     dist = launch(cfg.train)
-    with watched(dist, "syntagen_st.fit"):
+    with watched(dist, PROG):
         loop, train = cfg.loop, cfg.train
         if dist.is_main:
             if cfg.loop.source == "sd":
@@ -58,21 +71,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"then {loop.rounds} rounds x {cfg.refine.folds} fold models x {loop.round_steps} steps, and a final "
                   f"{train.arch} training of {train.max_steps:,} steps at batch {train.batch_size}"
                   + (f" over {dist.world} processes" if dist.world > 1 else ""), flush=True)
-        root = Path(ns.out) if ns.out else Path("runs") / cfg.name
+        run = RunLayout(ns.out or f"runs/{cfg.name}")
         dist.main_first(lambda: prepare_run_folder(
-            root, cfg, _FREE_KEYS, overwrite=ns.overwrite, resume=ns.resume, resumable=_RESUMABLE_KEYS,
+            run.root, cfg, set(NEUTRAL_KEYS), overwrite=ns.overwrite, resume=ns.resume, resumable=RESUMABLE_KEYS,
         ), others=False)
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
-        Loop(cfg, Run(root), ns.voc_root, progress=not ns.no_progress, dist=dist).run()
+        run_loop(Job(cfg, run, dist, progress=not ns.no_progress, voc_root=ns.voc_root), after_round=report_writer(run))
         if not dist.is_main:
             return 0
-        checksum = (root / "final" / "checksum.txt").read_text().split()[0]
-        print(f"done: {root}/export ({root}/export/submission.json), model sha256 {checksum}")
-        warning = not_an_entry_warning(read_submission(root / "export"))
+        print(f"done: {run.export.root} ({run.export.submission}), model sha256 {run.final.read_checksum()}")
+        warning = not_an_entry_warning(read_submission(run.export.root))
         if warning:
             print(warning, file=sys.stderr)
         return 0
 
 
 if __name__ == "__main__":
-    run_main(main, "syntagen_st.fit")
+    run_main(main, PROG)

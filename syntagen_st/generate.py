@@ -1,249 +1,54 @@
-"""Generate: prompts -> Stable Diffusion images with attention masks, written to a pool.
+"""``python -m syntagen_st.generate --config configs/smoke.yaml --num-images 16 --out runs/demo``
 
-``python -m syntagen_st.generate --config configs/smoke.yaml --num-images 16 --out runs/demo``
-
-Each sample's latent noise comes from its own CPU generator seeded from (run seed, sample id),
-so a sample is the same whatever the batch size or device count, and after a resume.
+Stable Diffusion images with attention masks, written to OUT/pool; rerun to make more or to
+finish an interrupted run.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from functools import partial
-from pathlib import Path
 
 import numpy as np
-import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from .attention import AttentionStore, capture_attention
-from .classes import VOC_CLASSES, class_index, display_name
-from .cli import config_from, config_parser, prepare_run_folder, run_main
-from .config import TINY_MODELS, Config, ConfigError, LabelConfig, ModelConfig, is_local_path
-from .device import resolve_device
-from .distributed import SINGLE, Dist, ShardSampler, launch
-from .errors import UserError, first_line
-from .labels import attention_to_scores, scores_to_labels, upsample_scores
-from .prompt_rounds import round_records
-from .prompts import PromptRecord
-from .rank_watch import watched
-from .store import Pool
-from .writer import BackgroundWriter
+from .core.cli import config_from, config_parser, prepare_run_folder, run_main
+from .core.config import NEUTRAL_KEYS
+from .core.layout import RunLayout
+from .generation.preflight import preflight
+from .generation.sampler import SampleGenerator
+from .prompts.rounds import round_records
+from .scaleout.dist import launch
+from .scaleout.watch import watched
 
-_SCHEDULERS = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """float16 on CUDA and float32 on CPU unless the config names a dtype."""
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if name == "float16" and device.type == "cpu":
-        raise ConfigError("model.dtype float16 needs a CUDA device; use float32 or bfloat16 on CPU")
-    return getattr(torch, name)
-
-
-def load_pipeline(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> StableDiffusionPipeline:
-    """A StableDiffusionPipeline from a hub id, a local diffusers folder, or the tiny builder."""
-    if cfg.pretrained in TINY_MODELS:
-        from .tiny import build_tiny_pipeline
-
-        pipe = build_tiny_pipeline(cfg.pretrained)
-        if dtype != torch.float32:
-            pipe = pipe.to(dtype=dtype)
-    else:
-        ref = str(Path(cfg.pretrained).expanduser()) if is_local_path(cfg.pretrained) else cfg.pretrained
-        try:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                ref, revision=cfg.revision, dtype=dtype, use_safetensors=True,
-                safety_checker=None, requires_safety_checker=False,
-            )
-        except (OSError, ValueError) as err:
-            first = first_line(err)
-            raise UserError(f"cannot load Stable Diffusion from {cfg.pretrained!r}: {first}") from None
-    if cfg.scheduler != "default":
-        pipe.scheduler = _SCHEDULERS[cfg.scheduler].from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
-
-
-def class_token_groups(tokenizer, record: PromptRecord) -> list[list[int]]:
-    """Token positions of each appended class name in the tokenised class prompt.
-
-    The names are the last tokens before end-of-text, separated by one punctuation token each,
-    so they are found from the end; a prompt long enough to push them past the text encoder's
-    limit is refused rather than silently losing a class.
-    """
-    ids = tokenizer(record.class_prompt, truncation=False).input_ids
-    if len(ids) > tokenizer.model_max_length:
-        raise UserError(
-            f"sample {record.id}: the prompt is {len(ids)} tokens; the class names would fall past the "
-            f"text encoder's limit of {tokenizer.model_max_length}: shorten it: {record.prompt[:60]!r}"
-        )
-    end = len(ids) - 1
-    groups: list[list[int]] = []
-    for name in reversed(record.classes):
-        name_ids = tokenizer(display_name(name), add_special_tokens=False).input_ids
-        start = end - len(name_ids)
-        if ids[start:end] != name_ids:
-            raise RuntimeError(f"sample {record.id}: cannot find the tokens of {name!r} in its class prompt")
-        groups.append(list(range(start, end)))
-        end = start - 1
-    return groups[::-1]
-
-
-@dataclass
-class LabelledImage:
-    """A generated image with its attention label, before it is written to the pool."""
-
-    record: PromptRecord
-    image: np.ndarray  # (H, W, 3) uint8
-    mask: np.ndarray  # (H, W) uint8, 0..20 and 255
-    scores: np.ndarray  # (K, hs, ws) float16, the K classes of ``class_ids``
-    class_ids: np.ndarray  # (K,) uint8
-
-    def manifest_row(self) -> dict:
-        present = sorted({int(v) for v in np.unique(self.mask)} - {0, 255})
-        return self.record.to_row() | {
-            "label_source": "attention",
-            "present": [VOC_CLASSES[v] for v in present],
-            "coverage": float((self.mask != 255).mean()),
-            "foreground": float(((self.mask != 0) & (self.mask != 255)).mean()),
-        }
-
-
-def label_sample(
-    record: PromptRecord, image: np.ndarray, cross: torch.Tensor, self_attn: torch.Tensor,
-    groups: list[list[int]], store: AttentionStore, cfg: LabelConfig,
-) -> LabelledImage:
-    """One sample's averaged attention -> scores and mask."""
-    scores = attention_to_scores(cross, self_attn, groups, store.cross_hw, cfg.tau, cfg.presence_threshold)
-    class_ids = [class_index(c) for c in record.classes]
-    full = upsample_scores(scores, image.shape[:2])
-    mask = scores_to_labels(full, class_ids, cfg.fg_threshold, cfg.band_threshold)
-    return LabelledImage(
-        record, image, mask.cpu().numpy(), scores.cpu().numpy().astype(np.float16), np.array(class_ids, dtype=np.uint8)
-    )
-
-
-class SampleGenerator:
-    """A loaded pipeline that turns prompt records into labelled samples."""
-
-    def __init__(self, cfg: Config, pipe: StableDiffusionPipeline | None = None, device: torch.device | None = None) -> None:
-        """Load the configured pipeline (on ``device``, e.g. a rank's GPU, or model.device), or
-        use ``pipe`` (already on its device) as given."""
-        self.gen, self.label = cfg.generate, cfg.label
-        self.device = device if device is not None else resolve_device(cfg.model.device, "model.device")
-        self.dtype = resolve_dtype(cfg.model.dtype, self.device)
-        self.pipe = pipe if pipe is not None else load_pipeline(cfg.model, self.device, self.dtype)
-        self.latent_hw = (self.gen.height // self.pipe.vae_scale_factor, self.gen.width // self.pipe.vae_scale_factor)
-
-    def generate(self, records: Sequence[PromptRecord], store: AttentionStore) -> list[LabelledImage]:
-        """One batch (at most the store's capacity) of samples."""
-        groups = [class_token_groups(self.pipe.tokenizer, r) for r in records]
-        store.begin(len(records))
-        generators = [torch.Generator("cpu").manual_seed(r.seed) for r in records]
-        negative = [self.gen.negative_prompt] * len(records) if self.gen.negative_prompt else None
-        with torch.inference_mode():
-            out = self.pipe(
-                prompt=[r.class_prompt for r in records], negative_prompt=negative,
-                height=self.gen.height, width=self.gen.width, num_inference_steps=self.gen.steps,
-                guidance_scale=self.gen.guidance_scale, generator=generators, output_type="np",
-            )
-            images = (np.clip(out.images, 0, 1) * 255).round().astype(np.uint8)
-            cross, self_attn = store.means()
-            return [
-                label_sample(r, images[i], cross[i], self_attn[i], groups[i], store, self.label)
-                for i, r in enumerate(records)
-            ]
-
-    def fill(
-        self, pool: Pool, records: Sequence[PromptRecord], progress: bool = True, dist: Dist = SINGLE,
-        batch_size: int | None = None,
-    ) -> int:
-        """Generate every record the pool lacks; returns how many this rank made.
-
-        The records are cut into batches of ``batch_size`` (default ``generate.batch_size``) in order, whatever the number
-        of processes, and a ShardSampler deals the batches to the ranks. A batch's manifest shard
-        is named after its first sample, so the pool, manifests included, is the same with 1 or
-        N processes. A background writer encodes and writes a batch (files, then its manifest
-        shard) while the next one denoises; a crash loses at most the queued batches, and a rerun
-        regenerates exactly those.
-        """
-        # Rank 0's view of the pool: a rank reading it after another has started writing would
-        # cut other batches and deal them differently.
-        done = dist.broadcast(pool.done_ids() if dist.is_main else None)
-        size = batch_size or self.gen.batch_size
-        batches = ([r for r in records[i : i + size] if r.id not in done] for i in range(0, len(records), size))
-        todo = [batch for batch in batches if batch]
-        if not todo:
-            return 0
-        for batch in todo:  # an over-long prompt is refused now, not hours into the run
-            for record in batch:
-                class_token_groups(self.pipe.tokenizer, record)
-        loader = DataLoader(todo, batch_size=None, sampler=ShardSampler(todo, dist), collate_fn=_as_is)  # type: ignore[arg-type]
-        mine = sum(len(todo[i]) for i in loader.sampler)
-        bar = tqdm(total=mine, desc="generate", unit="img", disable=not (progress and dist.is_main))
-        start = time.perf_counter()
-        with capture_attention(
-            self.pipe.unet, max(len(b) for b in todo), self.latent_hw, self.label.cross_factor,
-            self.label.self_factor, self.pipe.tokenizer.model_max_length,
-        ) as store, BackgroundWriter(max_pending=2) as writer:
-            for batch in loader:
-                writer.submit(partial(write_batch, pool, self.generate(batch, store)))
-                bar.update(len(batch))
-                bar.set_postfix(img_per_s=f"{bar.n / (time.perf_counter() - start):.2f}")
-        bar.close()
-        return mine
-
-
-def _as_is(batch: list[PromptRecord]) -> list[PromptRecord]:
-    return batch
-
-
-def write_batch(pool: Pool, samples: Sequence[LabelledImage]) -> None:
-    """A batch's files, then its manifest shard: a sample exists only once its files do. Each row
-    records its batch's length: CPU and GPU kernels pick their blocking by shape, so a sample is
-    bit-identical again only in a batch of that length (reproduce uses it)."""
-    for s in samples:
-        pool.write_sample(s.record.id, s.image, s.mask, scores=s.scores, class_ids=s.class_ids)
-    pool.write_manifest_shard(samples[0].record.id, [s.manifest_row() | {"batch": len(samples)} for s in samples])
-
-
-# Values that may change between runs into the same folder without changing any sample.
-_FREE_KEYS = {"name", "generate.num_images", "generate.batch_size", "model.device", "train", "refine", "loop"}
+PROG = "syntagen_st.generate"
+FREE_KEYS = NEUTRAL_KEYS | {"train", "refine", "loop"}
+"""generate reads no train, refine or loop setting: a run folder may change them."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = config_parser(
-        "python -m syntagen_st.generate", "Generate SD images with attention masks into a pool.",
+        f"python -m {PROG}", "Generate SD images with attention masks into a pool.",
         sections=("model", "generate", "label"), shortcuts=("num_images", "devices", "num_nodes"), progress=True,
     )
     parser.add_argument("--out", required=True, help="run folder; the pool goes to OUT/pool")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing folder and start again")
     ns = parser.parse_args(argv)
     cfg = config_from(parser, ns)
-    from .preflight import preflight
-
     # --devices N: N processes, each generating its share of the batches (rank 0 owns the folder).
     # Generation has no batch to split: any device count will do.
     dist = launch(cfg.train, split_batch=False)
-    with watched(dist, "syntagen_st.generate"):
+    with watched(dist, PROG):
         if dist.is_main:
             print(preflight(cfg, cfg.generate.num_images), flush=True)
-        out = Path(ns.out)
-        dist.main_first(lambda: prepare_run_folder(out, cfg, _FREE_KEYS, overwrite=ns.overwrite), others=False)
+        run = RunLayout(ns.out)
+        dist.main_first(lambda: prepare_run_folder(run.root, cfg, FREE_KEYS, overwrite=ns.overwrite), others=False)
         # Prompts first: a language model writing them is freed before Stable Diffusion loads.
-        records = dist.from_main(lambda: round_records(cfg, 0, cfg.generate.num_images, run_root=out))
-        made = SampleGenerator(cfg, device=dist.device).fill(Pool(out / "pool"), records, not ns.no_progress, dist)
+        records = dist.from_main(lambda: round_records(cfg, 0, cfg.generate.num_images, run=run))
+        made = SampleGenerator(cfg, device=dist.device).fill(run.pool, records, not ns.no_progress, dist)
         made = int(dist.all_reduce_sum(np.array([made], np.int64))[0])
         if dist.is_main:
-            print(f"{made} new samples; the pool at {out / 'pool'} holds {len(Pool(out / 'pool').done_ids())}")
+            print(f"{made} new samples; the pool at {run.pool.root} holds {len(run.pool.done_ids())}")
     return 0
 
 
 if __name__ == "__main__":
-    run_main(main, "syntagen_st.generate")
+    run_main(main, PROG)

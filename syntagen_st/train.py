@@ -1,8 +1,7 @@
-"""Train DeepLabv3 on any dataset with the fixed protocol (or a shorter schedule).
+"""``python -m syntagen_st.train --data PATH --out DIR [--config configs/protocol.yaml]``
 
-    python -m syntagen_st.train --data PATH --out DIR [--config configs/protocol.yaml]
-        [--val-data PATH] [--steps N] [--arch A] [--crop-size S] [--batch-size B] [--logger wandb|csv|none]
-
+Train DeepLabv3 on any dataset with the fixed protocol (or a shorter schedule):
+``[--val-data PATH] [--steps N] [--arch A] [--crop-size S] [--batch-size B] [--logger wandb|csv|none]``.
 Rerunning the same command resumes from DIR/checkpoints/last.ckpt. The final weights go to
 DIR/model.safetensors with their sha256 in DIR/checksum.txt, the settings to
 DIR/train_config.yaml; with validation data, the last evaluation goes to DIR/metrics.json.
@@ -10,224 +9,19 @@ DIR/train_config.yaml; with validation data, the last evaluation goes to DIR/met
 
 from __future__ import annotations
 
-import dataclasses
-import logging
-import netrc
-import os
-import uuid
-import warnings
 from collections.abc import Sequence
-from pathlib import Path
 
-import pytorch_lightning as pl
-import torch
-import yaml
-from pytorch_lightning.callbacks import ModelCheckpoint
+from .core.cli import config_from, config_parser, run_main
+from .core.layout import TrainOutput
+from .scaleout.dist import training_world
+from .segmentation.trainer import train
 
-from .checkpoints import read_checkpoint
-from .cli import config_from, config_parser, run_main
-from .config import TrainConfig, device_count, lightning_devices, per_device_batch
-from .data import Sample, find_samples
-from .distributed import SINGLE, Dist, acting_as_rank_zero, devices_checked, training_world
-from .errors import UserError
-from .metrics import summarize
-from .network import model_from_checkpoint, save_weights, write_checksum
-from .progress import StepProgressBar, quiet_lightning
-from .segmodel import SegDataModule, SegModule
-from .store import atomic_write_json, atomic_write_text
-
-log = logging.getLogger(__name__)
-
-WEIGHTS_NAME = "model.safetensors"
-Data = str | os.PathLike | Sequence[Sample]
-
-
-def _samples(data: Data, split: str) -> list[Sample]:
-    return find_samples(data, split) if isinstance(data, (str, os.PathLike)) else list(data)
-
-
-def checkpoint_step(path: Path) -> int | None:
-    """The global step stored in a Lightning checkpoint, or None when there is none."""
-    if not path.is_file():
-        return None
-    ckpt = read_checkpoint(path)
-    if not isinstance(ckpt.get("global_step"), int):
-        raise UserError(f"{path}: not a Lightning training checkpoint (no global_step)")
-    return ckpt["global_step"]
-
-
-def _has_wandb_key() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
-
-
-def make_logger(kind: str, out: Path, project: str, name: str):  # -> Logger | bool
-    """W&B (offline when WANDB_MODE is unset and no API key is known), CSV, or none (False).
-
-    The W&B run is our own (reinit="create_new"): WandbLogger would otherwise adopt any run
-    already open in the process (e.g. the loop's round log) and finishing it would end that one.
-    One run per output folder: a resumed training continues the same run.
-    """
-    if kind == "none":
-        return False
-    if kind == "csv":
-        from pytorch_lightning.loggers import CSVLogger
-
-        return CSVLogger(str(out), name="logs")
-    import wandb
-    from pytorch_lightning.loggers import WandbLogger
-    from pytorch_lightning.utilities.rank_zero import rank_zero_only
-
-    if rank_zero_only.rank != 0:  # DDP workers: a logger that never opens a run off rank 0
-        return WandbLogger(project=project, name=name)
-    id_file = out / "wandb_id.txt"
-    if not id_file.is_file():
-        atomic_write_text(id_file, uuid.uuid4().hex[:12] + "\n")
-    offline = "WANDB_MODE" not in os.environ and not _has_wandb_key()
-    run = wandb.init(
-        project=project, name=name, id=id_file.read_text().strip(), resume="allow",
-        dir=os.environ.get("WANDB_DIR") or str(out), mode="offline" if offline else None, reinit="create_new",
-    )
-    # WandbLogger's own x-axis setup, which it skips for a run it did not create.
-    run.define_metric("trainer/global_step")
-    run.define_metric("*", step_metric="trainer/global_step", step_sync=True)
-    return WandbLogger(experiment=run)
-
-
-def _precision(cfg: TrainConfig) -> str:
-    if cfg.precision != "auto":
-        return cfg.precision
-    on_gpu = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
-    return "bf16-mixed" if on_gpu else "32-true"
-
-
-def _placement(cfg: TrainConfig, single_device: bool, device: torch.device | None) -> dict:
-    """Trainer keywords: ``train.devices`` x ``train.num_nodes`` with DDP, or one device (a fold
-    model trained beside the other ranks' fold models): this rank's ``device`` when it has one,
-    which the launcher found (SLURM sets no LOCAL_RANK), else the first GPU ``train.devices`` lists."""
-    on_gpu = torch.cuda.is_available() and cfg.accelerator in ("auto", "gpu", "cuda")
-    if single_device:
-        if device is not None and device.type == "cuda":
-            return {"accelerator": "gpu", "devices": [device.index or 0], "num_nodes": 1, "strategy": "auto"}
-        listed = [int(part) for part in cfg.devices.strip().strip("[]").split(",") if part.strip().isdigit()]
-        first = listed[0] if "," in cfg.devices or cfg.devices.strip().startswith("[") else 0
-        return {"accelerator": cfg.accelerator, "devices": [first] if on_gpu else 1, "num_nodes": 1, "strategy": "auto"}
-    devices = lightning_devices(cfg.devices)
-    many = cfg.num_nodes > 1 or (isinstance(devices, int) and devices > 1)
-    launched = torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
-    # BatchNorm over the whole batch, as the protocol's one-GPU batch of 8 has: with 8 GPUs a
-    # device holds one image, which plain BatchNorm refuses in DeepLabv3's pooling branch.
-    # torch syncs BatchNorm on GPUs only.
-    sync = on_gpu and (many or launched or (device_count(cfg.devices) or 1) > 1)
-    return {"accelerator": cfg.accelerator, "devices": devices, "num_nodes": cfg.num_nodes,
-            "strategy": "ddp" if many else "auto", "sync_batchnorm": sync}
-
-
-def export_weights(module_or_ckpt: SegModule | Path, out: Path) -> Path:
-    """DIR/model.safetensors and DIR/checksum.txt from a trained module or a checkpoint."""
-    if isinstance(module_or_ckpt, Path):
-        model, arch = model_from_checkpoint(module_or_ckpt)
-    else:
-        model, arch = module_or_ckpt.model, module_or_ckpt.cfg.arch
-    weights = out / WEIGHTS_NAME
-    save_weights(model, weights, arch)
-    write_checksum(weights)
-    return weights
-
-
-def train(
-    cfg: TrainConfig, data: Data, out: str | os.PathLike, val_data: Data | None = None,
-    *, seed: int = 0, run_name: str | None = None, progress: bool = True, single_device: bool = False,
-    device: torch.device | None = None, dist: Dist = SINGLE,
-) -> Path:
-    """Train (or resume) into ``out`` for cfg.max_steps steps; return the final safetensors path.
-
-    ``data`` / ``val_data`` are dataset folders (any kind find_samples knows) or sample lists.
-    Each call builds a fresh Trainer, so a loop may call it once per round with its own ``out``.
-    ``train.batch_size`` is the total batch: over N devices each one takes batch_size / N, so
-    the protocol's learning rate and schedule hold for any device count. ``single_device``
-    trains on this process's ``device`` alone, whatever ``train.devices`` says. ``dist``: the
-    ranks of an already launched job that train together; rank 0 reads the checkpoint for all,
-    so they agree on whether to resume.
-    """
-    if single_device:
-        with acting_as_rank_zero():
-            return _train(cfg, data, out, val_data, seed=seed, run_name=run_name, progress=progress,
-                          placement=_placement(cfg, True, device), dist=SINGLE)
-    return _train(cfg, data, out, val_data, seed=seed, run_name=run_name, progress=progress,
-                  placement=_placement(cfg, False, None), dist=dist)
-
-
-def _train(
-    cfg: TrainConfig, data: Data, out: str | os.PathLike, val_data: Data | None,
-    *, seed: int, run_name: str | None, progress: bool, placement: dict, dist: Dist,
-) -> Path:
-    out = Path(out)
-    train_samples = _samples(data, "train")
-    val_samples = _samples(val_data, "val") if val_data is not None else []
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "train_config.yaml", config_yaml_train(cfg, seed))
-    last = out / "checkpoints" / "last.ckpt"
-    done = dist.from_main(lambda: checkpoint_step(last))
-    if done is not None and done >= cfg.max_steps:
-        # Lightning would resume and train nothing: the weights are final, (re)export them.
-        if not dist.is_main:
-            return out / WEIGHTS_NAME
-        log.info("%s: finished at step %d >= max_steps %d; exporting", last, done, cfg.max_steps)
-        return export_weights(last, out)
-
-    quiet_lightning()
-    pl.seed_everything(seed, workers=True, verbose=False)
-    module = SegModule(cfg)
-    logger = make_logger(cfg.logger, out, cfg.wandb_project, run_name or out.name)
-    checkpoints = ModelCheckpoint(
-        dirpath=out / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=cfg.checkpoint_every,
-    )
-    with devices_checked(cfg):
-        trainer = pl.Trainer(
-            default_root_dir=out, max_steps=cfg.max_steps, **placement, precision=_precision(cfg), logger=logger,
-            callbacks=[checkpoints, *([StepProgressBar(run_name or out.name)] if progress else [])],
-            log_every_n_steps=cfg.log_every, limit_val_batches=1.0 if val_samples else 0,
-            val_check_interval=min(cfg.val_every, cfg.max_steps) if val_samples else None,
-            check_val_every_n_epoch=None, num_sanity_val_steps=0, benchmark=torch.cuda.is_available(),
-            enable_progress_bar=progress,
-            enable_model_summary=False,
-        )
-    per_device = dataclasses.replace(cfg, batch_size=per_device_batch(cfg, trainer.world_size))
-    datamodule = SegDataModule(train_samples, per_device, val_samples)
-    try:
-        # Ctrl-C: Lightning shuts down and exits with status 1; rerunning resumes from last.ckpt.
-        trainer.fit(module, datamodule=datamodule, ckpt_path=last if done is not None else None)
-        # ModelCheckpoint saves every N steps: make sure last.ckpt holds the final step too. Rank 0
-        # wrote it and reads it; every rank takes the same branch (saving is collective).
-        if trainer.strategy.broadcast(checkpoint_step(last) if trainer.is_global_zero else None) != trainer.global_step:
-            trainer.save_checkpoint(last)
-        if val_samples and (module.val_metrics is None or module.val_metrics["step"] != trainer.global_step):
-            trainer.validate(module, datamodule=datamodule, verbose=False)
-    finally:
-        if cfg.logger == "wandb" and trainer.is_global_zero:
-            logger.experiment.finish()
-    if module.corrupt:
-        warnings.warn(f"skipped {len(module.corrupt)} corrupt training samples (named in the warnings above)", stacklevel=2)
-    if not trainer.is_global_zero:
-        return out / WEIGHTS_NAME
-    if module.val_metrics is not None:
-        metrics = summarize(module.val_metrics["confusion"]) | {"step": trainer.global_step, "val_images": len(val_samples)}
-        atomic_write_json(out / "metrics.json", metrics)
-    return export_weights(module, out)
-
-
-def config_yaml_train(cfg: TrainConfig, seed: int) -> str:
-    return yaml.safe_dump({"seed": seed, "train": dataclasses.asdict(cfg)}, sort_keys=False)
+PROG = "syntagen_st.train"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = config_parser(
-        "syntagen_st.train", "Train DeepLabv3 on a dataset with the fixed protocol.", sections=("train",),
+        f"python -m {PROG}", "Train DeepLabv3 on a dataset with the fixed protocol.", sections=("train",),
         shortcuts=("steps", "arch", "crop_size", "batch_size", "logger", "backbone_weights"), progress=True,
     )
     parser.add_argument("--data", required=True, help="a run, pool, VOC-style tree, or images/ + masks/ folder")
@@ -236,12 +30,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     cfg = config_from(parser, ns)
     training_world(cfg.train)  # a device count that cannot share the batch is refused before the folder exists
-    out = Path(ns.out)
-    weights = train(cfg.train, ns.data, out, ns.val_data, seed=cfg.seed, run_name=cfg.name if cfg.name != "run" else None,
-                    progress=not ns.no_progress)
-    print(f"weights: {weights}\nsha256: {(out / 'checksum.txt').read_text().split()[0]}")
+    out = TrainOutput(ns.out)
+    weights = train(cfg.train, ns.data, out.root, ns.val_data, seed=cfg.seed,
+                    run_name=cfg.name if cfg.name != "run" else None, progress=not ns.no_progress)
+    print(f"weights: {weights}\nsha256: {out.read_checksum()}")
     return 0
 
 
 if __name__ == "__main__":
-    run_main(main, "syntagen_st.train")
+    run_main(main, PROG)

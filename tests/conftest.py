@@ -12,7 +12,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 import pytest  # noqa: E402
 
-from syntagen_st.config import Config  # noqa: E402
+from syntagen_st.core.config import Config  # noqa: E402
 
 SMOKE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
 """The shipped smoke config, found from the tests folder so pytest may run from anywhere."""
@@ -36,7 +36,7 @@ def smoke_config(**generate) -> Config:
 @pytest.fixture(scope="session")
 def tiny_generator():
     """One tiny SD 1.x-layout SampleGenerator for the whole session (64 px, 3 steps)."""
-    from syntagen_st.generate import SampleGenerator
+    from syntagen_st.generation.sampler import SampleGenerator
 
     return SampleGenerator(smoke_config())
 
@@ -73,7 +73,7 @@ def make_seg_dataset():
     import numpy as np
     from PIL import Image
 
-    from syntagen_st.store import Pool, save_image, save_mask
+    from syntagen_st.core.store import Pool, save_image, save_mask
 
     def make(root, kind: str = "plain", n: int = 8, size: int = 64, seed: int = 0) -> Path:
         root = Path(root)
@@ -169,7 +169,7 @@ LLM_CLASSES = ("dog", "sofa")
 def tiny_llm_dir(tmp_path_factory) -> Path:
     """A 2-layer GPT-2 chat model trained for a few seconds on template captions of dogs and
     sofas, saved as a transformers folder (so tests load it as a user's local model)."""
-    from syntagen_st.tiny import build_tiny_llm, tiny_chat_corpus, train_tiny_llm
+    from syntagen_st.testing.llm import build_tiny_llm, tiny_chat_corpus, train_tiny_llm
 
     chats = tiny_chat_corpus(list(LLM_CLASSES))
     model, tokenizer = build_tiny_llm(chats)

@@ -15,8 +15,8 @@ def watched_body(fail_rank: int, how: str) -> None:
     ``how=late``: rank ``fail_rank`` fails after the other has finished its work."""
     import torch.distributed as torch_dist
 
-    from syntagen_st.distributed import current
-    from syntagen_st.rank_watch import watched
+    from syntagen_st.scaleout.dist import current
+    from syntagen_st.scaleout.watch import watched
 
     torch_dist.init_process_group("gloo")
     dist = current()
@@ -44,21 +44,24 @@ def blind_fit(argv: list[str]) -> None:
     """``fit`` where every rank but 0 is blind to the run folder's listings: the other ranks must
     take rank 0's reading (on a shared file system another node's listing may lag)."""
     if os.environ["RANK"] != "0":
-        import syntagen_st.data as data
-        import syntagen_st.loop as loop
-        import syntagen_st.store as store
-        import syntagen_st.train as train
+        import syntagen_st.core.layout as layout
+        import syntagen_st.core.store as store
+        import syntagen_st.segmentation.trainer as train
+        import syntagen_st.selftrain.pool as pool
+        import syntagen_st.selftrain.runner as runner
+        import syntagen_st.selftrain.steps as steps
 
         def blind(name):
             def refuse(*args, **kwargs):
                 raise AssertionError(f"rank {os.environ['RANK']} read the run folder itself ({name})")
             return refuse
 
-        for module, name in ((data, "find_samples"), (loop, "find_samples"), (train, "find_samples"),
-                             (data, "latest_refined"), (loop, "latest_refined")):
+        # Patched where each lookup happens: every module that finds samples by itself.
+        for module, name in ((pool, "find_samples"), (steps, "find_samples"), (train, "find_samples")):
             setattr(module, name, blind(name))
+        layout.RunLayout.latest_samples = blind("RunLayout.latest_samples")
         store.Pool.rows = blind("Pool.rows")
-        loop.Run.done_steps = blind("Run.done_steps")
+        runner.RunState.done = blind("RunState.done")
         own_step = train.checkpoint_step  # a fold model's own checkpoint is this rank's to read
 
         def checkpoint_step(path):
@@ -68,7 +71,7 @@ def blind_fit(argv: list[str]) -> None:
 
         train.checkpoint_step = checkpoint_step
     from syntagen_st import fit
-    from syntagen_st.cli import run_main
+    from syntagen_st.core.cli import run_main
 
     run_main(fit.main, "syntagen_st.fit", argv)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from syntagen_st.attention import capture_attention, layer_grid, plan_layers
+from syntagen_st.generation.attention import capture_attention, layer_grid, plan_layers
 
 
 def _unet_inputs(pipe, batch=2):

@@ -4,13 +4,12 @@ import subprocess
 import sys
 
 import pytest
+from conftest import SMOKE
 
 from syntagen_st import generate as gen_mod
-from syntagen_st.cli import run_main
-from syntagen_st.prompts import load_prompt_file
-from syntagen_st.errors import UserError
-
-from conftest import SMOKE
+from syntagen_st.core.cli import run_main
+from syntagen_st.core.errors import UserError
+from syntagen_st.prompts.records import load_prompt_file
 
 BASE = ["--config", SMOKE, "--no-progress"]
 
@@ -95,8 +94,8 @@ def test_module_entry_point_exits_2_with_one_line(tmp_path):
 def test_device_names_are_checked(monkeypatch):
     import torch
 
-    from syntagen_st.config import ConfigError
-    from syntagen_st.device import resolve_device
+    from syntagen_st.core.config import ConfigError
+    from syntagen_st.core.device import resolve_device
 
     assert resolve_device("cpu").type == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -133,8 +132,8 @@ def test_each_cli_shows_only_its_own_sections(module, shown, hidden, capsys):
 
 
 def test_a_full_run_config_is_read_by_a_command_that_shows_one_section(tmp_path):
-    from syntagen_st import train as train_mod
-    from syntagen_st.cli import config_from
+    from syntagen_st.core.cli import config_from
+    from syntagen_st.segmentation import trainer as train_mod
 
     parser = train_mod.config_parser("t", "", sections=("train",), shortcuts=("steps",))
     cfg = config_from(parser, parser.parse_args(["--config", SMOKE, "--steps", "7", "--generate.steps", "2"]))

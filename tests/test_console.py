@@ -4,9 +4,9 @@ import json
 import subprocess
 import sys
 
-from syntagen_st.summary import round_summary, step_title
-
 from conftest import SMOKE
+
+from syntagen_st.selftrain.summary import round_summary, step_title
 
 
 def test_step_titles_count_rounds_and_folds_from_one():

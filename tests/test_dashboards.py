@@ -3,13 +3,13 @@
 import glob
 
 import numpy as np
-
-from syntagen_st.classes import FOREGROUND_CLASSES, VOC_CLASSES
-from syntagen_st.config import Config
-from syntagen_st.dashboards import RoundLogger
-from syntagen_st.store import save_image
-
 from conftest import wandb_history_keys
+
+from syntagen_st.core.classes import FOREGROUND_CLASSES, VOC_CLASSES
+from syntagen_st.core.config import Config
+from syntagen_st.core.layout import RunLayout
+from syntagen_st.core.store import save_image
+from syntagen_st.selftrain.dashboard import RoundLogger
 
 
 def test_round_logger_writes_per_class_tables_and_overlays(tmp_path, monkeypatch):
@@ -25,24 +25,25 @@ def test_round_logger_writes_per_class_tables_and_overlays(tmp_path, monkeypatch
     stats = {
         "samples": 3, "dropped": 1, "pixels_relabelled": 12, "reliable": ["cat"],
         "iou_model_vs_labels": {c: (0.5 if c == "cat" else None) for c in VOC_CLASSES},
+        "core_iou_model_vs_labels": {c: (0.7 if c == "cat" else None) for c in VOC_CLASSES},
         "weakness": {c: 0.4 for c in VOC_CLASSES},
         "weights": {c: 1.0 for c in FOREGROUND_CLASSES},
     }
-    logger = RoundLogger(cfg, tmp_path / "run")
+    logger = RoundLogger(cfg, RunLayout(tmp_path / "run"))
     logger.log_round(0, stats, [(image, label, label, label)])
     logger.finish()
     runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(runs) == 1
     keys = wandb_history_keys(runs[0])
     assert {"round", "round/dropped", "round/pixels_relabelled", "round/miou_model_vs_labels"} <= keys
-    assert {"round/classes/_type", "round/weights_table/_type", "round/iou_table/_type",
+    assert {"round/classes/_type", "round/weights_table/_type", "round/iou_table/_type", "round/core_iou_table/_type",
             "round/overlays/all_masks"} <= keys
 
 
 def test_round_logger_is_silent_without_wandb(tmp_path):
     cfg = Config()
     cfg.train.logger = "csv"
-    logger = RoundLogger(cfg, tmp_path)
+    logger = RoundLogger(cfg, RunLayout(tmp_path))
     logger.log_round(0, {}, [])
     logger.finish()
     assert not list(tmp_path.iterdir())

@@ -16,14 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from syntagen_st import fit as fit_mod
-from syntagen_st.cli import run_main
-from syntagen_st.distributed import Dist, ShardSampler
-from syntagen_st.writer import BackgroundWriter
-
 from conftest import SMOKE
 from test_loop import SMALL, _tree
+
+from syntagen_st import fit as fit_mod
+from syntagen_st.core.cli import run_main
+from syntagen_st.generation.writer import BackgroundWriter
+from syntagen_st.scaleout.dist import Dist, ShardSampler
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
        "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -142,9 +141,9 @@ def test_a_device_count_that_does_not_divide_the_batch_is_refused(capsys, tmp_pa
 
 
 def test_the_train_command_refuses_it_too_and_generate_takes_any_count(capsys, tmp_path):
-    from syntagen_st import train as train_mod
-    from syntagen_st.cli import config_from, config_parser
-    from syntagen_st.config import ConfigError, TrainConfig, check_batch_split
+    from syntagen_st.core.cli import config_from, config_parser
+    from syntagen_st.core.config import ConfigError, TrainConfig, check_batch_split
+    from syntagen_st.segmentation import trainer as train_mod
 
     with pytest.raises(SystemExit) as exit_info:
         run_main(train_mod.main, "syntagen_st.train", ["--config", str(Path(SMOKE).parent / "protocol.yaml"), "--train.devices", "3",
@@ -167,7 +166,7 @@ def test_devices_lightning_cannot_use_are_refused_in_one_line(capsys, tmp_path, 
     from lightning_fabric import Fabric
     from lightning_fabric.utilities.exceptions import MisconfigurationException
 
-    from syntagen_st import train as train_mod
+    from syntagen_st.segmentation import trainer as train_mod
 
     def refuse(_, *args, **kwargs):  # what Lightning says on a machine with fewer GPUs than asked for
         raise MisconfigurationException("You requested gpu: [0, 1, 2, 3]\n But your machine only has: [0]")
@@ -193,7 +192,7 @@ def test_devices_lightning_cannot_use_are_refused_in_one_line(capsys, tmp_path, 
 def _models():
     import torch
 
-    from syntagen_st.network import build_segmenter
+    from syntagen_st.segmentation.network import build_segmenter
 
     models = []
     for seed in (0, 1):
@@ -207,8 +206,8 @@ def _predict_and_count(rank: int, world: int, init: str, images: list, labels: d
     import torch
     import torch.distributed as torch_dist
 
-    from syntagen_st import refine as rf
-    from syntagen_st.refine_shard import predict_shard
+    from syntagen_st.selftrain import refine as rf
+    from syntagen_st.selftrain.heldout import predict_shard
 
     torch.set_num_threads(1)
     torch_dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
@@ -224,8 +223,8 @@ def test_refine_predictions_over_two_ranks_equal_one(tmp_path):
     import torch
     import torch.multiprocessing as mp
 
-    from syntagen_st import refine as rf
-    from syntagen_st.refine_shard import predict_shard
+    from syntagen_st.selftrain import refine as rf
+    from syntagen_st.selftrain.heldout import predict_shard
 
     rng = np.random.default_rng(0)
     images, labels = [], {}
@@ -256,8 +255,8 @@ def test_refine_predictions_over_two_ranks_equal_one(tmp_path):
 
 
 def test_a_fold_model_trains_on_its_rank_device_and_ddp_syncs_batchnorm_on_gpus(monkeypatch):
-    from syntagen_st import train as train_mod
-    from syntagen_st.config import TrainConfig
+    from syntagen_st.core.config import TrainConfig
+    from syntagen_st.segmentation import trainer as train_mod
 
     # The rank's own device, found by the launcher (SLURM sets no LOCAL_RANK), whatever train.devices says.
     placed = train_mod._placement(TrainConfig(devices="4"), True, torch.device("cuda", 3))
@@ -273,9 +272,9 @@ def test_a_fold_model_trains_on_its_rank_device_and_ddp_syncs_batchnorm_on_gpus(
 def test_a_small_pool_fills_a_whole_batch_on_every_rank(make_seg_dataset, tmp_path):
     from types import SimpleNamespace
 
-    from syntagen_st.config import TrainConfig
-    from syntagen_st.data import find_samples
-    from syntagen_st.segmodel import SegDataModule
+    from syntagen_st.core.config import TrainConfig
+    from syntagen_st.segmentation.data import find_samples
+    from syntagen_st.segmentation.module import SegDataModule
 
     samples = find_samples(make_seg_dataset(tmp_path / "d", n=3))
     module = SegDataModule(samples, TrainConfig(batch_size=4, crop_size=32, num_workers=0))
@@ -286,8 +285,8 @@ def test_a_small_pool_fills_a_whole_batch_on_every_rank(make_seg_dataset, tmp_pa
 def _fail_on_rank_zero(rank: int, world: int, init: str, out: str) -> None:
     import torch.distributed as torch_dist
 
-    from syntagen_st.distributed import current
-    from syntagen_st.errors import UserError
+    from syntagen_st.core.errors import UserError
+    from syntagen_st.scaleout.dist import current
 
     torch_dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     dist = current()
@@ -340,9 +339,9 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 
 
 def test_the_line_the_other_ranks_print():
-    from syntagen_st.distributed import RankFailure
-    from syntagen_st.errors import UserError
-    from syntagen_st.rank_watch import failure_line
+    from syntagen_st.core.errors import UserError
+    from syntagen_st.scaleout.dist import RankFailure
+    from syntagen_st.scaleout.watch import failure_line
 
     dist = Dist(rank=3, world=4)
     assert failure_line(dist, UserError("runs/x: no such folder")) == "rank 3 stopped: runs/x: no such folder"

@@ -5,15 +5,17 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import SMOKE, smoke_config
 from PIL import Image
 
 from syntagen_st import generate as gen_mod
-from syntagen_st.generate import SampleGenerator, class_token_groups, round_records
-from syntagen_st.prompts import PromptRecord, append_classes
-from syntagen_st.classes import class_index
-from syntagen_st.store import Pool, load_mask
-
-from conftest import SMOKE, smoke_config
+from syntagen_st.core.classes import class_index
+from syntagen_st.core.errors import UserError
+from syntagen_st.core.store import Pool, load_mask
+from syntagen_st.generation import sampler
+from syntagen_st.generation.sampler import SampleGenerator, class_token_groups
+from syntagen_st.prompts.records import PromptRecord, append_classes
+from syntagen_st.prompts.rounds import round_records
 
 
 def _pool_arrays(pool: Pool):
@@ -116,11 +118,11 @@ def test_class_token_groups_find_multi_token_names(tiny_generator):
 def test_class_token_groups_find_names_split_into_several_bpe_pieces(tiny_generator, monkeypatch):
     """Class words are whole tokens in the tiny vocabulary; names written without their space are
     not, so they split into several BPE pieces the way a rare word does in CLIP's real vocabulary."""
-    from syntagen_st import prompts
+    from syntagen_st.prompts import records as prompts
 
     joined = {"pottedplant": "pottedplant", "tvmonitor": "tvmonitor", "person": "person"}
     monkeypatch.setattr(prompts, "display_name", joined.__getitem__)
-    monkeypatch.setattr(gen_mod, "display_name", joined.__getitem__)
+    monkeypatch.setattr(sampler, "display_name", joined.__getitem__)
     tok = tiny_generator.pipe.tokenizer
     classes = ("pottedplant", "person", "tvmonitor")
     record = PromptRecord("r00_000000", 0, 0, "a living room", classes, append_classes("a living room", classes), 1)
@@ -133,7 +135,7 @@ def test_class_token_groups_find_names_split_into_several_bpe_pieces(tiny_genera
 def test_prompt_too_long_for_the_text_encoder_is_refused(tiny_generator):
     prompt = "a photo of a horse " + "very " * 80
     record = PromptRecord("r00_000000", 0, 0, prompt, ("horse",), append_classes(prompt, ("horse",)), 1)
-    with pytest.raises(gen_mod.UserError, match="limit of 77"):
+    with pytest.raises(UserError, match="limit of 77"):
         class_token_groups(tiny_generator.pipe.tokenizer, record)
 
 

@@ -14,7 +14,6 @@ import time
 import numpy as np
 import pytest
 import torch
-
 from conftest import smoke_config
 
 HAS_CUDA = torch.cuda.is_available()
@@ -40,7 +39,7 @@ def random_sd15():
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from syntagen_st.tiny import build_tokenizer
+    from syntagen_st.generation.tiny import build_tokenizer
 
     tokenizer = build_tokenizer()
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
@@ -64,7 +63,7 @@ def random_sd15():
 @pytest.fixture(scope="module")
 def sd15():
     """Real SD 1.5 when SYNTAGEN_SD_PATH names it, else SD 1.5's architecture at random."""
-    from syntagen_st.generate import SampleGenerator
+    from syntagen_st.generation.sampler import SampleGenerator
 
     path = os.environ.get("SYNTAGEN_SD_PATH")
     if path:
@@ -75,7 +74,7 @@ def sd15():
 @pytest.mark.weights
 @pytest.mark.parametrize("variable", ["SYNTAGEN_SD_PATH", "SYNTAGEN_SD21_PATH"])
 def test_stable_diffusion_loads_in_fp16(variable):
-    from syntagen_st.generate import SampleGenerator
+    from syntagen_st.generation.sampler import SampleGenerator
 
     pipe = SampleGenerator(_config(_sd_folder(variable))).pipe
     assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float16}
@@ -83,8 +82,8 @@ def test_stable_diffusion_loads_in_fp16(variable):
 
 
 def test_capture_leaves_512px_images_unchanged_and_reports_speed(sd15):
-    from syntagen_st.attention import capture_attention
-    from syntagen_st.generate import round_records
+    from syntagen_st.generation.attention import capture_attention
+    from syntagen_st.prompts.rounds import round_records
 
     records = round_records(_config("tiny"), 0, 16)
 
@@ -115,9 +114,10 @@ def test_capture_leaves_512px_images_unchanged_and_reports_speed(sd15):
 
 @pytest.mark.weights
 def test_most_real_samples_hold_a_prompted_class(tmp_path):
-    from syntagen_st.classes import class_index
-    from syntagen_st.generate import SampleGenerator, round_records
-    from syntagen_st.store import Pool, load_mask
+    from syntagen_st.core.classes import class_index
+    from syntagen_st.core.store import Pool, load_mask
+    from syntagen_st.generation.sampler import SampleGenerator
+    from syntagen_st.prompts.rounds import round_records
 
     cfg = _config(_sd_folder("SYNTAGEN_SD_PATH"), images=32)
     cfg.generate.steps = 50
@@ -133,8 +133,8 @@ def test_most_real_samples_hold_a_prompted_class(tmp_path):
 
 
 def test_bf16_deeplabv3_r50_trains_200_steps(tmp_path, make_seg_dataset):
-    from syntagen_st.config import TrainConfig
-    from syntagen_st.train import train
+    from syntagen_st.core.config import TrainConfig
+    from syntagen_st.segmentation.trainer import train
 
     data = make_seg_dataset(tmp_path / "data", "plain", n=32, size=512)
     cfg = TrainConfig(arch="deeplabv3_resnet50", backbone_weights="none", max_steps=200, batch_size=8, crop_size=512,

@@ -2,8 +2,8 @@
 
 import torch
 
-from syntagen_st.classes import IGNORE_INDEX
-from syntagen_st.labels import (
+from syntagen_st.core.classes import IGNORE_INDEX
+from syntagen_st.generation.labels import (
     attention_to_scores,
     class_cross_maps,
     normalize_scores,

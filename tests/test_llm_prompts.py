@@ -13,22 +13,24 @@ import weakref
 import numpy as np
 import pytest
 import torch
+from conftest import LLM_CLASSES, SMOKE, smoke_config
 from PIL import Image
 
 from syntagen_st import generate as gen_mod
-from syntagen_st import llm_writer
-from syntagen_st.captions import NearDuplicates, check_caption, parse_captions
-from syntagen_st.classes import class_index
-from syntagen_st.config import Config, ConfigError, validate
-from syntagen_st.errors import UserError
-from syntagen_st.llm_writer import CaptionWriter, open_writer
-from syntagen_st.prompt_cli import main as prompts_main
-from syntagen_st.prompt_rounds import llm_records, load_round_prompts, prompts_path, round_records
-from syntagen_st.prompts import append_classes, classes_in_text, make_records
-from syntagen_st.store import Pool, load_mask
-from syntagen_st.tiny import build_tokenizer
+from syntagen_st.core.classes import class_index
+from syntagen_st.core.config import Config, ConfigError, validate
+from syntagen_st.core.errors import UserError
+from syntagen_st.core.layout import RunLayout
+from syntagen_st.core.store import Pool, load_mask
+from syntagen_st.generation import sampler
+from syntagen_st.generation.tiny import build_tokenizer
+from syntagen_st.prompts import llm as llm_writer
+from syntagen_st.prompts.__main__ import main as prompts_main
+from syntagen_st.prompts.captions import NearDuplicates, check_caption, parse_captions
+from syntagen_st.prompts.llm import CaptionWriter, open_writer
+from syntagen_st.prompts.records import append_classes, classes_in_text, make_records
+from syntagen_st.prompts.rounds import llm_records, load_round_prompts, round_records
 
-from conftest import LLM_CLASSES, SMOKE, smoke_config
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -173,12 +175,13 @@ def test_steering_asks_for_weak_classes_in_proportion_to_their_weights_with_comp
 
 def test_round_prompts_are_saved_and_read_back_and_a_larger_budget_keeps_them(tmp_path):
     cfg = smoke_config()
-    first = round_records(cfg, 2, 5, {"dog": 3.0}, tmp_path)
-    path = prompts_path(tmp_path, 2)
+    run = RunLayout(tmp_path)
+    first = round_records(cfg, 2, 5, {"dog": 3.0}, run)
+    path = run.prompts(2)
     assert [r.id for r in load_round_prompts(path, 2)] == [f"r02_{i:06d}" for i in range(5)]
     # Other weights cannot change a saved round; more samples extend it.
-    assert round_records(cfg, 2, 5, {"cat": 9.0}, tmp_path) == first
-    more = round_records(cfg, 2, 8, {"dog": 3.0}, tmp_path)
+    assert round_records(cfg, 2, 5, {"cat": 9.0}, run) == first
+    more = round_records(cfg, 2, 8, {"dog": 3.0}, run)
     assert more[:5] == first and len(load_round_prompts(path, 2)) == 8
     assert round_records(cfg, 2, 3, None, tmp_path) == first[:3]
     rows = path.read_text().splitlines()
@@ -240,7 +243,7 @@ def test_generate_with_llm_prompts_saves_them_first_and_resumes_and_reproduces_w
     clean = tmp_path / "clean"
     # The language model and Stable Diffusion are never loaded at the same time.
     held = {"llm": False, "sd": False, "llm_used": False}
-    real_open, real_load = llm_writer.open_writer, gen_mod.load_pipeline
+    real_open, real_load = llm_writer.open_writer, sampler.load_pipeline
 
     @contextlib.contextmanager
     def tracked_open(cfg):
@@ -256,15 +259,15 @@ def test_generate_with_llm_prompts_saves_them_first_and_resumes_and_reproduces_w
         return real_load(*args)
 
     monkeypatch.setattr(llm_writer, "open_writer", tracked_open)
-    monkeypatch.setattr(gen_mod, "load_pipeline", checked_load)
+    monkeypatch.setattr(sampler, "load_pipeline", checked_load)
     assert gen_mod.main(_llm_args(tiny_llm_dir, clean, n)) == 0
     assert held["llm_used"] and held["sd"]
     monkeypatch.undo()
-    saved = load_round_prompts(prompts_path(clean, 0), 0)
+    saved = load_round_prompts(RunLayout(clean).prompts(0), 0)
     rows, arrays = _pool_state(clean)
     assert len(saved) == len(rows) == n
     assert any(r.prompt_source == "llm" for r in saved), "the tiny model wrote no usable caption"
-    stats = json.loads(prompts_path(clean, 0).with_suffix(".stats.json").read_text())
+    stats = json.loads(RunLayout(clean).prompt_stats(0).read_text())
     assert stats[0]["kept"] == sum(r.prompt_source == "llm" for r in saved)
     for record, row in zip(saved, rows):
         # The manifest keeps the exact prompt; its classes are the ones the caption names,
@@ -294,7 +297,7 @@ def test_generate_with_llm_prompts_saves_them_first_and_resumes_and_reproduces_w
     with pytest.raises(KeyboardInterrupt):
         gen_mod.main(_llm_args(tiny_llm_dir, crashed, n))
     monkeypatch.setattr(Pool, "write_sample", original)
-    assert prompts_path(crashed, 0).exists() and len(Pool(crashed / "pool").rows()) == 2
+    assert RunLayout(crashed).prompts(0).exists() and len(Pool(crashed / "pool").rows()) == 2
     _forbid_llm(monkeypatch)
     gen_mod.main(_llm_args(tiny_llm_dir, crashed, n))
 

@@ -11,15 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SMOKE
 from PIL import Image
 
 from syntagen_st import fit as fit_mod
-from syntagen_st import refine as refine_mod
-from syntagen_st.cli import run_main
-from syntagen_st.loop import assign_folds, round_budgets
-from syntagen_st.store import load_mask, save_mask
-
-from conftest import SMOKE
+from syntagen_st.core.cli import run_main
+from syntagen_st.core.store import load_mask, save_mask
+from syntagen_st.selftrain import refine as refine_mod
+from syntagen_st.selftrain.pool import assign_folds, round_budgets
 
 # The smoke config, shrunk: 2 rounds of 6 images at 64 px, 4-step round models. Every class
 # counts as reliable (min_reliability 0, max_core_agreement 1), so the relabel and drop paths run even
@@ -65,8 +64,8 @@ def _tree(root: Path) -> dict[str, bytes]:
 
 
 def test_smoke_loop_end_to_end_and_no_sample_is_relabelled_by_its_own_model(tmp_path, monkeypatch):
-    import syntagen_st.network as network
-    import syntagen_st.train as train_mod
+    import syntagen_st.segmentation.network as network
+    import syntagen_st.segmentation.trainer as train_mod
 
     trained_on: dict[str, set[str]] = {}
     real_train, real_load, real_predict = train_mod.train, network.load_model, network.predict_proba
@@ -290,10 +289,10 @@ def test_existing_run_with_another_config_needs_resume_or_overwrite(capsys, tmp_
 def test_folder_source_refines_an_existing_dataset(tmp_path):
     """Labels change exactly where a held-out model of a reliable class is confident (it writes
     its class) or where it doubts a label it is not sure of (255), and nowhere else."""
-    from syntagen_st import refine as rf
-    from syntagen_st.classes import VOC_CLASSES, class_index
-    from syntagen_st.network import load_model, predict_proba
-    from syntagen_st.store import load_mask
+    from syntagen_st.core.classes import VOC_CLASSES, class_index
+    from syntagen_st.core.store import load_mask
+    from syntagen_st.segmentation.network import load_model, predict_proba
+    from syntagen_st.selftrain import refine as rf
 
     data = tmp_path / "data"
     rng = np.random.default_rng(0)
@@ -343,8 +342,8 @@ def test_folder_source_refines_an_existing_dataset(tmp_path):
 
 
 def test_import_folder_without_a_class_list_takes_the_classes_its_masks_hold(tmp_path):
-    from syntagen_st.loop import import_folder
-    from syntagen_st.store import Pool, load_mask
+    from syntagen_st.core.store import Pool, load_mask
+    from syntagen_st.selftrain.pool import import_folder
 
     data = tmp_path / "data"
     (data / "images").mkdir(parents=True)
@@ -374,13 +373,11 @@ def test_corrupt_state_file_is_one_line(capsys, tmp_path):
 
 
 def test_overwrite_replaces_an_existing_run(monkeypatch, capsys, tmp_path):
-    from syntagen_st.loop import Loop
+    def fake_run(job, after_round=None) -> None:
+        (job.run.root / "final").mkdir()
+        (job.run.root / "final" / "checksum.txt").write_text("abc  model.safetensors\n")
 
-    def fake_run(loop) -> None:
-        (loop.folder.root / "final").mkdir()
-        (loop.folder.root / "final" / "checksum.txt").write_text("abc  model.safetensors\n")
-
-    monkeypatch.setattr(Loop, "run", fake_run)
+    monkeypatch.setattr(fit_mod, "run_loop", fake_run)
     monkeypatch.setattr(fit_mod, "read_submission", lambda export: {"valid_entry": True})
     out = tmp_path / "run"
     out.mkdir()
@@ -401,11 +398,12 @@ def test_overwrite_replaces_an_existing_run(monkeypatch, capsys, tmp_path):
 
 
 def test_final_selection_keeps_the_best_within_max_pairs_favouring_weak_classes(tmp_path):
-    from syntagen_st.config import Config
-    from syntagen_st.loop import Loop, Run
-    from syntagen_st.store import Pool, atomic_write_json, write_jsonl
+    from syntagen_st.core.config import Config
+    from syntagen_st.core.layout import RunLayout
+    from syntagen_st.core.store import Pool, atomic_write_json, write_jsonl
+    from syntagen_st.selftrain.selection import selected
 
-    run = Run(tmp_path)
+    run = RunLayout(tmp_path)
     pool = Pool(tmp_path / "pool")
     classes = {"r00_000000": ["cat"], "r00_000001": ["dog"], "r00_000002": ["cat"], "r00_000003": ["dog"]}
     pool.write_manifest_shard("r00_000000", [{"id": i, "round": 0, "classes": c} for i, c in classes.items()])
@@ -416,18 +414,18 @@ def test_final_selection_keeps_the_best_within_max_pairs_favouring_weak_classes(
     atomic_write_json(run.round_dir(0) / "weights.json", {"cat": 0.5, "dog": 1.5})
     cfg = Config()
     cfg.loop.rounds, cfg.loop.max_pairs, cfg.train.logger = 1, 2, "none"
-    chosen = [s.image.stem for s in Loop(cfg, run).selected()]
+    chosen = [s.image.stem for s in selected(run, cfg)]
     # 0.9 x 0.5 = 0.45 and 0.6 x 1.5 = 0.9 beat 0.5 x 0.5; the dropped sample never counts.
     assert chosen == ["r00_000000", "r00_000001"]
 
 
 def test_fit_evaluates_the_final_model_on_voc_val(tmp_path, make_seg_dataset, capsys):
-    from syntagen_st.classes import VOC_CLASSES
-    from syntagen_st.data import find_voc_samples
-    from syntagen_st.network import load_model, predict
-    from syntagen_st.store import load_mask
-
     from conftest import numpy_confusion, numpy_iou
+
+    from syntagen_st.core.classes import VOC_CLASSES
+    from syntagen_st.core.store import load_mask
+    from syntagen_st.segmentation.data import find_voc_samples
+    from syntagen_st.segmentation.network import load_model, predict_proba
 
     voc = make_seg_dataset(tmp_path / "voc", kind="voc", n=4, size=32)
     out = tmp_path / "run"
@@ -436,7 +434,7 @@ def test_fit_evaluates_the_final_model_on_voc_val(tmp_path, make_seg_dataset, ca
     # The same numbers from the saved final model, predicted and counted independently.
     samples = find_voc_samples(voc, "val")
     model = load_model(out / "final" / "model.safetensors")
-    preds = [pred for pred, _ in predict(model, [s.image for s in samples], batch_size=1)]
+    preds = [p.argmax(0).astype(np.uint8) for p in predict_proba(model, [s.image for s in samples], batch_size=1)]
     truths = [load_mask(s.mask) for s in samples]
     assert metrics["val_images"] == 2 and metrics["pixels"] == sum(int((t != 255).sum()) for t in truths)
     assert np.array_equal(metrics["confusion_matrix"], numpy_confusion(preds, truths))

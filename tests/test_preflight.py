@@ -2,13 +2,12 @@
 
 import pytest
 import torch
+from conftest import SMOKE
 
 from syntagen_st import fit as fit_mod
-from syntagen_st import preflight as pf
-from syntagen_st.cli import run_main
-from syntagen_st.config import Config
-
-from conftest import SMOKE
+from syntagen_st.core.cli import run_main
+from syntagen_st.core.config import Config
+from syntagen_st.generation import preflight as pf
 
 
 def _fit(capsys, args):
@@ -84,7 +83,7 @@ def test_the_smoke_config_passes_without_a_network(monkeypatch):
         raise AssertionError("the tiny model must not touch the hub")
 
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", no_network)
-    from syntagen_st.cli import load_config_file
+    from syntagen_st.core.cli import load_config_file
 
     line = pf.preflight(load_config_file(SMOKE), 36)
     assert line == "plan: 36 images of 128x128 at 4 steps with tiny on cpu"

@@ -2,7 +2,7 @@
 
 from collections import Counter
 
-from syntagen_st.prompts import make_records
+from syntagen_st.prompts.records import make_records
 
 CLASSES = ["cat", "dog", "horse", "sheep"]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from syntagen_st import refine
-from syntagen_st.classes import FOREGROUND_CLASSES, NUM_CLASSES
+from syntagen_st.core.classes import FOREGROUND_CLASSES, NUM_CLASSES
+from syntagen_st.selftrain import refine
 
 CAT, DOG, HORSE = 8, 12, 13
 ALL_RELIABLE = np.ones(NUM_CLASSES, dtype=bool)

@@ -10,14 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import SMOKE
 from PIL import Image
 
 from syntagen_st import fit as fit_mod
-from syntagen_st import report
-from syntagen_st.cli import run_main
-from syntagen_st.run_facts import change_shares
-
-from conftest import SMOKE
+from syntagen_st.core.cli import run_main
+from syntagen_st.reporting import page as report
+from syntagen_st.reporting.facts import change_shares
 
 # Two short rounds in which every class counts as reliable, so labels change and samples drop.
 TINY_FIT = [
@@ -117,18 +116,24 @@ def test_report_of_a_folder_that_is_no_run_is_one_line(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "not a syntagen_st run folder" in err
 
 
-def test_a_failing_report_warns_and_the_run_goes_on(tmp_path, monkeypatch):
-    from syntagen_st.config import Config
-    from syntagen_st.loop import Loop, Run
+def test_a_report_the_disk_refuses_is_a_warning_and_a_bug_in_it_stops_the_run(tmp_path, monkeypatch, caplog):
+    from syntagen_st import fit
+    from syntagen_st.core.layout import RunLayout
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("no fonts")
+    def refused(*args, **kwargs):
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(report, "write_report", broken)
-    cfg = Config()
-    cfg.train.logger = "none"
-    with pytest.warns(UserWarning, match="report not written: RuntimeError: no fonts"):
-        Loop(cfg, Run(tmp_path))._write_report()
+    def buggy(*args, **kwargs):
+        raise KeyError("stats")
+
+    write = fit.report_writer(RunLayout(tmp_path))
+    monkeypatch.setattr(fit, "write_report", refused)
+    with caplog.at_level("WARNING", logger="syntagen_st"):
+        write()
+    assert "report not written: [Errno 28] No space left on device" in caplog.text
+    monkeypatch.setattr(fit, "write_report", buggy)
+    with pytest.raises(KeyError):
+        write()
 
 
 def test_change_shares_count_changed_and_ignored_pixels():

@@ -9,12 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from syntagen_st.classes import IGNORE_INDEX
-from syntagen_st.data import (
-    SampleError, SegDataset, collate, eval_transform, find_samples, find_voc_samples, load_sample, train_transform,
+from syntagen_st.core.classes import IGNORE_INDEX
+from syntagen_st.core.errors import UserError
+from syntagen_st.core.store import save_mask
+from syntagen_st.segmentation.data import (
+    SampleError,
+    SegDataset,
+    collate,
+    eval_transform,
+    find_samples,
+    find_voc_samples,
+    load_sample,
+    train_transform,
 )
-from syntagen_st.errors import UserError
-from syntagen_st.store import save_mask
 
 
 def test_plain_folder(tmp_path, make_seg_dataset):

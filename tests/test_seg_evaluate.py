@@ -9,18 +9,17 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import numpy_iou
 from PIL import Image
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from syntagen_st import evaluate as evaluate_cli
-from syntagen_st.classes import VOC_CLASSES
-from syntagen_st.cli import run_main
-from syntagen_st.data import MEAN, STD, find_voc_samples
-from syntagen_st.metrics import iou_from_confusion, mean_iou
-from syntagen_st.network import build_segmenter, predict, save_weights
-from syntagen_st.store import load_mask, save_mask
-
-from conftest import numpy_iou
+from syntagen_st.core.classes import VOC_CLASSES
+from syntagen_st.core.cli import run_main
+from syntagen_st.core.store import load_mask, save_mask
+from syntagen_st.segmentation.data import MEAN, STD, find_voc_samples
+from syntagen_st.segmentation.metrics import iou_from_confusion, mean_iou
+from syntagen_st.segmentation.network import build_segmenter, predict_proba, save_weights
 
 
 def colour_rule(rgb: np.ndarray) -> np.ndarray:
@@ -62,7 +61,7 @@ def test_iou_agrees_with_torchmetrics_jaccard():
     target = torch.randint(0, 7, (3, 20, 20))
     target[0, :5] = 255
     jaccard = MulticlassJaccardIndex(21, average=None, ignore_index=255, zero_division=math.nan)(pred, target)
-    from syntagen_st.metrics import confusion_metric
+    from syntagen_st.segmentation.metrics import confusion_metric
 
     ours = iou_from_confusion(confusion_metric()(pred, target))
     assert torch.allclose(ours.float(), jaccard.float(), equal_nan=True)
@@ -87,7 +86,7 @@ def test_evaluate_cli_prints_table_and_writes_metrics(tmp_path, make_seg_dataset
     assert [r.split()[0] for r in rows[1:23]] == [*VOC_CLASSES, "mIoU"]
     metrics = json.loads((out_dir / "metrics.json").read_text())
     samples = find_voc_samples(root, "val")
-    preds = [p.astype(np.int64) for p, _ in predict(model, [s.image for s in samples])]
+    preds = [p.argmax(0) for p in predict_proba(model, [s.image for s in samples])]
     expected = numpy_iou(preds, [load_mask(s.mask) for s in samples])
     got = np.array([np.nan if v is None else v for v in metrics["per_class_iou"].values()])
     assert np.allclose(got, expected, equal_nan=True)

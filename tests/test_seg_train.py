@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import wandb_history_keys
 
 from syntagen_st import train as train_cli
-from syntagen_st.cli import run_main
-from syntagen_st.config import TrainConfig
-from syntagen_st.store import sha256_file
-from syntagen_st.train import checkpoint_step, train
-
-from conftest import wandb_history_keys
+from syntagen_st.core.cli import run_main
+from syntagen_st.core.config import TrainConfig
+from syntagen_st.core.store import sha256_file
+from syntagen_st.segmentation.trainer import checkpoint_step, train
 
 STEPS = 12
 
@@ -185,7 +184,7 @@ def test_evaluate_reads_a_run_folder_and_a_lightning_checkpoint(tmp_path, traine
 def test_confidence_weighting_weights_the_loss_by_attention_confidence(tmp_path, make_seg_dataset, monkeypatch):
     """With confidence_weighting, each pixel's loss is weighted by its pool sample's attention
     confidence: high inside the labelled object, low where the attention saw nothing."""
-    from syntagen_st import segmodel
+    from syntagen_st.segmentation import module as segmodel
 
     pool = make_seg_dataset(tmp_path / "pool", "pool", n=4, size=48)
     seen = []

@@ -14,18 +14,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SMOKE
 from PIL import Image
 
-from syntagen_st import export as export_mod
 from syntagen_st import fit as fit_mod
-from syntagen_st import reproduce as reproduce_mod
-from syntagen_st import validate as validate_mod
-from syntagen_st.cli import load_config_file, run_main
-from syntagen_st.data import Sample
-from syntagen_st.errors import UserError
-from syntagen_st.store import load_mask, save_mask
-
-from conftest import SMOKE
+from syntagen_st.core.cli import load_config_file, run_main
+from syntagen_st.core.errors import UserError
+from syntagen_st.core.store import load_mask, save_mask
+from syntagen_st.segmentation.data import Sample
+from syntagen_st.submission import export as export_mod
+from syntagen_st.submission import reproduce as reproduce_mod
+from syntagen_st.submission import validate as validate_mod
 
 SIZE = 64
 # The smoke config shrunk: one round of 8 images at 64 px, 4-step models.
@@ -259,7 +258,7 @@ def test_validate_refuses_unsafe_zips_without_writing(tmp_path, capsys, monkeypa
 
 
 def test_each_sample_regenerates_in_a_batch_of_its_recorded_length():
-    from syntagen_st.prompts import PromptRecord
+    from syntagen_st.prompts.records import PromptRecord
 
     records = [PromptRecord(f"s{i}", 0, i, "p", ("cat",), "p; cat", i) for i in range(5)]
     batches = reproduce_mod.regeneration_batches(records, {"s0": 4, "s1": 1, "s2": 4, "s3": 4, "s4": 2})
@@ -271,7 +270,7 @@ def test_each_sample_regenerates_in_a_batch_of_its_recorded_length():
 
 
 def test_reproduce_regenerates_identical_samples(smoke_run, exported, tmp_path, capsys, monkeypatch):
-    from syntagen_st.generate import SampleGenerator
+    from syntagen_st.generation.sampler import SampleGenerator
 
     batches: list[tuple[int, list[str]]] = []
     real_fill = SampleGenerator.fill
@@ -348,9 +347,9 @@ class _Payload:
 
 
 def test_a_crafted_checkpoint_is_refused_and_runs_nothing(smoke_run, tmp_path, capsys, make_seg_dataset):
-    from syntagen_st import evaluate as evaluate_mod
-    from syntagen_st.network import load_model
-    from syntagen_st.train import checkpoint_step
+    from syntagen_st.segmentation import evaluate as evaluate_mod
+    from syntagen_st.segmentation.network import load_model
+    from syntagen_st.segmentation.trainer import checkpoint_step
 
     marker = tmp_path / "pwned.txt"
     ckpt = tmp_path / "model.ckpt"

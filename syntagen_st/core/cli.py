@@ -1,0 +1,164 @@
+"""The one way a command is parsed and run: its parser (with the config sections it reads and the
+shortcut flags), the run-folder policy, and ``run_main``'s one-line error exit."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import shutil
+import sys
+from argparse import ArgumentError
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Literal, get_args, get_origin, get_type_hints
+
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+
+from .config import Config, config_differences, validate
+from .errors import UserError
+from .store import atomic_write_text
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if f.name not in ("seed", "name"))
+
+SHORTCUTS = {
+    "rounds": "loop.rounds",
+    "source": "loop.source",
+    "num_images": "generate.num_images",
+    "steps": "train.max_steps",
+    "arch": "train.arch",
+    "crop_size": "train.crop_size",
+    "batch_size": "train.batch_size",
+    "logger": "train.logger",
+    "backbone_weights": "train.backbone_weights",
+    "devices": "train.devices",
+    "num_nodes": "train.num_nodes",
+}
+"""Short flags (``--num-images``) for the config keys a command's users set most; one table for all CLIs."""
+
+
+def _field_type(dotted: str) -> type:
+    section, name = dotted.split(".")
+    return get_type_hints(type(getattr(Config(), section)))[name]
+
+
+def command_parser(prog: str, description: str, progress: bool = False) -> ArgumentParser:
+    """A command's parser: its errors are raised (``run_main`` prints them as one line), and
+    ``--no-progress`` when the command draws progress bars."""
+    parser = ArgumentParser(prog=prog, description=description, exit_on_error=False)
+    if progress:
+        parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs and CI)")
+    return parser
+
+
+def config_parser(
+    prog: str, description: str, sections: Iterable[str] = SECTIONS, shortcuts: Iterable[str] = (), progress: bool = False,
+) -> ArgumentParser:
+    """``command_parser`` with ``--config FILE``, ``--seed``, ``--name`` and ``--section.field`` for
+    each field of the given config sections, plus the named shortcut flags.
+
+    Every section is still read from a --config file and accepted as a flag, so a run's full
+    config.yaml works with every command; --help lists only the sections the command uses.
+    """
+    parser = command_parser(prog, description, progress)
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML config file (later flags override it)")
+    parser.add_class_arguments(Config, None)
+    hidden = set(SECTIONS) - set(sections)
+    for action in parser._actions:
+        if action.dest.split(".")[0] in hidden:
+            action.help = argparse.SUPPRESS
+    parser._action_groups = [
+        g for g in parser._action_groups
+        if not (g._group_actions and all(a.help == argparse.SUPPRESS for a in g._group_actions))
+    ]
+    for group in parser._action_groups:
+        if group.title and group.title.startswith("Config("):
+            group.title = "run"
+    for flag in shortcuts:
+        kind = _field_type(SHORTCUTS[flag])
+        options = {"choices": get_args(kind)} if get_origin(kind) is Literal else {"type": kind if kind in (int, float) else str}
+        parser.add_argument(f"--{flag.replace('_', '-')}", default=None, help=f"= --{SHORTCUTS[flag]}", **options)
+    # config_from maps only these: a command may use a shortcut's name for a flag of its own.
+    parser.shortcut_flags = tuple(shortcuts)
+    return parser
+
+
+def config_from(parser: ArgumentParser, ns: Namespace) -> Config:
+    """Build and validate the Config held in a parsed namespace, shortcut flags applied."""
+    for flag in getattr(parser, "shortcut_flags", ()):
+        if ns[flag] is not None:
+            ns[SHORTCUTS[flag]] = ns[flag]
+    values = parser.instantiate(ns)
+    cfg = Config(**{f.name: values[f.name] for f in dataclasses.fields(Config)})
+    return validate(cfg)
+
+
+def load_config_file(path: str | Path) -> Config:
+    """A Config from a YAML file alone (e.g. a run's saved config.yaml), validated."""
+    parser = config_parser("config", "")
+    return config_from(parser, parser.parse_args(["--config", str(path)]))
+
+
+def config_from_dict(values: dict) -> Config:
+    """A Config from a dict such as ``Config.to_dict()`` or submission.json's ``config``, validated."""
+    parser = config_parser("config", "")
+    return config_from(parser, parser.parse_object(values))
+
+
+def prepare_run_folder(
+    root: Path, cfg: Config, free: set[str], *, overwrite: bool, resume: bool = False,
+    resumable: set[str] | None = None,
+) -> None:
+    """The one policy for a command's output folder, then its config.yaml written.
+
+    A folder holding a run with the same config (``free`` keys aside) is continued. Another
+    config needs ``--overwrite`` (delete and start again) or, where the command can continue a
+    changed run (``resumable`` keys given), ``--resume``. A non-empty folder that holds no run
+    is replaced only with --overwrite.
+    """
+    saved = root / "config.yaml"
+    options = "pass --resume to continue it with this config or --overwrite to start again" if resumable is not None \
+        else "pass --overwrite to start again or choose another --out"
+    if saved.exists():
+        old = load_config_file(str(saved)).to_dict()
+        diffs = config_differences(old, cfg.to_dict(), free)
+        if diffs and not (resume or overwrite):
+            raise UserError(f"{root} holds a run with another config ({'; '.join(diffs[:3])}); {options}")
+        fixed = config_differences(old, cfg.to_dict(), free | (resumable or set()))
+        if resume and fixed:
+            raise UserError(
+                f"cannot resume {root} with changed {'; '.join(fixed[:3])}: its samples and folds depend on "
+                "them; pass --overwrite to start again"
+            )
+    # A folder holding only prompts/ is a run to start: saved prompts regenerate without the LLM.
+    elif root.exists() and any(p.name != "prompts" for p in root.iterdir()) and not overwrite:
+        raise UserError(f"{root} exists and is not a syntagen_st run; choose another --out or pass --overwrite")
+    if overwrite and root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(saved, cfg.to_yaml())
+
+
+def _show_package_logs() -> None:
+    log = logging.getLogger("syntagen_st")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+
+
+def run_main(main: Callable[[Sequence[str] | None], int | None], prog: str, argv: Sequence[str] | None = None) -> None:
+    """Run a command: the package's log lines as plain messages on stderr (libraries keep their
+    own levels), user errors as one line on stderr and exit code 2."""
+    _show_package_logs()
+    try:
+        code = main(sys.argv[1:] if argv is None else argv)
+    except (UserError, ArgumentError) as err:
+        message = " ".join(str(err).split())
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

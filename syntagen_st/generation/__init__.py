@@ -1,0 +1,1 @@
+"""Generation: Stable Diffusion under attention capture, attention -> labels, the pool writer."""

@@ -1,0 +1,1 @@
+"""Prompts: records and templates, class appending, LLM captions, each round's prompt file."""

@@ -1,0 +1,1 @@
+"""The run report: facts read from a run folder, figures, HTML sections."""

@@ -1,0 +1,46 @@
+"""Reading Lightning checkpoints without unpickling arbitrary objects.
+
+A ``.ckpt`` is a pickle: ``torch.load(weights_only=False)`` runs whatever code a crafted file
+holds. Ours hold only tensors, containers and plain values (plus Lightning's AttributeDict in
+some versions), so they load with ``weights_only=True`` and nothing else is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from pytorch_lightning.utilities.parsing import AttributeDict
+
+from ..core.errors import UserError, first_line
+
+ALLOWED_GLOBALS = [AttributeDict]
+"""The only non-builtin types a syntagen_st training checkpoint may hold."""
+
+READ_ERRORS = (OSError, EOFError, ValueError, RuntimeError, pickle.UnpicklingError, struct.error, zipfile.BadZipFile)
+"""What a damaged or foreign weights file raises while torch reads it: no MemoryError, no bug of ours."""
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's contents, loaded with ``weights_only=True``; a one-line UserError when it
+    holds any other object (nothing in it is executed) or is not a checkpoint."""
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals(ALLOWED_GLOBALS):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = first_line(err, "unsupported object")
+        raise UserError(
+            f"{path}: refused: the checkpoint holds objects other than tensors and plain values, which "
+            f"would run code when loaded ({first[:160]}); give a .safetensors file instead"
+        ) from None
+    except READ_ERRORS as err:
+        raise UserError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{path}: not a training checkpoint (a {type(ckpt).__name__}, not a dict)")
+    return ckpt

@@ -1,0 +1,1 @@
+"""Self-training: refine math, held-out predictions, round decisions, selection, the step runner."""

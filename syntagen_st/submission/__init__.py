@@ -1,0 +1,1 @@
+"""The competition entry: export, card, provenance, bundle, validate, reproduce."""

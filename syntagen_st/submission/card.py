@@ -1,0 +1,99 @@
+"""The dataset card (README.md of an export), written from submission.json's contents alone."""
+
+from __future__ import annotations
+
+from ..core.classes import VOC_CLASSES
+
+OTHER_LICENCES = (
+    ("DeepLabv3 / LR-ASPP code (torchvision)", "BSD-3-Clause"),
+    ("syntagen_st (the code that made the data)", "MIT"),
+)
+
+
+def _model_line(sd: dict) -> str:
+    where = sd.get("kind", "")
+    if sd.get("sha256"):
+        where += f", files sha256 {sd['sha256']}"
+    if sd.get("revision"):
+        where += f", revision {sd['revision']}"
+    if sd.get("commit"):
+        where += f", commit {sd['commit']}"
+    return f"`{sd['id']}` (SD {sd.get('family', 'unknown')}; {where})"
+
+
+def _class_table(classes: dict) -> list[str]:
+    labelled = sum(v["pixels"] for k, v in classes.items() if k != "ignore") or 1
+    rows = ["| class | images | pixels | share of labelled pixels |", "| --- | ---: | ---: | ---: |"]
+    for name in [*VOC_CLASSES, "ignore"]:
+        v = classes.get(name, {"images": 0, "pixels": 0})
+        share = "" if name == "ignore" else f"{100 * v['pixels'] / labelled:.2f}%"
+        label = "ignore (255, unsure)" if name == "ignore" else name
+        rows.append(f"| {label} | {v['images']} | {v['pixels']} | {share} |")
+    return rows
+
+
+def render_card(sub: dict) -> str:
+    cfg = sub["config"]
+    gen, label, refine, loop, train = cfg["generate"], cfg["label"], cfg["refine"], cfg["loop"], cfg["train"]
+    sd = sub["stable_diffusion"]
+    lines = [f"# {sub['name']}: a synthetic PASCAL VOC segmentation dataset", ""]
+    if not sub["valid_entry"]:
+        lines += ["> **Not a valid SyntaGen competition entry**: " + "; ".join(sub["not_an_entry"]) + ".", ""]
+    lines += [
+        f"{sub['pairs']} image / mask pairs made by syntagen_st from `{sd['id']}` alone, for the CVPR 2024 "
+        "SyntaGen competition's rules (at most 10,000 pairs of 512x512 images, the 21 VOC labels).",
+        "",
+        "- `image/<id>.jpg`: RGB, JPEG quality 95; `mask/<id>.png`: 8-bit palette PNG with the VOC palette, "
+        "values 0..20, 255 where the label is unsure; `train.txt`: the ids;",
+        "- `VOCdevkit/VOC2012/`: links to the same files, as torchvision's `VOCSegmentation` reads them;",
+        "- `submission.json`: seed, config, model, library versions, checksums, class counts, every sample's prompt and seed.",
+        "",
+        "## How it was made",
+        "",
+        f"- **Images**: Stable Diffusion {_model_line(sd)}; {gen['height']}x{gen['width']} px, {gen['steps']} steps, "
+        f"guidance {gen['guidance_scale']}, scheduler `{cfg['model']['scheduler']}`, run seed {sub['seed']} "
+        "(each sample's noise and prompt come from its own seed, derived from the run seed and its id).",
+        "- **Prompts**: " + (f"the prompts file (sha256 {sub['prompts_file_sha256']})" if sub.get("prompts_file_sha256")
+                             else f"built-in caption templates over {len(gen['classes'])} classes, at most "
+                             f"{gen['max_classes_per_prompt']} per prompt") + "; the class names are appended after `; `.",
+        f"- **Labels**: cross-attention of the class tokens refined by self-attention to the power {label['tau']}; "
+        f"a class where its score >= {label['fg_threshold']}, 255 in [{label['band_threshold']}, {label['fg_threshold']}), "
+        f"background below; classes under {label['presence_threshold']} of the strongest peak are absent.",
+        f"- **Self-training**: {loop['rounds']} rounds, {loop['generate_total']} images generated "
+        f"(budget split `{loop['budget_split']}`), {refine['folds']} cross-fitted round models of {loop['round_steps']} steps.",
+        f"- **Relabel**: where the held-out model is >= {refine['relabel_confidence']} confident, for classes whose "
+        f"held-out IoU with the labels reaches {refine['min_reliability']}; disagreements where neither is sure become 255.",
+        f"- **Filter**: each sample judged once; the worst {refine['drop_fraction']:.0%} by model-label agreement dropped.",
+        f"- **Steer**: weak classes get more of the next round's prompts (weakness power {refine['weakness_power']}, "
+        f"floor {refine['min_weight']}).",
+        f"- **Selection**: the best <= {loop['max_pairs']} kept samples.",
+        f"- **Final model**: {train['arch']}, batch {train['batch_size']}, {train['max_steps']} iterations, trained on "
+        "exactly these files: " + (f"sha256 `{sub['model_sha256']}`." if sub.get("model_sha256") else "not trained yet."),
+        "",
+        "## Class statistics",
+        "",
+        *_class_table(sub["classes"]),
+        "",
+        "## Licences",
+        "",
+        "| component | licence |",
+        "| --- | --- |",
+        f"| Stable Diffusion weights `{sd['id']}` | {sd.get('licence') or 'see the model card of ' + sd['id']}: "
+        "its use-based restrictions apply to the use of these images |",
+        *(f"| {what} | {lic} |" for what, lic in OTHER_LICENCES),
+        "",
+        "## Reproduce",
+        "",
+        "```bash",
+        "python -m syntagen_st.validate THIS_FOLDER_OR_ZIP            # the competition's rules and every checksum",
+        "python -m syntagen_st.reproduce THIS_FOLDER_OR_ZIP --sample 20  # regenerate 20 samples from the seed and compare",
+        "python -m syntagen_st.reproduce THIS_FOLDER_OR_ZIP --full       # rerun fit from the recorded config, compare",
+        "```",
+        "",
+        "`--full` is `python -m syntagen_st.fit --config config.yaml`, with config.yaml the `config` of submission.json. "
+        "Byte-identical results need the same hardware and library versions:",
+        "",
+        *(f"- {name} {version}" for name, version in sub["versions"].items() if version),
+        "",
+    ]
+    return "\n".join(lines)

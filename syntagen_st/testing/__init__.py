@@ -1,0 +1,1 @@
+"""Tiny models for tests, built offline. The package itself never imports this."""
