@@ -3,12 +3,11 @@
 ``Dist.main_first`` shares an error at a point where every rank waits for it. An error in the
 middle of a step cannot be shared that way: the other ranks may be inside an ``all_reduce`` or a
 barrier, and on NCCL they would wait there for the collective timeout (hours) holding their GPUs.
-So the failing rank posts its one-line message to the process group's key-value store (a side
-channel that no collective uses), and a watcher thread on every rank polls it: on a failure it
-prints that line and ends its process, which is safe because every file is written atomically
-and a rerun resumes. Under Lightning's launcher and SLURM the store lives in rank 0, so losing
-it means rank 0 died; under ``torchrun`` the elastic agent holds it and itself ends the ranks
-when one dies.
+So the failing rank posts its one-line message to a key-value store of the command's own (a
+side channel that no collective uses, hosted by rank 0 whatever launched the ranks), and a
+watcher thread on every rank polls it: on a failure it prints that line and ends its process,
+which is safe because every file is written atomically and a rerun resumes. Losing the store
+means rank 0 died.
 
 A normal end is a handshake over the same store, so that rank 0 (and the store) outlives the
 watchers: every rank says it is done and waits for all; then the others leave; then rank 0.
@@ -16,8 +15,8 @@ watchers: every rank says it is done and waits for all; then the others leave; t
 
 from __future__ import annotations
 
-import itertools
 import os
+from datetime import timedelta
 import threading
 import time
 from collections.abc import Iterator
@@ -29,7 +28,7 @@ from ..core.errors import first_line
 from .dist import COLLECTIVE_TIMEOUT, Dist, RankFailure, describe
 
 _FAILED, _DONE, _LEFT = "failed", "done", "left"
-_uses = itertools.count()  # every rank enters ``watched`` as often: the n-th use has its own keys
+_CONNECT_TIMEOUT = timedelta(seconds=60)
 
 
 def failure_line(dist: Dist, error: BaseException) -> str:
@@ -104,13 +103,25 @@ def _wait_until(store: torch_dist.Store, key: str, count: int, timeout_s: float)
     return True
 
 
+def side_channel(dist: Dist) -> torch_dist.TCPStore:
+    """A key-value store of its own for one ``watched`` body, hosted by rank 0 beside the process
+    group (no collective uses it): rank 0 listens on a free port and tells the others which. A new
+    store per use, so no key of an earlier use is ever read again."""
+    host = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    server = torch_dist.TCPStore(host, 0, dist.world, is_master=True, wait_for_workers=False) if dist.is_main else None
+    port = dist.broadcast(server.port if server is not None else None)
+    if server is not None:
+        return server
+    return torch_dist.TCPStore(host, port, dist.world, is_master=False, timeout=_CONNECT_TIMEOUT)
+
+
 @contextmanager
 def watched(dist: Dist, prog: str, poll_s: float = 1.0) -> Iterator[None]:
     """The body of a command on every rank: an error on any rank ends all of them with its line."""
     if dist.world == 1:
         yield
         return
-    store = torch_dist.PrefixStore(f"syntagen_st/watch/{next(_uses)}/", torch_dist.distributed_c10d._get_default_store())
+    store = side_channel(dist)
     watcher = _Watcher(store, dist, prog, poll_s)
     watcher.start()
     try:
