@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 import struct
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -16,6 +20,52 @@ from syntagen_st.core.config import Config  # noqa: E402
 
 SMOKE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml")
 """The shipped smoke config, found from the tests folder so pytest may run from anywhere."""
+
+SMALL = [
+    "--config", SMOKE, "--generate.height", "64", "--generate.width", "64", "--generate.steps", "2",
+    "--loop.rounds", "2", "--loop.generate_total", "12", "--loop.round_steps", "4", "--train.max_steps", "4",
+    "--train.crop_size", "32", "--refine.min_class_pixels", "0", "--refine.min_reliability", "0",
+    "--refine.max_core_agreement", "1", "--refine.drop_fraction", "0.2", "--no-progress",
+]
+"""The smoke config, shrunk: 2 rounds of 6 images at 64 px, 4-step models. Every class passes the
+gate (min_reliability 0, max_core_agreement 1), so the relabel and drop paths run even with such
+weak models."""
+
+
+def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[object], capsys=None,
+            prog: str = "syntagen_st") -> tuple[int, str, str]:
+    """A command run the way ``python -m`` runs it (``run_main``): exit code, stdout, stderr."""
+    from syntagen_st.core.cli import run_main
+
+    if capsys is not None:
+        capsys.readouterr()
+    with pytest.raises(SystemExit) as done:
+        run_main(main, prog, [str(a) for a in argv])
+    out = capsys.readouterr() if capsys is not None else None
+    return done.value.code, (out.out if out else ""), (out.err if out else "")
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """A fit run to the end in a process of its own: its folder and what it printed."""
+
+    root: Path
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> FinishedRun:
+    """THE shared smoke run: ``fit`` with SMALL (relabelling at >= 0.05 confidence, so labels
+    change), run once per session as a user runs it. Tests only read it; one that needs to change
+    a run copies it first."""
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    # With progress bars, as a user sees them (they go to stderr).
+    args = [a for a in SMALL if a != "--no-progress"]
+    result = subprocess.run([sys.executable, "-m", "syntagen_st.fit", *args, "--refine.relabel_confidence", "0.05",
+                             "--out", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return FinishedRun(out, result.stdout, result.stderr)
 
 
 def smoke_config(**generate) -> Config:
@@ -132,12 +182,25 @@ def numpy_iou(preds, truths):
         return np.where(union > 0, tp / union, np.nan)
 
 
-def wandb_history_keys(run_file: str) -> set[str]:
-    """Keys of the history records in an offline run's .wandb file (LevelDB-style log of protobufs)."""
+def wandb_history_keys(run_file: str, expected: set[str] = frozenset(), timeout_s: float = 60.0) -> set[str]:
+    """Keys of the history records in an offline run's .wandb file, once ``expected`` are among
+    them (or the timeout has passed): wandb's service process writes the file after ``finish()``
+    returns, so a test waits for what it reads."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not (expected <= (keys := _history_keys(run_file))) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return keys
+
+
+def _history_keys(run_file: str) -> set[str]:
+    """The keys written so far (the file is a LevelDB-style log of protobuf records)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     data = Path(run_file).read_bytes()
-    assert data[:4] == b":W&B"
+    if data[:4] != b":W&B":
+        return set()
     block, pos, parts, keys = 32768, 7, [], set()
     while pos + 7 <= len(data):
         left = block - pos % block
@@ -148,6 +211,8 @@ def wandb_history_keys(run_file: str) -> set[str]:
         if kind == 0 and length == 0:
             pos += left
             continue
+        if pos + 7 + length > len(data):  # a record still being written
+            break
         parts.append(data[pos + 7 : pos + 7 + length])
         pos += 7 + length
         if kind in (1, 4):  # FULL or LAST fragment: a whole record

@@ -49,7 +49,7 @@ def test_bad_values_are_refused(capsys, tmp_path, args, message):
 def test_prompt_file_line_without_a_class_names_its_line(capsys, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a horse in a field\n\n# comment\na bowl of soup on a wooden counter\n")
-    err = _fails(capsys, tmp_path, "--generate.prompts_file", str(prompts))
+    err = _fails(capsys, tmp_path, "--generate.prompt_source", "file", "--generate.prompts_file", str(prompts))
     assert f"{prompts}:4" in err and "names no known class" in err
 
 
@@ -132,9 +132,8 @@ def test_each_cli_shows_only_its_own_sections(module, shown, hidden, capsys):
 
 
 def test_a_full_run_config_is_read_by_a_command_that_shows_one_section(tmp_path):
-    from syntagen_st.core.cli import config_from
-    from syntagen_st.segmentation import trainer as train_mod
+    from syntagen_st.core.cli import config_from, config_parser
 
-    parser = train_mod.config_parser("t", "", sections=("train",), shortcuts=("steps",))
+    parser = config_parser("t", "", sections=("train",), shortcuts=("steps",))
     cfg = config_from(parser, parser.parse_args(["--config", SMOKE, "--steps", "7", "--generate.steps", "2"]))
     assert cfg.train.max_steps == 7 and cfg.generate.steps == 2 and cfg.train.arch == "lraspp_mobilenet_v3_large"

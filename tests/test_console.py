@@ -1,11 +1,9 @@
 """What a person sees in the terminal: step titles, round summaries, and no library noise."""
 
 import json
-import subprocess
-import sys
+import re
 
-from conftest import SMOKE
-
+from syntagen_st.core.config import RefineConfig
 from syntagen_st.selftrain.summary import round_summary, step_title
 
 
@@ -16,41 +14,44 @@ def test_step_titles_count_rounds_and_folds_from_one():
     assert step_title("final3/train", 3, 2) == "final: train the fixed protocol on the export"
 
 
-def test_round_summary_shows_the_pool_classes_the_gate_relabels_drops_and_weights():
+def test_round_summary_shows_the_gate_its_core_evidence_verdicts_drops_and_weights():
+    cfg = RefineConfig(min_reliability=0.5, max_core_agreement=0.85, min_class_pixels=100)
     stats = {
         "round": 0, "samples": 10, "dropped": 1, "pixels_relabelled": 250, "pixels": 1000,
-        "classes_in_pool": ["dog", "cat"], "reliable": ["background", "dog"],
-        "iou_model_vs_labels": {"background": 0.9, "cat": 0.25, "dog": 0.625, "car": None},
-        "weights": {"cat": 1.5, "dog": 0.5, "car": 1.0},
+        "classes_in_pool": ["dog", "cat", "cow"], "reliable": ["background", "dog"],
+        "iou_model_vs_labels": {"background": 0.9, "cat": 0.25, "dog": 0.625, "cow": 0.7, "car": None},
+        "core_iou_model_vs_labels": {"background": 0.95, "cat": 0.3, "dog": 0.7, "cow": 0.9, "car": None},
+        "weights": {"cat": 1.5, "dog": 0.5, "cow": 1.0, "car": 1.0},
     }
-    text = round_summary(stats, {"r00_000003": "score 0.1 in the worst 10%"}, rounds=2)
+    text = round_summary(stats, {"r00_000003": "score 0.1 in the worst 10%"}, 2, cfg)
     lines = text.splitlines()
     assert lines[0] == "round 1/2 done: 10 samples, 250 pixels relabelled (25.00% of 1,000), 1 dropped"
-    rows = {line.split()[0]: line.split()[1:] for line in lines[2:5]}
-    assert rows == {"background": ["0.900", "yes"], "cat": ["0.250", "1.50"], "dog": ["0.625", "yes", "0.50"]}
+    assert "[0.5, 0.85]" in lines[1] and "at least 100 core pixels" in lines[1] and "cores" in lines[1]
+    assert "core IoU" in lines[2] and "all-pixel IoU" in lines[2] and "weight next round" in lines[2]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[3:7]}
+    assert rows == {
+        "background": ["0.950", "0.900", "yes"],
+        "cat": ["0.300", "0.250", "below", "band", "1.50"],
+        "cow": ["0.900", "0.700", "above", "band", "1.00"],
+        "dog": ["0.700", "0.625", "yes", "0.50"],
+    }
     assert "not in the pool yet: car 1.00" in text
     assert "dropped r00_000003: score 0.1 in the worst 10%" in text
-    assert "weight next round" in lines[1]
-    assert "no foreground class is reliable" not in text
-    last = round_summary(stats | {"round": 1, "reliable": ["background"]}, {}, rounds=2)
-    assert "weight in selection" in last and "no foreground class is reliable yet" in last
+    assert "no foreground class passes the gate" not in text
+    last = round_summary(stats | {"round": 1, "reliable": ["background"]}, {}, 2, cfg)
+    assert "weight in selection" in last and "no foreground class passes the gate yet" in last
 
 
-def test_smoke_fit_prints_each_step_and_each_round_and_no_noise(tmp_path):
-    out = tmp_path / "run"
-    args = [
-        "--config", SMOKE, "--generate.height", "64", "--generate.width", "64", "--generate.steps", "2",
-        "--loop.rounds", "2", "--loop.generate_total", "12", "--loop.round_steps", "4", "--train.max_steps", "4",
-        "--train.crop_size", "32", "--train.num_workers", "8", "--refine.min_class_pixels", "0",
-        "--refine.min_reliability", "0", "--refine.max_core_agreement", "1", "--refine.drop_fraction", "0.2",
-    ]
-    result = subprocess.run([sys.executable, "-m", "syntagen_st.fit", *args, "--out", str(out)],
-                            capture_output=True, text=True, check=True)
+def test_smoke_fit_prints_each_step_and_each_round_and_no_noise(smoke_run):
+    out = smoke_run.root
+    result = smoke_run
     text = result.stdout + result.stderr
     for noise in ("GPU available", "TPU available", "litlogger", "LeafSpec", "Epoch", "v_num", "Seed set",
                   "worker processes", "logging interval", "stopped: `max_steps"):
         assert noise not in text, noise
-    assert "smoke-r0-fold0" in result.stderr and "step" in result.stderr  # the step progress bar is kept
+    # The step progress bar is kept, counting optimizer steps to the end of each training.
+    for name in ("smoke-r0-fold0", "smoke-r0-fold1", "smoke-r1-fold0", "smoke-r1-fold1", "smoke-final"):
+        assert re.search(rf"{name}: 100%\|[^\n\r]*\| 4/4 \[", result.stderr), name
     titles = [line for line in result.stdout.splitlines() if line.startswith(("round ", "final:")) and "done" not in line]
     assert titles == [
         "round 1/2: add samples", "round 1/2: train fold model 1/2 (on the other folds' samples)",
@@ -66,8 +67,9 @@ def test_smoke_fit_prints_each_step_and_each_round_and_no_noise(tmp_path):
         assert block.startswith(f"{stats['samples']} samples, {stats['pixels_relabelled']:,} pixels relabelled ({share:.2f}% ")
         for name in stats["classes_in_pool"]:
             line = next(row for row in block.splitlines() if row.split()[0] == name)
-            value = stats["iou_model_vs_labels"][name]
-            assert line.split()[1] == ("-" if value is None else f"{value:.3f}")
+            for column, key in ((1, "core_iou_model_vs_labels"), (2, "iou_model_vs_labels")):
+                value = stats[key][name]
+                assert line.split()[column] == ("-" if value is None else f"{value:.3f}"), (name, key)
             assert line.split()[-1] == f"{stats['weights'][name]:.2f}"
             assert ("yes" in line.split()) == (name in stats["reliable"])
         rows = [json.loads(line) for line in (out / "rounds" / str(r) / "samples.jsonl").read_text().splitlines()]

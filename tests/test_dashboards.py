@@ -34,10 +34,9 @@ def test_round_logger_writes_per_class_tables_and_overlays(tmp_path, monkeypatch
     logger.finish()
     runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(runs) == 1
-    keys = wandb_history_keys(runs[0])
-    assert {"round", "round/dropped", "round/pixels_relabelled", "round/miou_model_vs_labels"} <= keys
-    assert {"round/classes/_type", "round/weights_table/_type", "round/iou_table/_type", "round/core_iou_table/_type",
-            "round/overlays/all_masks"} <= keys
+    expected = {"round", "round/dropped", "round/pixels_relabelled", "round/miou_model_vs_labels", "round/classes/_type",
+                "round/weights_table/_type", "round/iou_table/_type", "round/core_iou_table/_type", "round/overlays/all_masks"}
+    assert expected <= wandb_history_keys(runs[0], expected)
 
 
 def test_round_logger_is_silent_without_wandb(tmp_path):

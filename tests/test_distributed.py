@@ -141,9 +141,9 @@ def test_a_device_count_that_does_not_divide_the_batch_is_refused(capsys, tmp_pa
 
 
 def test_the_train_command_refuses_it_too_and_generate_takes_any_count(capsys, tmp_path):
+    from syntagen_st import train as train_mod
     from syntagen_st.core.cli import config_from, config_parser
     from syntagen_st.core.config import ConfigError, TrainConfig, check_batch_split
-    from syntagen_st.segmentation import trainer as train_mod
 
     with pytest.raises(SystemExit) as exit_info:
         run_main(train_mod.main, "syntagen_st.train", ["--config", str(Path(SMOKE).parent / "protocol.yaml"), "--train.devices", "3",
@@ -166,7 +166,7 @@ def test_devices_lightning_cannot_use_are_refused_in_one_line(capsys, tmp_path, 
     from lightning_fabric import Fabric
     from lightning_fabric.utilities.exceptions import MisconfigurationException
 
-    from syntagen_st.segmentation import trainer as train_mod
+    from syntagen_st import train as train_mod
 
     def refuse(_, *args, **kwargs):  # what Lightning says on a machine with fewer GPUs than asked for
         raise MisconfigurationException("You requested gpu: [0, 1, 2, 3]\n But your machine only has: [0]")

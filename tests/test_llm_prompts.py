@@ -183,11 +183,11 @@ def test_round_prompts_are_saved_and_read_back_and_a_larger_budget_keeps_them(tm
     assert round_records(cfg, 2, 5, {"cat": 9.0}, run) == first
     more = round_records(cfg, 2, 8, {"dog": 3.0}, run)
     assert more[:5] == first and len(load_round_prompts(path, 2)) == 8
-    assert round_records(cfg, 2, 3, None, tmp_path) == first[:3]
+    assert round_records(cfg, 2, 3, None, run) == first[:3]
     rows = path.read_text().splitlines()
     path.write_text("\n".join([rows[1], *rows[2:]]) + "\n")
     with pytest.raises(UserError, match=r"round2.jsonl:1: expected sample r02_000000"):
-        round_records(cfg, 2, 8, None, tmp_path)
+        round_records(cfg, 2, 8, None, run)
 
 
 def test_llm_source_settings_are_checked(tmp_path):

@@ -65,10 +65,10 @@ def _tree(root: Path) -> dict[str, bytes]:
 
 def test_smoke_loop_end_to_end_and_no_sample_is_relabelled_by_its_own_model(tmp_path, monkeypatch):
     import syntagen_st.segmentation.network as network
-    import syntagen_st.segmentation.trainer as train_mod
+    import syntagen_st.selftrain.steps as steps
 
     trained_on: dict[str, set[str]] = {}
-    real_train, real_load, real_predict = train_mod.train, network.load_model, network.predict_proba
+    real_train, real_load, real_predict = steps.train, network.load_model, network.predict_proba
 
     def spy_train(cfg, data, out, *args, **kwargs):
         if not isinstance(data, (str, os.PathLike)):
@@ -94,7 +94,7 @@ def test_smoke_loop_end_to_end_and_no_sample_is_relabelled_by_its_own_model(tmp_
         evidence_labels.append(label.tobytes())
         return real_evidence(label, *args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "train", spy_train)
+    monkeypatch.setattr(steps, "train", spy_train)
     monkeypatch.setattr(network, "load_model", spy_load)
     monkeypatch.setattr(network, "predict_proba", spy_predict)
     monkeypatch.setattr(refine_mod, "class_evidence", spy_evidence)

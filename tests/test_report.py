@@ -14,8 +14,8 @@ from conftest import SMOKE
 from PIL import Image
 
 from syntagen_st import fit as fit_mod
+from syntagen_st import report
 from syntagen_st.core.cli import run_main
-from syntagen_st.reporting import page as report
 from syntagen_st.reporting.facts import change_shares
 
 # Two short rounds in which every class counts as reliable, so labels change and samples drop.

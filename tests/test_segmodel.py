@@ -150,7 +150,7 @@ def test_refinement_predicts_without_lightning():
     import subprocess
     import sys
 
-    code = ("import sys, syntagen_st.selftrain.loop, syntagen_st.segmentation.network, syntagen_st.segmentation.evaluate; "
+    code = ("import sys, syntagen_st.selftrain.heldout, syntagen_st.selftrain.decide, syntagen_st.segmentation.evaluate; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pytorch_lightning', 'lightning', 'wandb')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

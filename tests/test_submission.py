@@ -14,52 +14,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SMOKE
+from conftest import run_cli
 from PIL import Image
 
-from syntagen_st import fit as fit_mod
-from syntagen_st.core.cli import load_config_file, run_main
+from syntagen_st import export as export_mod
+from syntagen_st import reproduce as reproduce_mod
+from syntagen_st import validate as validate_mod
+from syntagen_st.core.cli import load_config_file
 from syntagen_st.core.errors import UserError
 from syntagen_st.core.store import load_mask, save_mask
 from syntagen_st.segmentation.data import Sample
-from syntagen_st.submission import export as export_mod
-from syntagen_st.submission import reproduce as reproduce_mod
-from syntagen_st.submission import validate as validate_mod
+from syntagen_st.submission.export import export_entry
+from syntagen_st.submission.reproduce import image_diff, label_agreement, regeneration_batches
 
 SIZE = 64
-# The smoke config shrunk: one round of 8 images at 64 px, 4-step models.
-SMALL = [
-    "--config", SMOKE, "--generate.height", str(SIZE), "--generate.width", str(SIZE), "--generate.steps", "2",
-    "--loop.rounds", "1", "--loop.generate_total", "8", "--loop.round_steps", "4", "--train.max_steps", "4",
-    "--train.crop_size", "32", "--no-progress",
-]
-
-
-def _cli(capsys, main, prog: str, *argv: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as done:
-        run_main(main, prog, [str(a) for a in argv])
-    out = capsys.readouterr()
-    return done.value.code, out.out, out.err
-
-
-@pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory) -> Path:
-    """One finished smoke fit shared by the tests of this file (read-only for them)."""
-    out = tmp_path_factory.mktemp("submission") / "run"
-    with pytest.raises(SystemExit) as done:
-        run_main(fit_mod.main, "fit", [*SMALL, "--out", str(out)])
-    assert done.value.code == 0
-    return out
+"""The shared smoke run's image side (conftest.SMALL)."""
 
 
 @pytest.fixture(scope="session")
 def exported(smoke_run, tmp_path_factory) -> Path:
     """``export RUN --out DIR --zip`` of the smoke run (DIR; the zip is DIR.zip)."""
     out = tmp_path_factory.mktemp("exported") / "entry"
-    with pytest.raises(SystemExit) as done:
-        run_main(export_mod.main, "export", [str(smoke_run), "--out", str(out), "--zip", "--no-progress"])
-    assert done.value.code == 0
+    assert run_cli(export_mod.main, [smoke_run.root, "--out", out, "--zip", "--no-progress"])[0] == 0
     return out
 
 
@@ -73,13 +49,13 @@ def _sha(path: Path) -> str:
 def test_fit_exports_the_entry_layout_that_torchvision_loads(smoke_run):
     from torchvision.datasets import VOCSegmentation
 
-    export = smoke_run / "export"
+    export = smoke_run.root / "export"
     sub = json.loads((export / "submission.json").read_text())
     ids = (export / "train.txt").read_text().split()
     assert sub["pairs"] == len(ids) > 0 and sorted(sub["samples"]) == ids
     # The final model trained on these files, and its checksum is recorded.
-    assert sub["model_sha256"] == (smoke_run / "final" / "checksum.txt").read_text().split()[0]
-    assert sub["model_sha256"] == _sha(smoke_run / "final" / "model.safetensors")
+    assert sub["model_sha256"] == (smoke_run.root / "final" / "checksum.txt").read_text().split()[0]
+    assert sub["model_sha256"] == _sha(smoke_run.root / "final" / "model.safetensors")
     assert sub["seed"] == 0 and sub["config"]["generate"]["height"] == SIZE
     assert sub["stable_diffusion"]["id"] == "tiny" and sub["stable_diffusion"]["licence"] == "CreativeML OpenRAIL-M"
     assert {"torch", "diffusers", "syntagen_st"} <= {k for k, v in sub["versions"].items() if v}
@@ -112,13 +88,13 @@ def test_fit_exports_the_entry_layout_that_torchvision_loads(smoke_run):
 
 def test_export_cli_zip_is_deterministic_and_validates(smoke_run, exported, tmp_path, capsys):
     zip1 = exported.with_name("entry.zip")
-    code, out, err = _cli(capsys, export_mod.main, "export", smoke_run, "--out", tmp_path / "again", "--zip", "--no-progress")
+    code, out, err = run_cli(export_mod.main, [smoke_run.root, "--out", tmp_path / "again", "--zip", "--no-progress"], capsys, "export")
     assert code == 0 and "NOT a valid competition entry" in err
     zip2 = tmp_path / "again.zip"
     assert _sha(zip1) == _sha(zip2)
     # The CLI's export holds the same files as fit's, so it carries the final model's checksum.
     assert json.loads((exported / "submission.json").read_text())["model_sha256"] == \
-        (smoke_run / "final" / "checksum.txt").read_text().split()[0]
+        (smoke_run.root / "final" / "checksum.txt").read_text().split()[0]
     with zipfile.ZipFile(zip1) as zf:
         infos = zf.infolist()
         names = [i.filename for i in infos]
@@ -127,31 +103,31 @@ def test_export_cli_zip_is_deterministic_and_validates(smoke_run, exported, tmp_
         assert all(i.date_time == (1980, 1, 1, 0, 0, 0) and stat.S_ISREG(i.external_attr >> 16) for i in infos)
 
     for target in (exported, zip1):
-        code, out, _ = _cli(capsys, validate_mod.main, "validate", target, "--image-size", SIZE)
+        code, out, _ = run_cli(validate_mod.main, [target, "--image-size", SIZE], capsys, "validate")
         assert code == 0 and "VALID" in out and "INVALID" not in out, out
     # At the competition's size a smoke export is invalid, every image named.
-    code, out, _ = _cli(capsys, validate_mod.main, "validate", zip1)
+    code, out, _ = run_cli(validate_mod.main, [zip1], capsys, "validate")
     assert code == 1 and "must be 512x512" in out and "INVALID" in out
 
 
 def test_export_refusals_name_the_file(smoke_run, tmp_path):
-    cfg = load_config_file(str(smoke_run / "config.yaml"))
-    ids = (smoke_run / "export" / "train.txt").read_text().split()
-    pool = smoke_run / "pool"
+    cfg = load_config_file(str(smoke_run.root / "config.yaml"))
+    ids = (smoke_run.root / "export" / "train.txt").read_text().split()
+    pool = smoke_run.root / "pool"
     samples = [Sample(pool / "images" / f"{i}.png", pool / "masks" / f"{i}.png") for i in ids[:2]]
 
     with pytest.raises(UserError, match="10001 pairs exceed the competition's limit of 10000"):
-        export_mod.export_entry([samples[0]] * 10_001, tmp_path / "x", cfg, {})
+        export_entry([samples[0]] * 10_001, tmp_path / "x", cfg, {})
 
-    claiming = load_config_file(str(smoke_run / "config.yaml"))
+    claiming = load_config_file(str(smoke_run.root / "config.yaml"))
     claiming.model.pretrained = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     with pytest.raises(UserError, match=rf"{ids[0]}\.png: 64x64 image; a competition entry needs 512x512"):
-        export_mod.export_entry(samples, tmp_path / "y", claiming, {})
+        export_entry(samples, tmp_path / "y", claiming, {})
 
     bad = tmp_path / "bad.png"
     save_mask(bad, np.full((SIZE, SIZE), 77, np.uint8))
     with pytest.raises(UserError, match=r"bad\.png: mask values \[77\] outside 0..20 and 255"):
-        export_mod.export_entry([samples[0], Sample(samples[1].image, bad)], tmp_path / "z", cfg, {})
+        export_entry([samples[0], Sample(samples[1].image, bad)], tmp_path / "z", cfg, {})
     assert not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
 
 
@@ -214,7 +190,7 @@ def _wrong_checksum(entry: Path) -> str:
 def test_validate_names_each_violation(exported, tmp_path, capsys, break_it, kind):
     entry = _entry_copy(exported, tmp_path / "entry")
     expected = break_it(entry)
-    code, out, _ = _cli(capsys, validate_mod.main, "validate", entry, "--image-size", SIZE)
+    code, out, _ = run_cli(validate_mod.main, [entry, "--image-size", SIZE], capsys, "validate")
     assert code == 1, out
     assert any(line.startswith(expected) for line in out.splitlines()), out
     counts = next(line for line in out.splitlines() if " violations: " in line)
@@ -247,7 +223,7 @@ def test_validate_refuses_unsafe_zips_without_writing(tmp_path, capsys, monkeypa
     archive = _zip(target / "entry.zip", entries)
     monkeypatch.chdir(target)
     before = sorted(p for p in tmp_path.rglob("*"))
-    code, out, _ = _cli(capsys, validate_mod.main, "validate", archive, "--max-bytes", 1_000_000)
+    code, out, _ = run_cli(validate_mod.main, [archive, "--max-bytes", 1_000_000], capsys, "validate")
     assert code == 1 and "zip safety 1" in out and "refused" in out, out
     assert any(expected in line for line in out.splitlines()), out
     assert sorted(p for p in tmp_path.rglob("*")) == before
@@ -261,7 +237,7 @@ def test_each_sample_regenerates_in_a_batch_of_its_recorded_length():
     from syntagen_st.prompts.records import PromptRecord
 
     records = [PromptRecord(f"s{i}", 0, i, "p", ("cat",), "p; cat", i) for i in range(5)]
-    batches = reproduce_mod.regeneration_batches(records, {"s0": 4, "s1": 1, "s2": 4, "s3": 4, "s4": 2})
+    batches = regeneration_batches(records, {"s0": 4, "s1": 1, "s2": 4, "s3": 4, "s4": 2})
     assert list(batches) == [1, 2, 4]
     assert [r.id for r in batches[1]] == ["s1"]
     assert [r.id for r in batches[2]] == ["s4", "s4-pad0"]
@@ -280,8 +256,8 @@ def test_reproduce_regenerates_identical_samples(smoke_run, exported, tmp_path, 
         return real_fill(self, pool, records, *args, batch_size=batch_size, **kwargs)
 
     monkeypatch.setattr(SampleGenerator, "fill", spy_fill)
-    code, out, _ = _cli(capsys, reproduce_mod.main, "reproduce", smoke_run, "--sample", 3, "--no-progress")
-    rows = {json.loads(line)["id"]: json.loads(line) for f in (smoke_run / "pool" / "manifest").glob("*.jsonl")
+    code, out, _ = run_cli(reproduce_mod.main, [smoke_run.root, "--sample", 3, "--no-progress"], capsys, "reproduce")
+    rows = {json.loads(line)["id"]: json.loads(line) for f in (smoke_run.root / "pool" / "manifest").glob("*.jsonl")
             for line in f.read_text().splitlines()}
     chosen = [i for _, ids in batches for i in ids if "-pad" not in i]
     assert len(chosen) == 3 and all(len(ids) % n == 0 and rows[i]["batch"] == n for n, ids in batches for i in ids if i in chosen)
@@ -293,13 +269,13 @@ def test_reproduce_regenerates_identical_samples(smoke_run, exported, tmp_path, 
     assert float(re.search(r"pixel agreement ([\d.]+)% \(mean\)", out).group(1)) == 100.0, out
     # From the zip alone: the regenerated images are JPEG-encoded as the export's were.
     zipped = exported.with_name("entry.zip")
-    code, out, _ = _cli(capsys, reproduce_mod.main, "reproduce", zipped, "--sample", 2, "--no-progress")
+    code, out, _ = run_cli(reproduce_mod.main, [zipped, "--sample", 2, "--no-progress"], capsys, "reproduce")
     assert code == 0 and "images identical: 2/2" in out, out
     # A replaced image is found, with its difference.
     entry = _entry_copy(exported, tmp_path / "entry")
     sid = _ids(entry)[0]
     Image.fromarray(np.full((SIZE, SIZE, 3), 128, np.uint8)).save(entry / "image" / f"{sid}.jpg", quality=95)
-    code, out, _ = _cli(capsys, reproduce_mod.main, "reproduce", entry, "--ids", sid, "--no-progress")
+    code, out, _ = run_cli(reproduce_mod.main, [entry, "--ids", sid, "--no-progress"], capsys, "reproduce")
     assert code == 1 and "images identical: 0/1" in out and "PSNR" in out, out
 
 
@@ -310,14 +286,14 @@ def test_reproduce_refuses_a_recorded_batch_that_is_no_length(exported, tmp_path
     for bad in ("4", -3, 10_000, 2.5):
         submission["samples"][sid]["batch"] = bad
         (entry / "submission.json").write_text(json.dumps(submission))
-        code, _, err = _cli(capsys, reproduce_mod.main, "reproduce", entry, "--ids", sid, "--no-progress")
+        code, _, err = run_cli(reproduce_mod.main, [entry, "--ids", sid, "--no-progress"], capsys, "reproduce")
         assert code == 2 and err.strip() == f"reproduce: error: sample {sid}: recorded batch {bad!r} is not a batch length (1..256)", err
 
 
 def test_reproduce_full_reruns_fit_and_gets_identical_exports(smoke_run, tmp_path, capsys):
-    code, out, _ = _cli(capsys, reproduce_mod.main, "reproduce", smoke_run, "--full", "--into", tmp_path / "again")
+    code, out, _ = run_cli(reproduce_mod.main, [smoke_run.root, "--full", "--into", tmp_path / "again"], capsys, "reproduce")
     assert code == 0, out
-    pairs = json.loads((smoke_run / "export" / "submission.json").read_text())["pairs"]
+    pairs = json.loads((smoke_run.root / "export" / "submission.json").read_text())["pairs"]
     assert f"images identical: {pairs}/{pairs}" in out and f"masks identical: {pairs}/{pairs}" in out
     assert "final model sha256: same" in out
 
@@ -325,12 +301,12 @@ def test_reproduce_full_reruns_fit_and_gets_identical_exports(smoke_run, tmp_pat
 def test_image_diff_and_agreement_on_hand_made_arrays():
     a = np.zeros((4, 4, 3), np.uint8)
     b = a.copy()
-    assert reproduce_mod.image_diff(a, b) == {"identical": True, "max": 0, "mean": 0.0, "psnr": float("inf")}
+    assert image_diff(a, b) == {"identical": True, "max": 0, "mean": 0.0, "psnr": float("inf")}
     b[0, 0, 0] = 255
-    diff = reproduce_mod.image_diff(a, b)
+    diff = image_diff(a, b)
     assert diff["max"] == 255 and diff["mean"] == pytest.approx(255 / 48)
     assert diff["psnr"] == pytest.approx(10 * np.log10(48))
-    assert reproduce_mod.label_agreement(np.array([[1, 2], [3, 4]]), np.array([[1, 2], [3, 0]])) == 0.75
+    assert label_agreement(np.array([[1, 2], [3, 4]]), np.array([[1, 2], [3, 0]])) == 0.75
 
 
 # ---------------------------------------------------------------- loading nothing unsafely
@@ -347,7 +323,7 @@ class _Payload:
 
 
 def test_a_crafted_checkpoint_is_refused_and_runs_nothing(smoke_run, tmp_path, capsys, make_seg_dataset):
-    from syntagen_st.segmentation import evaluate as evaluate_mod
+    from syntagen_st import evaluate as evaluate_mod
     from syntagen_st.segmentation.network import load_model
     from syntagen_st.segmentation.trainer import checkpoint_step
 
@@ -356,15 +332,15 @@ def test_a_crafted_checkpoint_is_refused_and_runs_nothing(smoke_run, tmp_path, c
     torch.save({"global_step": 1, "state_dict": {}, "hyper_parameters": {"train": {"arch": "x"}},
                 "payload": _Payload(str(marker))}, ckpt)
     data = make_seg_dataset(tmp_path / "data", n=2, size=32)
-    code, _, err = _cli(capsys, evaluate_mod.main, "evaluate", ckpt, "--data", data, "--device", "cpu")
+    code, _, err = run_cli(evaluate_mod.main, [ckpt, "--data", data, "--device", "cpu"], capsys, "evaluate")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "model.ckpt: refused" in err, err
     with pytest.raises(UserError, match="refused"):
         checkpoint_step(ckpt)
     assert not marker.exists()
 
     # Our own checkpoints still load, to the same weights as the final safetensors.
-    ours = load_model(smoke_run / "final" / "checkpoints" / "last.ckpt")
-    final = load_model(smoke_run / "final" / "model.safetensors")
+    ours = load_model(smoke_run.root / "final" / "checkpoints" / "last.ckpt")
+    final = load_model(smoke_run.root / "final" / "model.safetensors")
     assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), final.state_dict().values()))
     # The payload is real: full unpickling would have created the file.
     torch.load(ckpt, weights_only=False)

@@ -1,5 +1,12 @@
 """Errors a user can cause: the commands print their message as one line and exit with code 2."""
 
+import pickle
+import struct
+import zipfile
+
+DAMAGED_FILE_ERRORS = (OSError, EOFError, ValueError, RuntimeError, pickle.UnpicklingError, struct.error, zipfile.BadZipFile)
+"""What a damaged or foreign file raises while torch or numpy reads it: no MemoryError, no bug of ours."""
+
 
 class UserError(Exception):
     """Bad input from the user (a file, a folder, a value); the message names what and where."""

@@ -16,11 +16,11 @@ watchers: every rank says it is done and waits for all; then the others leave; t
 from __future__ import annotations
 
 import os
-from datetime import timedelta
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 
 import torch.distributed as torch_dist
 

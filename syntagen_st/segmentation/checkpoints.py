@@ -9,21 +9,16 @@ from __future__ import annotations
 
 import os
 import pickle
-import struct
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from pytorch_lightning.utilities.parsing import AttributeDict
 
-from ..core.errors import UserError, first_line
+from ..core.errors import DAMAGED_FILE_ERRORS, UserError, first_line
 
 ALLOWED_GLOBALS = [AttributeDict]
 """The only non-builtin types a syntagen_st training checkpoint may hold."""
-
-READ_ERRORS = (OSError, EOFError, ValueError, RuntimeError, pickle.UnpicklingError, struct.error, zipfile.BadZipFile)
-"""What a damaged or foreign weights file raises while torch reads it: no MemoryError, no bug of ours."""
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -39,7 +34,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"{path}: refused: the checkpoint holds objects other than tensors and plain values, which "
             f"would run code when loaded ({first[:160]}); give a .safetensors file instead"
         ) from None
-    except READ_ERRORS as err:
+    except DAMAGED_FILE_ERRORS as err:
         raise UserError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from None
     if not isinstance(ckpt, dict):
         raise UserError(f"{path}: not a training checkpoint (a {type(ckpt).__name__}, not a dict)")

@@ -19,14 +19,14 @@ from PIL import Image
 from torch import nn
 
 from ..core.classes import NUM_CLASSES
-from ..core.errors import UserError
+from ..core.errors import DAMAGED_FILE_ERRORS, UserError
 from ..core.store import atomic_write_bytes, atomic_write_text, sha256_file
-from .checkpoints import READ_ERRORS, read_checkpoint
 from .data import eval_transform
 
 METADATA_KEY = "syntagen_st"
 AUX_ARCHS = ("deeplabv3_resnet50", "deeplabv3_resnet101", "deeplabv3_mobilenet_v3_large")
-LOAD_ERRORS = (*READ_ERRORS, safetensors.SafetensorError)
+LOAD_ERRORS = (*DAMAGED_FILE_ERRORS, safetensors.SafetensorError)
+"""What a damaged or foreign weights file raises while it is read."""
 
 
 # ---------------------------------------------------------------- building
@@ -122,6 +122,8 @@ def write_checksum(weights: Path) -> str:
 
 def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, str]:
     """The network of a Lightning checkpoint written by SegModule, and its arch."""
+    from .checkpoints import read_checkpoint  # Lightning's types: only a .ckpt needs them
+
     path = Path(path)
     ckpt = read_checkpoint(path)
     try:
