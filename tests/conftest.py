@@ -45,6 +45,18 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[o
     return done.value.code, (out.out if out else ""), (out.err if out else "")
 
 
+def run_tree(root: Path) -> dict[str, bytes]:
+    """Every file a run keeps, export/ and final/ included; not the fold models' and the final
+    training's Lightning folders (checkpoints name their own path), logs, state.json, or the
+    report (it shows step timings)."""
+    skip = ("fold", "checkpoints", "wandb", "logs", "state.json", "report")
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not any(part.startswith(skip) for part in p.relative_to(root).parts)
+    }
+
+
 @dataclass(frozen=True)
 class FinishedRun:
     """A fit run to the end in a process of its own: its folder and what it printed."""

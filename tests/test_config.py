@@ -81,6 +81,7 @@ def test_existing_run_with_another_config_is_refused(capsys, tmp_path):
     assert replaced.value.code == 0
 
 
+@pytest.mark.slow
 def test_module_entry_point_exits_2_with_one_line(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "syntagen_st.generate", *BASE, "--out", str(tmp_path / "o"), "--generate.height", "100"],

@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SMOKE
-from test_loop import SMALL, _tree
+from conftest import SMALL, SMOKE, run_tree
 
 from syntagen_st import fit as fit_mod
 from syntagen_st.core.cli import run_main
@@ -69,6 +68,7 @@ GENERATE = [sys.executable, "-m", "syntagen_st.generate", "--config", SMOKE, "--
             "--generate.width", "64", "--generate.steps", "2", "--generate.batch_size", "2", "--no-progress"]
 
 
+@pytest.mark.slow
 def test_generate_with_three_processes_writes_the_same_pool_as_one(tmp_path):
     subprocess.run([*GENERATE, "--out", str(tmp_path / "one")], check=True, capture_output=True, env=ENV)
     # 3 processes, though train.batch_size 4 cannot be split over them: generation splits no batch.
@@ -88,6 +88,7 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
+@pytest.mark.slow
 def test_fit_with_two_processes_equals_one_and_resumes_after_a_rank_is_killed(tmp_path):
     fit = [sys.executable, "-m", "syntagen_st.fit", *SMALL]
     subprocess.run([*fit, "--out", str(tmp_path / "one")], check=True, capture_output=True, env=ENV)
@@ -111,7 +112,7 @@ def test_fit_with_two_processes_equals_one_and_resumes_after_a_rank_is_killed(tm
 
     done = subprocess.run([*fit, "--devices", "2", "--out", str(two)], capture_output=True, text=True, env=ENV)
     assert done.returncode == 0, done.stderr[-2000:]
-    one, resumed = _tree(tmp_path / "one"), _tree(two)
+    one, resumed = run_tree(tmp_path / "one"), run_tree(two)
     assert one.keys() == resumed.keys()
     # The pool, prompts, refined labels, scores, drops, weights and the exported files are the same;
     # the final model is not: it trained data-parallel, 2 x batch 2 instead of 1 x batch 4.
@@ -219,6 +220,7 @@ def _predict_and_count(rank: int, world: int, init: str, images: list, labels: d
     torch_dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_refine_predictions_over_two_ranks_equal_one(tmp_path):
     import torch
     import torch.multiprocessing as mp
@@ -303,6 +305,7 @@ def _fail_on_rank_zero(rank: int, world: int, init: str, out: str) -> None:
     torch_dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_an_error_on_rank_zero_alone_stops_every_rank_with_its_message(tmp_path):
     import torch.multiprocessing as mp
 
@@ -353,6 +356,7 @@ def test_the_line_the_other_ranks_print():
     assert failure_line(dist, RankFailure("rank 1 stopped: x")) == "rank 1 stopped: x"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fail_rank", [0, 1])
 def test_an_error_mid_step_on_one_rank_ends_the_rank_waiting_in_a_collective(fail_rank):
     procs = _start_ranks("watched", str(fail_rank), "raise")
@@ -368,6 +372,7 @@ def test_an_error_mid_step_on_one_rank_ends_the_rank_waiting_in_a_collective(fai
     assert "returned" not in out and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_the_end_waits_for_every_rank_and_a_silent_death_of_rank_zero_is_reported():
     procs = _start_ranks("watched", "-1", "none")
     results = [p.communicate(timeout=60) for p in procs]
@@ -390,6 +395,7 @@ def test_the_end_waits_for_every_rank_and_a_silent_death_of_rank_zero_is_reporte
     assert procs[1].returncode == 2 and "prog: error: rank 1: lost contact with rank 0" in err.strip().splitlines()[-1], err
 
 
+@pytest.mark.slow
 def test_other_ranks_take_rank_zeros_reading_of_the_run_folder(tmp_path):
     fit = [*SMALL, "--loop.rounds", "1", "--loop.generate_total", "6", "--devices", "2", "--out", str(tmp_path / "run")]
     procs = _start_ranks("blind_fit", *fit)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SMOKE
+from conftest import SMALL, SMOKE, run_tree
 from PIL import Image
 
 from syntagen_st import fit as fit_mod
@@ -19,17 +19,6 @@ from syntagen_st.core.cli import run_main
 from syntagen_st.core.store import load_mask, save_mask
 from syntagen_st.selftrain import refine as refine_mod
 from syntagen_st.selftrain.pool import assign_folds, round_budgets
-
-# The smoke config, shrunk: 2 rounds of 6 images at 64 px, 4-step round models. Every class
-# counts as reliable (min_reliability 0, max_core_agreement 1), so the relabel and drop paths run even
-# with such weak models.
-SMALL = [
-    "--config", SMOKE, "--generate.height", "64", "--generate.width", "64", "--generate.steps", "2",
-    "--loop.rounds", "2", "--loop.generate_total", "12", "--loop.round_steps", "4", "--train.max_steps", "4",
-    "--train.crop_size", "32", "--refine.min_class_pixels", "0", "--refine.min_reliability", "0", "--refine.max_core_agreement", "1",
-    "--refine.drop_fraction", "0.2",
-    "--no-progress",
-]
 
 
 def test_round_budgets_add_up():
@@ -51,18 +40,7 @@ def test_folds_are_fixed_and_balanced():
     assert sorted(assign_folds(ids[:3], 3, 0).values()) == [0, 1, 2]
 
 
-def _tree(root: Path) -> dict[str, bytes]:
-    """Every file a run keeps, export/ and final/ included; not the fold models' and the final
-    training's Lightning folders (checkpoints name their own path), logs, state.json, or the
-    report (it shows step timings)."""
-    skip = ("fold", "checkpoints", "wandb", "logs", "state.json", "report")
-    return {
-        str(p.relative_to(root)): p.read_bytes()
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and not any(part.startswith(skip) for part in p.relative_to(root).parts)
-    }
-
-
+@pytest.mark.slow
 def test_smoke_loop_end_to_end_and_no_sample_is_relabelled_by_its_own_model(tmp_path, monkeypatch):
     import syntagen_st.segmentation.network as network
     import syntagen_st.selftrain.steps as steps
@@ -172,6 +150,7 @@ def _kill_when(cmd: list[str], out: Path, ready) -> None:
     proc.wait()
 
 
+@pytest.mark.slow
 def test_kill_and_resume_gives_the_same_result(tmp_path):
     # The final training checkpoints every 3 of its 15 steps, so a kill there resumes through Lightning.
     cmd = [sys.executable, "-m", "syntagen_st.fit", *SMALL, "--train.max_steps", "15", "--train.checkpoint_every", "3"]
@@ -186,7 +165,7 @@ def test_kill_and_resume_gives_the_same_result(tmp_path):
     assert "final2/export" in done() and "final2/train" not in done()
     subprocess.run([*cmd, "--out", str(killed)], check=True, capture_output=True)
 
-    clean, resumed = _tree(tmp_path / "clean"), _tree(killed)
+    clean, resumed = run_tree(tmp_path / "clean"), run_tree(killed)
     assert clean.keys() == resumed.keys()
     assert {"export/submission.json", "final/model.safetensors", "final/checksum.txt"} <= clean.keys()
     # What a kill during the final training keeps: the export, byte for byte. What it does not:
@@ -208,6 +187,7 @@ def _fit(*argv: str) -> None:
     assert done.value.code == 0
 
 
+@pytest.mark.slow
 def test_redone_refine_and_resume_with_more_rounds(tmp_path, capsys):
     out = tmp_path / "run"
     _fit("--out", str(out))
@@ -286,6 +266,7 @@ def test_existing_run_with_another_config_needs_resume_or_overwrite(capsys, tmp_
     assert "another config (seed: 0 -> 3)" in err and "--resume" in err and "--overwrite" in err
 
 
+@pytest.mark.slow
 def test_folder_source_refines_an_existing_dataset(tmp_path):
     """Labels change exactly where a held-out model of a reliable class is confident (it writes
     its class) or where it doubts a label it is not sure of (255), and nowhere else."""
@@ -419,6 +400,7 @@ def test_final_selection_keeps_the_best_within_max_pairs_favouring_weak_classes(
     assert chosen == ["r00_000000", "r00_000001"]
 
 
+@pytest.mark.slow
 def test_fit_evaluates_the_final_model_on_voc_val(tmp_path, make_seg_dataset, capsys):
     from conftest import numpy_confusion, numpy_iou
 

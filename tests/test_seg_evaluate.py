@@ -127,6 +127,7 @@ def test_evaluate_bad_input_is_one_line_exit_2(tmp_path, make_seg_dataset, capsy
     assert err.startswith("syntagen_st.evaluate: error:")
 
 
+@pytest.mark.slow
 def test_module_entry_point_runs(tmp_path):
     import subprocess
 

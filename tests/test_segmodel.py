@@ -146,6 +146,7 @@ def test_only_load_errors_become_unreadable_weights(tmp_path, monkeypatch):
         build_segmenter(TINY, str(tmp_path / "backbone.pth"))
 
 
+@pytest.mark.slow
 def test_refinement_predicts_without_lightning():
     import subprocess
     import sys

@@ -290,6 +290,7 @@ def test_reproduce_refuses_a_recorded_batch_that_is_no_length(exported, tmp_path
         assert code == 2 and err.strip() == f"reproduce: error: sample {sid}: recorded batch {bad!r} is not a batch length (1..256)", err
 
 
+@pytest.mark.slow
 def test_reproduce_full_reruns_fit_and_gets_identical_exports(smoke_run, tmp_path, capsys):
     code, out, _ = run_cli(reproduce_mod.main, [smoke_run.root, "--full", "--into", tmp_path / "again"], capsys, "reproduce")
     assert code == 0, out
