@@ -10,6 +10,7 @@ from PIL import Image
 
 from syntagen_st import generate as gen_mod
 from syntagen_st.core.classes import class_index
+from syntagen_st.core.cli import load_config_file
 from syntagen_st.core.errors import UserError
 from syntagen_st.core.store import Pool, load_mask
 from syntagen_st.generation import sampler
@@ -183,7 +184,8 @@ def test_cli_writes_a_run_and_resumes(tmp_path, capsys):
     argv = ["--config", SMOKE, "--generate.height", "64", "--generate.width", "64",
             "--generate.steps", "2", "--num-images", "3", "--out", str(out), "--no-progress"]
     assert gen_mod.main(argv) == 0
-    assert (out / "config.yaml").exists()
+    saved = load_config_file(out / "config.yaml")
+    assert (saved.generate.num_images, saved.generate.height, saved.generate.steps, saved.name) == (3, 64, 2, "smoke")
     assert len(Pool(out / "pool").rows()) == 3
     argv[argv.index("3")] = "5"
     gen_mod.main(argv)

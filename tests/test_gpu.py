@@ -134,6 +134,9 @@ def test_most_real_samples_hold_a_prompted_class(tmp_path):
 
 def test_bf16_deeplabv3_r50_trains_200_steps(tmp_path, make_seg_dataset):
     from syntagen_st.core.config import TrainConfig
+    from syntagen_st.core.layout import TrainOutput
+    from syntagen_st.core.store import sha256_file
+    from syntagen_st.segmentation.network import load_model
     from syntagen_st.segmentation.trainer import train
 
     data = make_seg_dataset(tmp_path / "data", "plain", n=32, size=512)
@@ -143,4 +146,8 @@ def test_bf16_deeplabv3_r50_trains_200_steps(tmp_path, make_seg_dataset):
     weights = train(cfg, data, tmp_path / "out")
     seconds = time.perf_counter() - start
     print(f"\nDeepLabv3-R50 bf16: {200 * 8 / seconds:.1f} images/s over 200 steps of batch 8 at 512 px")
-    assert weights.is_file()
+    assert TrainOutput(tmp_path / "out").read_checksum() == sha256_file(weights)
+    model = load_model(weights, "cuda")
+    with torch.no_grad():
+        out = model(torch.zeros(2, 3, 512, 512, device="cuda"))["out"]
+    assert out.shape == (2, 21, 512, 512) and torch.isfinite(out).all()

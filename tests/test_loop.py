@@ -319,7 +319,8 @@ def test_folder_source_refines_an_existing_dataset(tmp_path):
             confident_total += int(confident.sum())
     assert reliable.any() and changed_total > 0 and confident_total > changed_total
     assert stats["pixels_relabelled"] == changed_total
-    assert (out / "final" / "checksum.txt").exists()
+    checksum = (out / "final" / "checksum.txt").read_text().split()[0]
+    assert checksum == hashlib.sha256((out / "final" / "model.safetensors").read_bytes()).hexdigest()
 
 
 def test_import_folder_without_a_class_list_takes_the_classes_its_masks_hold(tmp_path):
