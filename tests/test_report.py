@@ -1,6 +1,7 @@
 """The HTML report: written by fit, complete, offline, and honest about unfinished runs."""
 
 import base64
+import html
 import io
 import json
 import re
@@ -16,7 +17,10 @@ from PIL import Image
 from syntagen_st import fit as fit_mod
 from syntagen_st import report
 from syntagen_st.core.cli import run_main
-from syntagen_st.reporting.facts import change_shares
+from syntagen_st.core.config import RefineConfig
+from syntagen_st.reporting import sections
+from syntagen_st.reporting.facts import LabelScan, RoundFacts, RunFacts, change_shares
+from syntagen_st.reporting.view import DatasetView, class_balance, class_gate, class_sheets, scaled_weights, step_times
 
 # Two short rounds in which every class counts as reliable, so labels change and samples drop.
 TINY_FIT = [
@@ -49,6 +53,22 @@ def embedded_images(page: str) -> list[Image.Image]:
     return images
 
 
+def section(page: str, key: str) -> str:
+    return page.split(f'<section id="{key}">', 1)[1].split("</section>", 1)[0]
+
+
+def text(markup: str) -> str:
+    """What a reader sees of some HTML: tags dropped, entities decoded."""
+    return html.unescape(re.sub(r"<[^>]+>", "", markup))
+
+
+def table_rows(markup: str) -> tuple[list[str], dict[str, list[str]]]:
+    """The first table's header and its rows by first cell (the class name, marks dropped)."""
+    cells = [[text(c) for c in re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", row)]
+             for row in re.findall(r"<tr[^>]*>(.*?)</tr>", markup.split("</table>", 1)[0])]
+    return cells[0], {row[0].split(" ▲")[0]: row for row in cells[1:]}
+
+
 def run_classes(run: Path) -> set[str]:
     rows = [json.loads(line) for f in (run / "pool" / "manifest").glob("*.jsonl") for line in f.read_text().splitlines()]
     return {c for row in rows for c in row["classes"]}
@@ -75,6 +95,28 @@ def test_fit_writes_a_complete_offline_report(smoke_run):
     preds = sorted((smoke_run / "rounds" / "1" / "pred").glob("*.png"))
     assert len(preds) == sum(1 for r in rows if r["mask"].startswith("rounds/1/"))
     assert Image.open(preds[0]).mode == "P"
+
+
+def test_the_report_shows_the_gate_s_band_and_each_class_s_core_iou_and_verdict(smoke_run):
+    page = (smoke_run / "report" / "index.html").read_text()
+    refine = yaml.safe_load((smoke_run / "config.yaml").read_text())["refine"]
+    stats = json.loads((smoke_run / "rounds" / "1" / "stats.json").read_text())
+    band = f"[{refine['min_reliability']:g}, {refine['max_core_agreement']:g}] over at least " \
+           f"{refine['min_class_pixels']:,} core pixels"
+    iou = section(page, "iou")
+    assert "on their cores" in text(iou) and band in text(iou)
+    assert "reached refine.min_reliability" not in page
+    header, rows = table_rows(iou)
+    core, verdict, all_pixels = header.index("core IoU % (r1)"), header.index("relabel (r1)"), \
+        header.index("round 1 IoU % (all pixels)")
+    assert verdict == core + 1 == all_pixels + 2
+    for name in ["background", *stats["classes_in_pool"]]:
+        value = stats["core_iou_model_vs_labels"][name]
+        assert rows[name][core] == (f"{100 * value:.1f}" if value is not None else "—"), name
+        # TINY_FIT opens every class it has evidence for.
+        assert rows[name][verdict] == ("yes" if name in stats["reliable"] else "no evidence"), name
+    refinement = text(section(page, "refinement"))
+    assert "on their cores" in refinement and band in refinement
 
 
 def test_a_run_cut_after_round_0_names_what_is_missing(smoke_run, tmp_path, capsys):
@@ -142,3 +184,83 @@ def test_change_shares_count_changed_and_ignored_pixels():
     after = np.array([[1, 255], [8, 255]], np.uint8)
     assert change_shares(before, after) == (0.5, 0.25)
     assert all(np.isnan(change_shares(before, after[:1])))
+
+
+GATE = RefineConfig(min_reliability=0.5, max_core_agreement=0.85, min_class_pixels=1000)
+ROUND0 = {
+    "round": 0, "samples": 4, "dropped": 0, "pixels_relabelled": 10, "reliable": ["background", "dog"],
+    "iou_model_vs_labels": {"background": 0.9, "dog": 0.6, "cat": 0.2, "car": 0.5, "sheep": 0.7, "bird": None},
+    "core_iou_model_vs_labels": {"background": 0.95, "dog": 0.7, "cat": 0.3, "car": 0.9, "sheep": 0.6, "bird": None},
+    "weights": {"dog": 0.5, "cat": 2.0, "car": 1.0, "sheep": 0.5, "bird": 1.0},
+    "weakness": {"dog": 0.3, "cat": 0.8, "car": 0.5, "sheep": 0.4, "bird": 1.0},
+}
+
+
+def hand_made_run(tmp_path: Path, stats: dict = ROUND0) -> RunFacts:
+    config = {"refine": {"min_reliability": GATE.min_reliability, "max_core_agreement": GATE.max_core_agreement,
+                         "min_class_pixels": GATE.min_class_pixels}, "loop": {"rounds": 1},
+              "generate": {"classes": ["dog", "cat", "car", "sheep", "bird"]}}
+    return RunFacts(tmp_path, config, ["round0/refine"], {}, {}, [RoundFacts(0, "done", "", stats, [])], None, None,
+                    None, [])
+
+
+def test_class_gate_gives_each_class_the_core_iou_it_was_judged_on_and_why():
+    gate = class_gate(ROUND0, GATE)
+    assert gate["dog"] == (0.7, "yes")
+    assert gate["cat"] == (0.3, "below band")
+    assert gate["car"] == (0.9, "above band")
+    assert gate["sheep"] == (0.6, "too few pixels or no foreground")
+    assert gate["bird"] == (None, "no evidence")
+    # Background has no upper bound: shut above 0.85, it lacked pixels or an open foreground class.
+    assert class_gate(ROUND0 | {"reliable": []}, GATE)["background"] == (0.95, "too few pixels or no foreground")
+
+
+def test_iou_section_puts_the_gate_s_verdict_beside_the_core_iou_it_judged(tmp_path):
+    page = sections.iou(hand_made_run(tmp_path))
+    assert "[0.5, 0.85] over at least 1,000 core pixels" in text(page)
+    header, rows = table_rows(page)
+    assert header[1:5] == ["round 0 IoU % (all pixels)", "core IoU % (r0)", "relabel (r0)", "weakness % (r0)"]
+    assert {name: row[1:4] for name, row in rows.items()} == {
+        "background": ["90.0", "95.0", "yes"], "dog": ["60.0", "70.0", "yes"], "cat": ["20.0", "30.0", "below band"],
+        "car": ["50.0", "90.0", "above band"], "sheep": ["70.0", "60.0", "too few pixels or no foreground"],
+        "bird": ["—", "—", "no evidence"],
+    }
+    refinement = text(sections.refinement(hand_made_run(tmp_path), DatasetView([], "no samples", _scan([], []))))
+    assert "[0.5, 0.85] over at least 1,000 core pixels" in refinement
+
+
+def test_weights_are_scaled_to_mean_1_over_the_run_s_classes():
+    weights = scaled_weights({"weights": {"cat": 2.0, "dog": 1.0, "car": 0.5}}, ["cat", "dog", "sheep"])
+    assert weights["cat"] == pytest.approx(4 / 3) and weights["dog"] == pytest.approx(2 / 3)
+    assert np.isnan(weights["sheep"])
+
+
+def test_step_times_add_the_fold_models_and_list_each_final_step():
+    seconds = {"round0/data": 2.0, "round0/fold0": 3.0, "round0/fold1": 4.0, "round1/data": 1.0,
+               "final2/export": 5.0, "final2/train": 6.0}
+    times = step_times(seconds, rounds=2, folds=2)
+    assert [(t.name, t.total, t.parts) for t in times] == [
+        ("round 0", 9.0, (2.0, 7.0, None)), ("round 1", 1.0, (1.0, None, None)),
+        ("export", 5.0, None), ("final training", 6.0, None)]
+
+
+def _scan(ids: list[str], per_class: list[dict[int, int]]) -> LabelScan:
+    pixels = np.zeros((len(ids), 21), np.int64)
+    for n, counts in enumerate(per_class):
+        for k, v in counts.items():
+            pixels[n, k] = v
+    return LabelScan(ids, pixels, np.full(len(ids), np.nan), np.full(len(ids), np.nan), [])
+
+
+def test_balance_and_sheets_count_the_run_s_classes_and_pick_best_median_worst():
+    car, cat, dog = 7, 8, 12
+    labels = [{cat: 10}, {cat: 10, dog: 5}, {cat: 10, dog: 5}, {cat: 10, dog: 5, car: 2}, {cat: 10}, {cat: 10}]
+    balance = class_balance(_scan(list("abcdef"), labels), ["car", "cat", "dog"])
+    assert balance.images.tolist() == [1, 6, 3] and balance.pixels.tolist() == [2, 60, 15]
+    # Uniform is a third of the images: car's tenth is below half of it.
+    assert balance.image_share.tolist() == [0.1, 0.6, 0.3] and balance.thin == ["car"]
+    scan = _scan(["a", "b", "c", "d"], [{cat: 10}, {cat: 30, dog: 5}, {cat: 20}, {}])
+    rows = {"a": {"score": 0.9}, "b": {"score": 0.1}, "c": {"score": 0.5}}
+    sheets = class_sheets(DatasetView(scan.ids, "four", scan), ["cat", "dog"], rows)
+    assert [(s.name, s.holders, s.picks) for s in sheets] == [
+        ("cat", 3, [("a", "best"), ("c", "median"), ("b", "worst")]), ("dog", 1, [("b", "best")])]

@@ -84,6 +84,11 @@ def test_fit_exports_the_entry_layout_that_torchvision_loads(smoke_run):
     card = (export / "README.md").read_text()
     assert "Not a valid SyntaGen competition entry" in card and "| person |" in card
     assert "CreativeML OpenRAIL-M" in card and "syntagen_st.reproduce" in card and sub["model_sha256"] in card
+    # The card states the relabelling gate as the loop applied it: a band on the labels' cores.
+    refine = sub["config"]["refine"]
+    assert f"on their cores (pixels {refine['core_margin']:.3g} of the side" in card
+    assert f"lies in [{refine['min_reliability']:g}, {refine['max_core_agreement']:g}] over at least " \
+           f"{refine['min_class_pixels']:,} core pixels" in card
 
 
 def test_export_cli_zip_is_deterministic_and_validates(smoke_run, exported, tmp_path, capsys):

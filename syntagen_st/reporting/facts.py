@@ -21,7 +21,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..core.classes import FOREGROUND_CLASSES, IGNORE_INDEX, NUM_CLASSES, canonical
+from ..core.config import RefineConfig
 from ..core.errors import UserError
+from ..core.gate import refine_config
 from ..core.layout import RunLayout, Step, round_tasks
 from ..core.store import read_jsonl
 
@@ -71,6 +73,11 @@ class RunFacts:
     @cached_property
     def run(self) -> RunLayout:
         return RunLayout(self.root)
+
+    @cached_property
+    def refine(self) -> RefineConfig:
+        """The run's refine settings as the loop read them (defaults where config.yaml lacks one)."""
+        return refine_config(self.config.get("refine"))
 
     @property
     def planned_rounds(self) -> int:

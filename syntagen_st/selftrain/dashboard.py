@@ -10,9 +10,9 @@ from PIL import Image
 
 from ..core.classes import FOREGROUND_CLASSES, IGNORE_INDEX, VOC_CLASSES
 from ..core.config import Config
+from ..core.gate import gate_verdict
 from ..core.layout import RunLayout
 from ..segmentation.loggers import make_logger
-from .decide import gate_verdict
 
 _MASK_LABELS = {i: name for i, name in enumerate(VOC_CLASSES)} | {IGNORE_INDEX: "ignore"}
 

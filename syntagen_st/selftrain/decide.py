@@ -20,26 +20,6 @@ def gate(evidence: rf.ClassEvidence, cfg: RefineConfig) -> np.ndarray:
     return rf.reliable_classes(evidence, cfg.min_reliability, cfg.max_core_agreement, cfg.min_class_pixels)
 
 
-def gate_rule(cfg: RefineConfig) -> str:
-    """The gate in words, as the terminal, the report and the card state it."""
-    return (f"a class may be relabelled when the held-out model's IoU with the attention labels on their cores "
-            f"(pixels {cfg.core_margin:.3g} of the side from a boundary or the 255 band) lies in "
-            f"[{cfg.min_reliability:g}, {cfg.max_core_agreement:g}] over at least {cfg.min_class_pixels:,} core pixels")
-
-
-def gate_verdict(core_iou: float | None, reliable: bool, cfg: RefineConfig) -> str:
-    """Why a class was or was not opened: 'yes', or the side of the band it fell on."""
-    if reliable:
-        return "yes"
-    if core_iou is None:
-        return "no evidence"
-    if core_iou < cfg.min_reliability:
-        return "below band"
-    if core_iou > cfg.max_core_agreement:
-        return "above band"
-    return "too few pixels or no foreground"
-
-
 @dataclass
 class RoundEvidence:
     """What a round's relabelling pass measured, merged over every rank."""

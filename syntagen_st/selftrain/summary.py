@@ -10,8 +10,8 @@ from collections.abc import Mapping
 
 from ..core.classes import VOC_CLASSES
 from ..core.config import RefineConfig
+from ..core.gate import gate_rule, gate_verdict
 from ..core.layout import Step
-from .decide import gate_rule, gate_verdict
 
 _SHOWN_DROPS = 5
 _ROUND_TASKS = {"data": "add samples", "refine": "predict held out, relabel, filter, steer"}
@@ -56,7 +56,7 @@ def round_summary(stats: Mapping, drops: Mapping[str, str], rounds: int, cfg: Re
     for name in VOC_CLASSES:
         if name not in in_pool and name != "background":
             continue
-        verdict = gate_verdict(core.get(name), name in reliable, cfg)
+        verdict = gate_verdict(core.get(name), name in reliable, cfg, background=name == "background")
         weight = f"{weights[name]:.2f}" if name in weights else ""
         lines.append(f"  {name:<13}{_iou(core.get(name)):>9}{_iou(iou.get(name)):>15}  {verdict:<32}{weight}")
     absent = [name for name in weights if name not in in_pool]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..core.classes import VOC_CLASSES
+from ..core.gate import gate_rule, refine_config
 
 OTHER_LICENCES = (
     ("DeepLabv3 / LR-ASPP code (torchvision)", "BSD-3-Clause"),
@@ -61,8 +62,8 @@ def render_card(sub: dict) -> str:
         f"background below; classes under {label['presence_threshold']} of the strongest peak are absent.",
         f"- **Self-training**: {loop['rounds']} rounds, {loop['generate_total']} images generated "
         f"(budget split `{loop['budget_split']}`), {refine['folds']} cross-fitted round models of {loop['round_steps']} steps.",
-        f"- **Relabel**: where the held-out model is >= {refine['relabel_confidence']} confident, for classes whose "
-        f"held-out IoU with the labels reaches {refine['min_reliability']}; disagreements where neither is sure become 255.",
+        f"- **Relabel**: where the held-out model is >= {refine['relabel_confidence']} confident, in the classes that "
+        f"pass the gate: {gate_rule(refine_config(refine))}. Disagreements where neither is sure become 255.",
         f"- **Filter**: each sample judged once; the worst {refine['drop_fraction']:.0%} by model-label agreement dropped.",
         f"- **Steer**: weak classes get more of the next round's prompts (weakness power {refine['weakness_power']}, "
         f"floor {refine['min_weight']}).",

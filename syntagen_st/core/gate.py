@@ -1,0 +1,42 @@
+"""The relabelling gate in words: its rule and each class's verdict.
+
+The gate itself is array math in selftrain (``refine.reliable_classes``). Its wording lives here
+so that the terminal, W&B, the report and the dataset card, which read a saved config, all state
+the same band with the same thresholds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import fields
+
+from .config import RefineConfig
+
+
+def refine_config(section: Mapping | None) -> RefineConfig:
+    """The ``refine`` section of a saved config (config.yaml, submission.json) as the loop reads
+    it: defaults for keys it lacks, unknown keys ignored."""
+    known = {f.name for f in fields(RefineConfig)}
+    return RefineConfig(**{k: v for k, v in (section or {}).items() if k in known})
+
+
+def gate_rule(cfg: RefineConfig) -> str:
+    """The gate in words, as the terminal, the report and the card state it."""
+    return (f"a class may be relabelled when the held-out model's IoU with the attention labels on their cores "
+            f"(pixels {cfg.core_margin:.3g} of the side from a boundary or the 255 band) lies in "
+            f"[{cfg.min_reliability:g}, {cfg.max_core_agreement:g}] over at least {cfg.min_class_pixels:,} core pixels "
+            f"(background: the lower bound only, and only once a foreground class passes)")
+
+
+def gate_verdict(core_iou: float | None, reliable: bool, cfg: RefineConfig, background: bool = False) -> str:
+    """Why a class was or was not opened: 'yes', or the side of the band it fell on. Background
+    has no upper bound: shut above it, it lacked pixels or a foreground class that passed."""
+    if reliable:
+        return "yes"
+    if core_iou is None:
+        return "no evidence"
+    if core_iou < cfg.min_reliability:
+        return "below band"
+    if core_iou > cfg.max_core_agreement and not background:
+        return "above band"
+    return "too few pixels or no foreground"

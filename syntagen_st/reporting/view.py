@@ -1,0 +1,227 @@
+"""What the report's sections show, shaped from a run's facts: plain data, no HTML.
+
+Numbers are taken over the run's own classes (a run may prompt fewer than the 20 VOC classes),
+and the labels are decoded once, for every section that counts or draws them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..core.classes import BACKGROUND, VOC_CLASSES
+from ..core.config import RefineConfig
+from ..core.gate import gate_verdict
+from .facts import LabelScan, RunFacts, scan_labels
+
+SHEET_SAMPLES = 3
+"""Samples per class on a contact sheet: the best, median and worst scored."""
+WEAK_WEIGHT = 1.2
+"""A class the latest round gave at least this x a uniform share of the prompts counts as weak."""
+
+
+# ---------------------------------------------------------------- the samples described
+
+
+@dataclass
+class DatasetView:
+    """The samples the balance, the contact sheets and the changes describe, and their labels' scan."""
+
+    ids: list[str]
+    name: str
+    """How the page names them, e.g. 'the 8 exported pairs'."""
+    scan: LabelScan
+
+    def __post_init__(self) -> None:
+        self._row = {sid: n for n, sid in enumerate(self.scan.ids)}
+
+    def pixels(self, sid: str) -> np.ndarray:
+        """Pixels per class (21,) of the sample's current label."""
+        return self.scan.pixels[self._row[sid]]
+
+
+def dataset_view(facts: RunFacts, progress: bool = False) -> DatasetView:
+    """The export once there is one, else the kept samples of the latest round, else the pool."""
+    if facts.export is not None:
+        ids, name = facts.export.ids, f"the {len(facts.export.ids):,} exported pairs"
+    elif facts.latest is not None:
+        ids = [i for i, row in sorted(facts.sample_rows.items()) if row.get("kept", True)]
+        name = f"the {len(ids):,} kept samples after round {facts.latest.index} (nothing exported yet)"
+    else:
+        ids = sorted(facts.pool_rows)
+        name = f"the {len(ids):,} pool samples with their attention labels (no round finished yet)"
+    pool = facts.run.pool
+    scan = scan_labels(ids, {i: facts.label_path(i) for i in ids}, {i: pool.mask_path(i) for i in ids}, progress)
+    return DatasetView(ids, name, scan)
+
+
+def read_rgb(path: Path) -> np.ndarray | None:
+    """An image as (H, W, 3) uint8; None when it is missing or unreadable (a grey panel)."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, ValueError):
+        return None
+
+
+def read_mask(path: Path | None) -> np.ndarray | None:
+    """A palette / grayscale label as (H, W); None when it is missing or not a mask."""
+    if path is None:
+        return None
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image) if image.mode in ("P", "L") else None
+    except (OSError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------- time per step
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """One line of the time table: a round with its parts (data, fold models, refine), or a final
+    step with its total alone (``parts`` None)."""
+
+    name: str
+    total: float | None
+    parts: tuple[float | None, float | None, float | None] | None = None
+
+
+def step_times(seconds: Mapping[str, float], rounds: int, folds: int) -> list[StepTime]:
+    """Seconds per round and per final step from state.json's ``seconds`` (a missing step: None)."""
+    out = []
+    for r in range(rounds):
+        folded = sum(seconds.get(f"round{r}/fold{k}", 0.0) for k in range(folds)) or None
+        parts = (seconds.get(f"round{r}/data"), folded, seconds.get(f"round{r}/refine"))
+        out.append(StepTime(f"round {r}", sum(p for p in parts if p) or None, parts))
+    finals = sorted({s.split("/")[0] for s in seconds if s.startswith("final")})
+    for step in finals:
+        after = f" (after {step[len('final'):]} rounds)" if len(finals) > 1 else ""
+        out.append(StepTime(f"export{after}", seconds.get(f"{step}/export")))
+        out.append(StepTime(f"final training{after}", seconds.get(f"{step}/train")))
+    return out
+
+
+# ---------------------------------------------------------------- steering and the gate
+
+
+def scaled_weights(stats: Mapping, classes: Sequence[str]) -> dict[str, float]:
+    """A round's prompt weights over the run's classes, scaled to mean 1 over them (weights.json
+    spreads mean 1 over all 20 VOC classes, which misleads for a run that uses fewer); NaN: none."""
+    raw = {c: stats.get("weights", {}).get(c) for c in classes}
+    known = [w for w in raw.values() if isinstance(w, (int, float))]
+    mean = float(np.mean(known)) if known and np.mean(known) > 0 else 1.0
+    return {c: (w / mean if isinstance(w, (int, float)) else math.nan) for c, w in raw.items()}
+
+
+def weak_classes(facts: RunFacts) -> set[str]:
+    """Classes the latest round steered towards: at least WEAK_WEIGHT x a uniform share of prompts."""
+    latest = facts.latest
+    weights = scaled_weights(latest.stats, facts.classes) if latest else {}
+    return {c for c in facts.classes if weights.get(c, 0.0) >= WEAK_WEIGHT}
+
+
+def weight_columns(facts: RunFacts) -> tuple[list[str], dict[str, list[float]]]:
+    """The steering heatmap: a column per set of weights a draw used (round 0's uniform ones, then
+    each finished round's, the last one the final selection's), a row per class."""
+    columns = ["r0\n(uniform)"]
+    weights = {c: [1.0] for c in facts.classes}
+    for r in facts.finished_rounds:
+        columns.append("final\nselection" if r.index + 1 >= facts.planned_rounds else f"r{r.index + 1}")
+        for c, w in scaled_weights(r.stats, facts.classes).items():
+            weights[c].append(w)
+    return columns, weights
+
+
+def class_gate(stats: Mapping, cfg: RefineConfig) -> dict[str, tuple[float | None, str]]:
+    """Per VOC class of a round: the held-out IoU with the attention labels' cores that the gate
+    decided on, and its verdict (the class is in stats.json's ``reliable``, or why not)."""
+    core = stats.get("core_iou_model_vs_labels", {})
+    reliable = set(stats.get("reliable", []))
+    return {c: (core.get(c), gate_verdict(core.get(c), c in reliable, cfg, background=c == VOC_CLASSES[BACKGROUND]))
+            for c in VOC_CLASSES}
+
+
+# ---------------------------------------------------------------- balance, sheets, changes, drops
+
+
+@dataclass
+class Balance:
+    """Images and foreground pixels per class of the run, and their shares (uniform: 1 / classes)."""
+
+    classes: list[str]
+    images: np.ndarray
+    pixels: np.ndarray
+    image_share: np.ndarray
+    pixel_share: np.ndarray
+
+    @property
+    def uniform(self) -> float:
+        return 1 / len(self.classes)
+
+    @property
+    def thin(self) -> list[str]:
+        """Classes below half the uniform share of images."""
+        return [c for n, c in enumerate(self.classes) if self.image_share[n] < 0.5 * self.uniform]
+
+
+def class_balance(scan: LabelScan, classes: Sequence[str]) -> Balance:
+    """An image counts for every class its label holds; shares are of all (image, class) pairs
+    and of all foreground pixels of the run's classes."""
+    counts = scan.pixels[:, [VOC_CLASSES.index(c) for c in classes]]
+    images = (counts > 0).sum(axis=0)
+    pixels = counts.sum(axis=0)
+    return Balance(list(classes), images, pixels, images / max(images.sum(), 1), pixels / max(pixels.sum(), 1))
+
+
+@dataclass(frozen=True)
+class ClassSheet:
+    name: str
+    holders: int
+    """Samples whose label holds the class."""
+    picks: list[tuple[str, str]]
+    """(sample id, 'best' / 'median' / 'worst') by sample score."""
+
+
+def class_sheets(view: DatasetView, classes: Sequence[str], rows: Mapping[str, dict]) -> list[ClassSheet]:
+    """Per class, up to SHEET_SAMPLES samples that hold it: the best, median and worst scored
+    (ties by id; an unscored sample counts as 0)."""
+    scores = {sid: (rows.get(sid, {}).get("score") or 0.0) for sid in view.ids}
+    out = []
+    for c in classes:
+        k = VOC_CLASSES.index(c)
+        holders = sorted((sid for sid in view.ids if view.pixels(sid)[k] > 0), key=lambda s: (-scores[s], s))
+        picks = list(dict.fromkeys(holders[i] for i in (0, len(holders) // 2, len(holders) - 1)))[:SHEET_SAMPLES] \
+            if holders else []
+        ranks = ("best", "median", "worst") if len(picks) == 3 else ("best", "worst")
+        out.append(ClassSheet(c, len(holders), list(zip(picks, ranks))))
+    return out
+
+
+def most_changed(scan: LabelScan, n: int) -> list[int]:
+    """Positions in the scan of the ``n`` samples whose labels refinement changed most (none unchanged)."""
+    changed = np.nan_to_num(scan.changed, nan=-1.0)
+    return [int(k) for k in np.argsort(-changed, kind="stable") if changed[k] > 0][:n]
+
+
+def mean_change(scan: LabelScan) -> float:
+    """Mean share of changed pixels over the samples whose change is known; NaN if none is."""
+    return float(np.nanmean(scan.changed)) if np.isfinite(scan.changed).any() else math.nan
+
+
+def dropped_samples(facts: RunFacts) -> tuple[list[dict], dict[str, int]]:
+    """The dropped samples' rows, lowest score first (unscored last), and the round that dropped each."""
+    dropped = sorted((row for row in facts.sample_rows.values() if not row.get("kept", True)),
+                     key=lambda row: (row.get("score") if row.get("score") is not None else math.inf, row["id"]))
+    when: dict[str, int] = {}
+    for r in facts.finished_rounds:
+        for row in r.rows:
+            if not row.get("kept", True):
+                when.setdefault(row["id"], r.index)
+    return dropped, when
