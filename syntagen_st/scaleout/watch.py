@@ -28,7 +28,9 @@ from ..core.errors import first_line
 from .dist import COLLECTIVE_TIMEOUT, Dist, RankFailure, describe
 
 _FAILED, _DONE, _LEFT = "failed", "done", "left"
-_CONNECT_TIMEOUT = timedelta(seconds=60)
+_STORE_TIMEOUT = timedelta(seconds=10)
+"""How long a rank tries to reach rank 0's store: the store is listening before the others connect, and a
+rank that cannot reach it for this long has lost rank 0 (the client retries until then)."""
 
 
 def failure_line(dist: Dist, error: BaseException) -> str:
@@ -112,7 +114,7 @@ def side_channel(dist: Dist) -> torch_dist.TCPStore:
     port = dist.broadcast(server.port if server is not None else None)
     if server is not None:
         return server
-    return torch_dist.TCPStore(host, port, dist.world, is_master=False, timeout=_CONNECT_TIMEOUT)
+    return torch_dist.TCPStore(host, port, dist.world, is_master=False, timeout=_STORE_TIMEOUT)
 
 
 @contextmanager
