@@ -33,14 +33,15 @@ weak models."""
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[object], capsys=None,
-            prog: str = "syntagen_st") -> tuple[int, str, str]:
-    """A command run the way ``python -m`` runs it (``run_main``): exit code, stdout, stderr."""
+            prog: str | None = None) -> tuple[int, str, str]:
+    """A command run the way ``python -m`` runs it (``run_main``, named after its module unless
+    ``prog`` is given): exit code, and with ``capsys`` what it printed (earlier output discarded)."""
     from syntagen_st.core.cli import run_main
 
     if capsys is not None:
         capsys.readouterr()
     with pytest.raises(SystemExit) as done:
-        run_main(main, prog, [str(a) for a in argv])
+        run_main(main, prog or main.__module__, [str(a) for a in argv])
     out = capsys.readouterr() if capsys is not None else None
     return done.value.code, (out.out if out else ""), (out.err if out else "")
 

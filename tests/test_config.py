@@ -4,10 +4,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import SMOKE
+from conftest import SMOKE, run_cli
 
 from syntagen_st import generate as gen_mod
-from syntagen_st.core.cli import run_main
 from syntagen_st.core.errors import UserError
 from syntagen_st.prompts.records import load_prompt_file
 
@@ -15,9 +14,7 @@ BASE = ["--config", SMOKE, "--no-progress"]
 
 
 def _fails(capsys, tmp_path, *extra: str) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        run_main(gen_mod.main, "syntagen_st.generate", [*BASE, "--out", str(tmp_path / "out"), *extra])
-    assert exit_info.value.code == 2
+    assert run_cli(gen_mod.main, [*BASE, "--out", str(tmp_path / "out"), *extra], prog="syntagen_st.generate")[0] == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert not (tmp_path / "out").exists(), "nothing may be written for a refused config"
@@ -69,16 +66,10 @@ def test_prompt_files_plain_and_jsonl(tmp_path):
 def test_existing_run_with_another_config_is_refused(capsys, tmp_path):
     out = str(tmp_path / "run")
     common = [*BASE, "--generate.height", "64", "--generate.width", "64", "--generate.steps", "1", "--num-images", "1"]
-    run = lambda *extra: run_main(gen_mod.main, "g", [*common, "--out", out, *extra])  # noqa: E731
-    with pytest.raises(SystemExit) as ok:
-        run()
-    assert ok.value.code == 0
-    with pytest.raises(SystemExit) as refused:
-        run("--seed", "5")
-    assert refused.value.code == 2 and "another config (seed: 0 -> 5)" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as replaced:
-        run("--seed", "5", "--overwrite")
-    assert replaced.value.code == 0
+    assert run_cli(gen_mod.main, [*common, "--out", out])[0] == 0
+    code, _, err = run_cli(gen_mod.main, [*common, "--out", out, "--seed", "5"], capsys)
+    assert code == 2 and "another config (seed: 0 -> 5)" in err
+    assert run_cli(gen_mod.main, [*common, "--out", out, "--seed", "5", "--overwrite"])[0] == 0
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL, SMOKE, run_tree
+from conftest import SMALL, SMOKE, run_cli, run_tree
 
 from syntagen_st import fit as fit_mod
 from syntagen_st.core.cli import run_main
@@ -132,9 +132,7 @@ def test_fit_with_two_processes_equals_one_and_resumes_after_a_rank_is_killed(tm
 
 @pytest.mark.parametrize("flags", [["--train.devices", "3", "--train.batch_size", "8"], ["--devices", "3"]])
 def test_a_device_count_that_does_not_divide_the_batch_is_refused(capsys, tmp_path, flags):
-    with pytest.raises(SystemExit) as exit_info:
-        run_main(fit_mod.main, "syntagen_st.fit", ["--config", str(Path(SMOKE).parent / "protocol.yaml"), *flags, "--out", str(tmp_path / "run")])
-    assert exit_info.value.code == 2
+    assert run_cli(fit_mod.main, ["--config", str(Path(SMOKE).parent / "protocol.yaml"), *flags, "--out", str(tmp_path / "run")], prog="syntagen_st.fit")[0] == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert "train.batch_size 8" in err and "3 devices" in err

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SMALL, SMOKE, run_tree
+from conftest import SMALL, SMOKE, run_cli, run_tree
 from PIL import Image
 
 from syntagen_st import fit as fit_mod
-from syntagen_st.core.cli import run_main
 from syntagen_st.core.store import load_mask, save_mask
 from syntagen_st.selftrain import refine as refine_mod
 from syntagen_st.selftrain.pool import assign_folds, round_budgets
@@ -78,10 +77,8 @@ def test_smoke_loop_end_to_end_and_no_sample_is_relabelled_by_its_own_model(tmp_
     monkeypatch.setattr(refine_mod, "class_evidence", spy_evidence)
 
     out = tmp_path / "run"
-    with pytest.raises(SystemExit) as done:
-        # relabel_confidence 0: even these weak models rewrite labels, so a refined label differs from its original.
-        run_main(fit_mod.main, "fit", [*SMALL, "--refine.relabel_confidence", "0", "--out", str(out)])
-    assert done.value.code == 0
+    # relabel_confidence 0: even these weak models rewrite labels, so a refined label differs from its original.
+    assert run_cli(fit_mod.main, [*SMALL, "--refine.relabel_confidence", "0", "--out", out])[0] == 0
     folds = {model for model in trained_on if f"{os.sep}rounds{os.sep}" in model}
     assert len(folds) == 4 and len(trained_on) == 5  # and the final model
     # Every prediction came from a fold model, and none of them had trained on what it predicted.
@@ -182,9 +179,7 @@ def test_kill_and_resume_gives_the_same_result(tmp_path):
     card = resumed["export/README.md"].decode().replace(checksum, before["model_sha256"])
     assert card == clean["export/README.md"].decode()
 def _fit(*argv: str) -> None:
-    with pytest.raises(SystemExit) as done:
-        run_main(fit_mod.main, "fit", [*SMALL, *argv])
-    assert done.value.code == 0
+    assert run_cli(fit_mod.main, [*SMALL, *argv], prog="fit")[0] == 0
 
 
 @pytest.mark.slow
@@ -225,11 +220,9 @@ def test_folder_source_with_a_broken_mask_stops_with_one_line(capsys, tmp_path):
 
 
 def _refused(capsys, *argv) -> str:
-    capsys.readouterr()  # earlier commands' output (e.g. fit's not-an-entry warning) is not this error
-    with pytest.raises(SystemExit) as exit_info:
-        run_main(fit_mod.main, "syntagen_st.fit", list(argv))
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
+    code, _, err = run_cli(fit_mod.main, argv, capsys)  # earlier commands' output is not this error
+    assert code == 2
+    err = err.strip()
     assert len(err.splitlines()) == 1, err
     return err
 
@@ -365,17 +358,15 @@ def test_overwrite_replaces_an_existing_run(monkeypatch, capsys, tmp_path):
     out.mkdir()
     (out / "config.yaml").write_text(Path(SMOKE).read_text())
     (out / "stale.txt").write_text("from the old run")
-    with pytest.raises(SystemExit) as done:
-        run_main(fit_mod.main, "fit", ["--config", SMOKE, "--out", str(out), "--seed", "3", "--overwrite"])
-    assert done.value.code == 0 and "model sha256 abc" in capsys.readouterr().out
+    code, printed, _ = run_cli(fit_mod.main, ["--config", SMOKE, "--out", out, "--seed", "3", "--overwrite"], capsys)
+    assert code == 0 and "model sha256 abc" in printed
     assert not (out / "stale.txt").exists() and "seed: 3" in (out / "config.yaml").read_text()
     # A folder that is no run is replaced only on request.
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
     assert "not a syntagen_st run" in _refused(capsys, "--config", SMOKE, "--out", str(other))
-    with pytest.raises(SystemExit):
-        run_main(fit_mod.main, "fit", ["--config", SMOKE, "--out", str(other), "--overwrite"])
+    run_cli(fit_mod.main, ["--config", SMOKE, "--out", other, "--overwrite"])
     assert not (other / "notes.txt").exists() and (other / "config.yaml").exists()
 
 

@@ -1,19 +1,19 @@
 """Before any file or download: the cost of a run, and a one-line stop where it cannot start."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
-from conftest import SMOKE
+from conftest import SMOKE, run_cli
 
 from syntagen_st import fit as fit_mod
-from syntagen_st.core.cli import run_main
 from syntagen_st.core.config import Config
 from syntagen_st.generation import preflight as pf
 
 
 def _fit(capsys, args):
-    with pytest.raises(SystemExit) as done:
-        run_main(fit_mod.main, "syntagen_st.fit", args)
-    return done.value.code, capsys.readouterr()
+    code, out, err = run_cli(fit_mod.main, args, capsys)
+    return code, SimpleNamespace(out=out, err=err)
 
 
 @pytest.fixture

@@ -11,34 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import SMOKE
+from conftest import run_cli
 from PIL import Image
 
-from syntagen_st import fit as fit_mod
 from syntagen_st import report
-from syntagen_st.core.cli import run_main
 from syntagen_st.core.config import RefineConfig
 from syntagen_st.reporting import sections
 from syntagen_st.reporting.facts import LabelScan, RoundFacts, RunFacts, change_shares
 from syntagen_st.reporting.view import DatasetView, class_balance, class_gate, class_sheets, scaled_weights, step_times
 
-# Two short rounds in which every class counts as reliable, so labels change and samples drop.
-TINY_FIT = [
-    "--config", SMOKE, "--generate.height", "64", "--generate.width", "64", "--generate.steps", "2",
-    "--loop.rounds", "2", "--loop.generate_total", "10", "--loop.round_steps", "2", "--train.max_steps", "2",
-    "--train.crop_size", "32", "--refine.min_class_pixels", "0", "--refine.min_reliability", "0",
-    "--refine.relabel_confidence", "0.05", "--refine.drop_fraction", "0.25", "--no-progress",
-]
 SECTIONS = ("glance", "iou", "steering", "balance", "sheets", "refinement", "final")
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("report") / "run"
-    with pytest.raises(SystemExit) as done:
-        run_main(fit_mod.main, "fit", [*TINY_FIT, "--out", str(out)])
-    assert done.value.code == 0
-    return out
 
 
 def embedded_images(page: str) -> list[Image.Image]:
@@ -75,32 +57,32 @@ def run_classes(run: Path) -> set[str]:
 
 
 def test_fit_writes_a_complete_offline_report(smoke_run):
-    page = (smoke_run / "report" / "index.html").read_text()
+    page = (smoke_run.root / "report" / "index.html").read_text()
     for key in SECTIONS:
         assert f'<section id="{key}">' in page, key
     assert "2 of 2 rounds" in page and "incomplete" not in page
     assert "<script" not in page and "http://" not in page and "https://" not in page
     images = embedded_images(page)
     # 3 plots + contact-sheet rows + changed and dropped samples.
-    assert len(images) > 3 + len(run_classes(smoke_run))
-    for name in run_classes(smoke_run):
+    assert len(images) > 3 + len(run_classes(smoke_run.root))
+    for name in run_classes(smoke_run.root):
         assert f'<h3 id="sheet-{name}">' in page
-    checksum = (smoke_run / "final" / "checksum.txt").read_text().split()[0]
+    checksum = (smoke_run.root / "final" / "checksum.txt").read_text().split()[0]
     assert checksum in page
     # Every dropped sample is listed with its recorded reason.
-    rows = [json.loads(line) for line in (smoke_run / "rounds" / "1" / "samples.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (smoke_run.root / "rounds" / "1" / "samples.jsonl").read_text().splitlines()]
     dropped = [r for r in rows if not r["kept"]]
     assert dropped and all(r["id"] in page and r["reason"] in page for r in dropped)
     # The held-out predictions the contact sheets show are saved, one palette PNG per sample.
-    preds = sorted((smoke_run / "rounds" / "1" / "pred").glob("*.png"))
+    preds = sorted((smoke_run.root / "rounds" / "1" / "pred").glob("*.png"))
     assert len(preds) == sum(1 for r in rows if r["mask"].startswith("rounds/1/"))
     assert Image.open(preds[0]).mode == "P"
 
 
 def test_the_report_shows_the_gate_s_band_and_each_class_s_core_iou_and_verdict(smoke_run):
-    page = (smoke_run / "report" / "index.html").read_text()
-    refine = yaml.safe_load((smoke_run / "config.yaml").read_text())["refine"]
-    stats = json.loads((smoke_run / "rounds" / "1" / "stats.json").read_text())
+    page = (smoke_run.root / "report" / "index.html").read_text()
+    refine = yaml.safe_load((smoke_run.root / "config.yaml").read_text())["refine"]
+    stats = json.loads((smoke_run.root / "rounds" / "1" / "stats.json").read_text())
     band = f"[{refine['min_reliability']:g}, {refine['max_core_agreement']:g}] over at least " \
            f"{refine['min_class_pixels']:,} core pixels"
     iou = section(page, "iou")
@@ -113,7 +95,7 @@ def test_the_report_shows_the_gate_s_band_and_each_class_s_core_iou_and_verdict(
     for name in ["background", *stats["classes_in_pool"]]:
         value = stats["core_iou_model_vs_labels"][name]
         assert rows[name][core] == (f"{100 * value:.1f}" if value is not None else "—"), name
-        # TINY_FIT opens every class it has evidence for.
+        # The shared smoke run opens every class it has evidence for.
         assert rows[name][verdict] == ("yes" if name in stats["reliable"] else "no evidence"), name
     refinement = text(section(page, "refinement"))
     assert "on their cores" in refinement and band in refinement
@@ -121,7 +103,7 @@ def test_the_report_shows_the_gate_s_band_and_each_class_s_core_iou_and_verdict(
 
 def test_a_run_cut_after_round_0_names_what_is_missing(smoke_run, tmp_path, capsys):
     cut = tmp_path / "cut"
-    shutil.copytree(smoke_run, cut, ignore=shutil.ignore_patterns("report"))
+    shutil.copytree(smoke_run.root, cut, ignore=shutil.ignore_patterns("report"))
     # Killed during round 1's first fold model, in a run planned for 3 rounds.
     shutil.rmtree(cut / "rounds" / "1")
     (cut / "rounds" / "1" / "fold0").mkdir(parents=True)
@@ -135,9 +117,7 @@ def test_a_run_cut_after_round_0_names_what_is_missing(smoke_run, tmp_path, caps
     config["loop"]["rounds"] = 3
     (cut / "config.yaml").write_text(yaml.safe_dump(config))
 
-    with pytest.raises(SystemExit) as done:
-        run_main(report.main, "report", [str(cut), "--no-progress"])
-    assert done.value.code == 0
+    assert run_cli(report.main, [str(cut), "--no-progress"], prog="report")[0] == 0
     page = (cut / "report" / "index.html").read_text()
     assert "1 of 3 rounds" in page and "2 of 3 rounds missing" in page
     assert "round 1 in progress or stopped (steps done: data; not done: fold0, fold1, refine)" in page
@@ -151,9 +131,7 @@ def test_a_run_cut_after_round_0_names_what_is_missing(smoke_run, tmp_path, caps
 
 def test_report_of_a_folder_that_is_no_run_is_one_line(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("not a run")
-    with pytest.raises(SystemExit) as done:
-        run_main(report.main, "syntagen_st.report", [str(tmp_path)])
-    assert done.value.code == 2
+    assert run_cli(report.main, [str(tmp_path)], prog="syntagen_st.report")[0] == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "not a syntagen_st run folder" in err
 

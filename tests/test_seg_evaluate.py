@@ -9,13 +9,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import numpy_iou
+from conftest import numpy_iou, run_cli
 from PIL import Image
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from syntagen_st import evaluate as evaluate_cli
 from syntagen_st.core.classes import VOC_CLASSES
-from syntagen_st.core.cli import run_main
 from syntagen_st.core.store import load_mask, save_mask
 from syntagen_st.segmentation.data import MEAN, STD, find_voc_samples
 from syntagen_st.segmentation.metrics import iou_from_confusion, mean_iou
@@ -66,13 +65,6 @@ def test_iou_agrees_with_torchmetrics_jaccard():
     ours = iou_from_confusion(confusion_metric()(pred, target))
     assert torch.allclose(ours.float(), jaccard.float(), equal_nan=True)
     assert mean_iou(ours) == pytest.approx(float(torch.nanmean(jaccard)))
-
-
-def run_cli(main, argv, capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_:
-        run_main(lambda _: main(argv), main.__module__)
-    out, err = capsys.readouterr()
-    return exit_.value.code, out, err
 
 
 def test_evaluate_cli_prints_table_and_writes_metrics(tmp_path, make_seg_dataset, capsys):

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import wandb_history_keys
+from conftest import run_cli, wandb_history_keys
 
 from syntagen_st import train as train_cli
-from syntagen_st.core.cli import run_main
 from syntagen_st.core.config import TrainConfig
 from syntagen_st.core.store import sha256_file
 from syntagen_st.segmentation.trainer import checkpoint_step, train
@@ -76,13 +75,6 @@ def test_corrupt_training_sample_is_skipped_and_counted(trained):
     assert any("skipped 1 corrupt training samples" in w for w in trained["warnings"]), trained["warnings"]
 
 
-def run_cli(argv: list[str], capsys, main=train_cli.main) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_:
-        run_main(lambda _: main(argv), main.__module__)
-    out, err = capsys.readouterr()
-    return exit_.value.code, out, err
-
-
 def cli_args(trained, steps: int) -> list[str]:
     cfg = tiny_config()
     return [
@@ -94,7 +86,7 @@ def cli_args(trained, steps: int) -> list[str]:
 
 def test_rerun_resumes_the_step_count_then_only_reexports(trained, capsys):
     out = trained["out"]
-    code, stdout, _ = run_cli(cli_args(trained, STEPS + 4), capsys)
+    code, stdout, _ = run_cli(train_cli.main, cli_args(trained, STEPS + 4), capsys)
     assert code == 0 and "sha256:" in stdout
     assert checkpoint_step(out / "checkpoints" / "last.ckpt") == STEPS + 4
     steps = [int(r["step"]) for r in csv_rows(out, 1) if r.get("train/loss")]
@@ -102,7 +94,7 @@ def test_rerun_resumes_the_step_count_then_only_reexports(trained, capsys):
     digest = sha256_file(out / "model.safetensors")
 
     (out / "model.safetensors").unlink()
-    code, _, _ = run_cli(cli_args(trained, STEPS + 4), capsys)  # finished: nothing trains, weights come back
+    code, _, _ = run_cli(train_cli.main, cli_args(trained, STEPS + 4), capsys)  # finished: nothing trains, weights come back
     assert code == 0 and sha256_file(out / "model.safetensors") == digest
     assert not (out / "logs" / "version_2").exists()
 
@@ -125,7 +117,7 @@ def test_bad_arguments_are_one_line_exit_2(trained, capsys, change, expect):
             argv[argv.index(flag) + 1] = value
         else:
             argv += [flag, value]
-    code, _, err = run_cli(argv, capsys)
+    code, _, err = run_cli(train_cli.main, argv, capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and expect in err, err
 
 
@@ -172,9 +164,9 @@ def test_evaluate_reads_a_run_folder_and_a_lightning_checkpoint(tmp_path, traine
     (run / "final").mkdir(parents=True)
     shutil.copy(out / "model.safetensors", run / "final" / "model.safetensors")
     ckpt = out / "checkpoints" / "last.ckpt"
-    assert run_cli([str(run), "--voc-root", voc], capsys, evaluate_cli.main)[0] == 0
+    assert run_cli(evaluate_cli.main, [str(run), "--voc-root", voc], capsys)[0] == 0
     from_run = json.loads((run / "final" / "metrics.json").read_text())
-    code, _, _ = run_cli([str(ckpt), "--voc-root", voc, "--out", str(tmp_path / "ckpt.json")], capsys, evaluate_cli.main)
+    code, _, _ = run_cli(evaluate_cli.main, [str(ckpt), "--voc-root", voc, "--out", str(tmp_path / "ckpt.json")], capsys)
     from_ckpt = json.loads((tmp_path / "ckpt.json").read_text())
     assert code == 0 and from_run["weights"] == str(run / "final" / "model.safetensors")
     assert from_ckpt["weights_sha256"] == sha256_file(ckpt) and from_run["weights_sha256"] == sha256_file(out / "model.safetensors")

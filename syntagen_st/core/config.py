@@ -140,8 +140,9 @@ class RefineConfig:
     relabel_confidence: float = 0.8
     """The model replaces a label only where its probability is at least this."""
     min_reliability: float = 0.5
-    """A class is relabelled only if the model's held-out IoU with the labels reaches this,
-    measured on the labels' cores (``core_margin``)."""
+    """The gate's lower bound: a class may be relabelled only while the held-out model's IoU with
+    the attention labels on their cores (``core_margin``) is at least this, and at most
+    ``max_core_agreement`` (the band rule, ``core/gate.py`` states it)."""
     max_core_agreement: float = 0.85
     """...and at most this: agreement above it on the cores means labels as right as the model
     can tell, which it would only add its boundary errors to (clean shapes: cores at 0.88-0.99,
