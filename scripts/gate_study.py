@@ -26,6 +26,7 @@ from noisy_shapes import NOISE_LEVELS, label_quality, make_dataset, make_look  #
 
 from syntagen_st.core.classes import NUM_CLASSES, VOC_CLASSES  # noqa: E402
 from syntagen_st.core.config import RefineConfig  # noqa: E402
+from syntagen_st.core.layout import RunLayout  # noqa: E402
 from syntagen_st.segmentation.network import load_model, predict_proba  # noqa: E402
 from syntagen_st.selftrain import refine as rf  # noqa: E402
 from syntagen_st.selftrain.pool import assign_folds  # noqa: E402
@@ -41,7 +42,7 @@ def held_out_probs(run: Path, images: np.ndarray, ids: list[str], folds: int, se
     out: list[np.ndarray] = [None] * len(ids)  # type: ignore[list-item]
     for k in range(folds) if only is None else [only]:
         which = (k + 1) % folds if trained else k
-        model = load_model(run / "rounds" / "0" / f"fold{which}" / "model.safetensors")
+        model = load_model(RunLayout(run).fold(0, which).weights)
         idx = [i for i, sid in enumerate(ids) if fold[sid] == k]
         probs = list(predict_proba(model, [images[i] for i in idx], batch_size=64))
         if flip:
