@@ -53,14 +53,15 @@ from noisy_shapes import NOISE_LEVELS, label_quality, make_dataset, make_look, w
 
 from syntagen_st.core.classes import VOC_CLASSES, class_index  # noqa: E402
 from syntagen_st.core.cli import load_config_file  # noqa: E402
-from syntagen_st.core.layout import RunLayout  # noqa: E402
-from syntagen_st.core.store import Pool, atomic_write_json, load_mask, read_jsonl  # noqa: E402
+from syntagen_st.core.layout import RunLayout, Step  # noqa: E402
+from syntagen_st.core.store import atomic_write_json, load_mask, read_jsonl  # noqa: E402
 from syntagen_st.segmentation.data import Sample, find_samples  # noqa: E402
 from syntagen_st.segmentation.evaluate import evaluate  # noqa: E402
 from syntagen_st.segmentation.network import load_model, predict_proba  # noqa: E402
 from syntagen_st.segmentation.trainer import train  # noqa: E402
 from syntagen_st.selftrain import refine as rf  # noqa: E402
 from syntagen_st.selftrain.pool import assign_folds  # noqa: E402
+from syntagen_st.selftrain.runner import RunState  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -117,16 +118,17 @@ def quality_line(name: str, before: dict[str, float], after: dict[str, float]) -
 def label_report(run: Path, data: dict) -> dict:
     """Label quality before / after, over the exported samples and over every sample; per class
     before and after relabelling alone. Returns the figures for the summary table."""
-    rows = {row["id"]: row for row in Pool(run / "pool").rows()}
+    layout = RunLayout(run)
+    rows = {row["id"]: row for row in layout.pool.rows()}
     index = {sid: source_index(row) for sid, row in rows.items()}
-    latest = read_jsonl(RunLayout(run).latest_samples())
-    voc = run / "export" / "VOCdevkit" / "VOC2012"
-    exported = (voc / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+    latest = read_jsonl(layout.latest_samples())
+    exported = layout.export.train_list.read_text().split()
     gt, noisy = data["gt"], data["masks"]
 
     every = [index[r["id"]] for r in latest]
     before = label_quality(noisy[every], gt[every])
-    after = label_quality([load_mask(run / r["mask"]) for r in latest], gt[every])
+    # A row's mask is its label's path relative to the run folder (RunLayout.label_name).
+    after = label_quality([load_mask(layout.root / r["mask"]) for r in latest], gt[every])
     print(quality_line(f"label mIoU, all {len(every)} samples' latest labels (relabelling alone)", before, after))
     # What needs no model: pixels of classes the sample did not name become 255 (every gate shut).
     shut = np.zeros(len(VOC_CLASSES), dtype=bool)
@@ -137,14 +139,15 @@ def label_report(run: Path, data: dict) -> dict:
 
     kept = [index[sid] for sid in exported]
     kept_before = label_quality(noisy[kept], gt[kept])
-    after_kept = label_quality([load_mask(voc / "SegmentationClass" / f"{sid}.png") for sid in exported], gt[kept])
+    after_kept = label_quality([load_mask(layout.export.mask(sid)) for sid in exported], gt[kept])
     print(quality_line(f"label mIoU, exported {len(kept)} vs all {len(every)} unrefined", before, after_kept))
     print(quality_line(f"label mIoU, exported {len(kept)}, same samples unrefined", kept_before, after_kept))
 
     dropped = [index[r["id"]] for r in latest if not r["kept"]]
     failed = int(data["failed"].sum())
     print(f"dropped {len(dropped)} samples, {int(data['failed'][dropped].sum())} of the {failed} failed images among them")
-    reliable = set().union(*(json.loads(p.read_text())["reliable"] for p in (run / "rounds").glob("*/stats.json")))
+    stats = [layout.stats(r) for r in layout.rounds_on_disk()]
+    reliable = set().union(*(json.loads(p.read_text())["reliable"] for p in stats if p.is_file()))
     print("  class         labels  relabelled  change  gate")
     worst = 0.0
     for c in np.flatnonzero(~np.isnan(before["per_class"])):
@@ -160,15 +163,15 @@ def label_report(run: Path, data: dict) -> dict:
 
 def round_report(run: Path, data: dict) -> None:
     """Each round's fold models on the samples they did not train on, against the truth."""
-    cfg = load_config_file(str(run / "config.yaml"))
-    pool = Pool(run / "pool")
+    layout = RunLayout(run)
+    cfg = load_config_file(str(layout.config))
+    pool = layout.pool
     rows = {row["id"]: row for row in pool.rows()}
     for r in range(cfg.loop.rounds):
-        rdir = run / "rounds" / str(r)
         # The round's active samples are those it wrote a label for; folds are dealt over them.
-        ids = [row["id"] for row in read_jsonl(rdir / "samples.jsonl") if row["mask"].startswith(f"rounds/{r}/")]
+        ids = [row["id"] for row in read_jsonl(layout.samples(r)) if row["mask"] == layout.label_name(r, row["id"])]
         fold = assign_folds(ids, cfg.refine.folds, cfg.seed)
-        models = [load_model(rdir / f"fold{k}" / "model.safetensors") for k in range(cfg.refine.folds)]
+        models = [load_model(layout.fold(r, k).weights) for k in range(cfg.refine.folds)]
         free, named = [], []
         for sid in ids:
             probs = next(predict_proba(models[fold[sid]], [pool.image_path(sid)]))
@@ -176,7 +179,7 @@ def round_report(run: Path, data: dict) -> None:
             named.append(rf.restricted(probs, [class_index(c) for c in rows[sid]["classes"]]).pred)
         index = [source_index(rows[sid]) for sid in ids]
         gt = data["gt"][index]
-        stats = json.loads((rdir / "stats.json").read_text())
+        stats = json.loads(layout.stats(r).read_text())
         print(
             f"round {r} fold models ({cfg.loop.round_steps} steps on ~{len(ids) * (cfg.refine.folds - 1) // cfg.refine.folds}"
             f" samples), held-out vs truth: mIoU {label_quality(free, gt)['miou']:.3f}, "
@@ -195,7 +198,8 @@ def fmt_named(values: dict[str, float | None]) -> str:
 
 def arms_report(run: Path, train_dir: Path, held_dir: Path, steps: int, seed: int) -> dict[str, float]:
     """Two models, same arch / steps / seed: unrefined labels of all samples vs refined kept ones."""
-    cfg = replace(load_config_file(str(run / "config.yaml")).train, max_steps=steps, checkpoint_every=steps, logger="none")
+    cfg = replace(load_config_file(str(RunLayout(run).config)).train, max_steps=steps, checkpoint_every=steps,
+                  logger="none")
     arms: dict[str, list[Sample]] = {"unrefined": find_samples(train_dir), "refined": find_samples(run)}
     held = find_samples(held_dir)
     miou = {}
@@ -211,11 +215,16 @@ def arms_report(run: Path, train_dir: Path, held_dir: Path, steps: int, seed: in
     return miou
 
 
+def round0_training(name: str) -> bool:
+    """Whether a step is round 0's data or one of its fold models."""
+    step = Step.parse(name)
+    return (step.stage, step.number) == ("round", 0) and (step.task == "data" or step.fold is not None)
+
+
 def refine_again(run: Path) -> None:
     """Forget everything after round 0's fold models, so the loop redoes refinement on."""
-    done = json.loads((run / "state.json").read_text())["done"]
-    keep = [step for step in done if step == "round0/data" or step.startswith("round0/fold")]
-    atomic_write_json(run / "state.json", {"done": keep})
+    state = RunState(RunLayout(run))
+    atomic_write_json(state.path, {"done": [step for step in state.done() if round0_training(step)]})
 
 
 def bench(work: Path, level: str, look: int, budget: Budget, size: int, seed: int, threads: int,
@@ -225,7 +234,7 @@ def bench(work: Path, level: str, look: int, budget: Budget, size: int, seed: in
     print(f"\n=== noise {level}, look {look}: {noise}", flush=True)
     print(f"budget: {budget}, {size} px, seed {seed}, extra fit flags: {' '.join(extra) or 'none'}")
     run = work / "run"
-    if again and (run / "state.json").exists():
+    if again and RunLayout(run).state.exists():
         refine_again(run)
     else:
         held = make_dataset(budget.held_images, size, seed + 1, noise, make_look(look))

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 from syntagen_st.core.config import Config, TrainConfig  # noqa: E402
+from syntagen_st.core.layout import RunLayout  # noqa: E402
 from syntagen_st.core.store import Pool  # noqa: E402
 from syntagen_st.generation.sampler import SampleGenerator  # noqa: E402
 from syntagen_st.prompts.rounds import round_records  # noqa: E402
@@ -61,7 +62,7 @@ def worker(args: argparse.Namespace) -> None:
     # Warm-up (kernels, allocator) on round 1's prompts, then the timed round 0.
     generator.fill(Pool(out / f"warm{dist.rank}"), round_records(cfg, 1, args.batch), progress=False)
     records = round_records(cfg, 0, args.images)
-    pool = Pool(out / "pool")
+    pool = RunLayout(out).pool
 
     def timed(fn) -> float:
         if on_gpu:

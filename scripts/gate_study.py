@@ -26,6 +26,8 @@ from noisy_shapes import NOISE_LEVELS, label_quality, make_dataset, make_look  #
 
 from syntagen_st.core.classes import NUM_CLASSES, VOC_CLASSES  # noqa: E402
 from syntagen_st.core.config import RefineConfig  # noqa: E402
+from syntagen_st.core.layout import RunLayout  # noqa: E402
+from syntagen_st.core.seeds import sample_id  # noqa: E402
 from syntagen_st.segmentation.network import load_model, predict_proba  # noqa: E402
 from syntagen_st.selftrain import refine as rf  # noqa: E402
 from syntagen_st.selftrain.pool import assign_folds  # noqa: E402
@@ -41,7 +43,7 @@ def held_out_probs(run: Path, images: np.ndarray, ids: list[str], folds: int, se
     out: list[np.ndarray] = [None] * len(ids)  # type: ignore[list-item]
     for k in range(folds) if only is None else [only]:
         which = (k + 1) % folds if trained else k
-        model = load_model(run / "rounds" / "0" / f"fold{which}" / "model.safetensors")
+        model = load_model(RunLayout(run).fold(0, which).weights)
         idx = [i for i, sid in enumerate(ids) if fold[sid] == k]
         probs = list(predict_proba(model, [images[i] for i in idx], batch_size=64))
         if flip:
@@ -73,7 +75,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     data = make_dataset(args.images, args.size, args.seed, NOISE_LEVELS[args.noise], make_look(args.look))
-    ids = [f"{i:05d}" for i in range(args.images)]
+    # The pool ids the folder source gave the training files, in their order: folds are dealt on them.
+    ids = [sample_id(0, i) for i in range(args.images)]
     run = Path(args.work) / args.noise / "run"
     if args.fold is not None:  # an early look, on the samples of one fold whose model is trained
         keep = [i for i, sid in enumerate(ids) if assign_folds(ids, args.folds, args.seed)[sid] == args.fold]
