@@ -37,7 +37,7 @@ from syntagen_st.core.store import mask_to_png  # noqa: E402
 from syntagen_st.reporting.page import write_report  # noqa: E402
 from syntagen_st.selftrain.pool import round_budgets  # noqa: E402
 from syntagen_st.selftrain.runner import RunState  # noqa: E402
-from syntagen_st.submission.export import _link_voc_tree  # noqa: E402
+from syntagen_st.submission.export import link_voc_tree  # noqa: E402
 
 SIZE = 512
 TOTAL = 10_000
@@ -154,7 +154,7 @@ def build(run: Path, seed: int = 0) -> None:
         _link(layout.label(last, sid), entry.mask(sid))
         _link(pictures[n % 16][1], entry.image(sid))
     entry.train_list.write_text("".join(f"{sid}\n" for sid in exported))
-    _link_voc_tree(entry.root, exported)
+    link_voc_tree(entry.root, exported)
     entry.card.write_text("# bench-report\n\nThe export of a synthetic run (scripts/bench_report.py).\n")
     _json(entry.submission, {"pairs": len(exported), "seed": 0, "model_sha256": "0" * 64})
     done += [(final_step(ROUNDS, "export"), 300.0), (final_step(ROUNDS, "train"), 7200.0)]

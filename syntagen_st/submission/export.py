@@ -106,7 +106,7 @@ def export_entry(samples: Sequence[Sample], out: str | os.PathLike, cfg: Config,
     atomic_write_text(staged.train_list, "".join(f"{i}\n" for i in ids))
     names = [TRAIN_LIST, *(EntryLayout.image_name(i) for i in ids), *(EntryLayout.mask_name(i) for i in ids)]
     files = {name: sha256_file(stage / name) for name in sorted(names)}
-    _link_voc_tree(stage, ids)
+    link_voc_tree(stage, ids)
     if sizes != {ENTRY_SIZE}:
         reasons.append(f"its images are {', '.join(f'{w}x{h}' for w, h in sorted(sizes))}, not 512x512")
     labels = [*range(len(VOC_CLASSES)), IGNORE_INDEX]
@@ -158,7 +158,8 @@ def _link(target: Path, link: Path) -> None:
         os.symlink(os.path.relpath(target, link.parent), link)
 
 
-def _link_voc_tree(root: Path, ids: list[str]) -> None:
+def link_voc_tree(root: Path, ids: list[str]) -> None:
+    """The VOC tree beside an entry's files, as links to them (torchvision's VOCSegmentation reads it)."""
     entry = EntryLayout(root)
     voc = entry.voc
     for sid in ids:
