@@ -15,6 +15,7 @@ from conftest import run_cli
 from PIL import Image
 
 from syntagen_st import report
+from syntagen_st.core.classes import VOC_CLASSES
 from syntagen_st.core.config import RefineConfig
 from syntagen_st.reporting import sections
 from syntagen_st.reporting.facts import LabelScan, RoundFacts, RunFacts, change_shares
@@ -63,8 +64,11 @@ def test_fit_writes_a_complete_offline_report(smoke_run):
     assert "2 of 2 rounds" in page and "incomplete" not in page
     assert "<script" not in page and "http://" not in page and "https://" not in page
     images = embedded_images(page)
-    # 3 plots + contact-sheet rows + changed and dropped samples.
-    assert len(images) > 3 + len(run_classes(smoke_run.root))
+    # 3 plots, a contact-sheet row for each class an exported label holds, changed and dropped samples.
+    export = smoke_run.root / "export"
+    held = {VOC_CLASSES[v] for sid in (export / "train.txt").read_text().split()
+            for v in np.unique(np.asarray(Image.open(export / "mask" / f"{sid}.png"))) if 0 < v < len(VOC_CLASSES)}
+    assert held and len(images) > 3 + len(held)
     for name in run_classes(smoke_run.root):
         assert f'<h3 id="sheet-{name}">' in page
     checksum = (smoke_run.root / "final" / "checksum.txt").read_text().split()[0]
