@@ -79,6 +79,9 @@ def blind_fit(argv: list[str]) -> None:
 if __name__ == "__main__":
     scenario, *rest = sys.argv[1:]
     if scenario == "watched":
-        watched_body(int(rest[0]), rest[1])
+        from syntagen_st.core.cli import run_main
+
+        # As a command runs it: an error before the body (rank 0 gone already) is one line too.
+        run_main(lambda _: watched_body(int(rest[0]), rest[1]), "prog", [])
     else:
         blind_fit(rest)

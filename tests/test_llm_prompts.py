@@ -322,6 +322,29 @@ def test_the_model_is_freed_when_the_writer_closes(tiny_llm_dir):
     assert model() is None
 
 
+def test_a_template_without_a_system_role_gets_one_user_message_and_leaves_the_global_rng_alone(tiny_llm_dir):
+    from jinja2 import Template
+
+    from syntagen_st.testing.llm import CHAT_TEMPLATE
+
+    cfg = _cfg(LLM_CLASSES)
+    cfg.generate.llm = str(tiny_llm_dir)
+    with open_writer(cfg) as writer:
+        # Gemma-style: the template itself refuses a system message.
+        writer.tokenizer.chat_template = (
+            "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+            + CHAT_TEMPLATE)
+        text = writer._chat_text(("dog",), 3)
+        assert text.count("<|user|>") == 1 and "<|system|>" not in text and "You write short captions" in text
+        assert Template(writer.tokenizer.chat_template)  # the template itself parses
+        # Sampling is seeded inside a fork of torch's generator: the caller's random stream goes on as it was.
+        torch.manual_seed(123)
+        expected = torch.rand(3)
+        torch.manual_seed(123)
+        writer.complete([(("dog",), 2)], seed=7)
+        assert torch.equal(torch.rand(3), expected)
+
+
 def test_prompts_cli_prints_captions_and_rejections_and_writes_a_prompt_file(tiny_llm_dir, tmp_path, capsys):
     out = tmp_path / "dog_sofa.jsonl"
     prompts_main([

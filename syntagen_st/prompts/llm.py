@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from jinja2 import TemplateError
 
 from ..core.classes import display_name
 from ..core.config import Config, GenerateConfig, is_local_path
@@ -119,7 +120,7 @@ class CaptionWriter:
         messages = build_messages(classes, n)
         try:
             return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        except Exception:  # noqa: BLE001 - templates without a system role raise their own error types
+        except TemplateError:  # a template without a system role raises from inside (e.g. Gemma's)
             merged = [{"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}]
             return self.tokenizer.apply_chat_template(merged, add_generation_prompt=True, tokenize=False)
 

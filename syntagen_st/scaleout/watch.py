@@ -123,7 +123,10 @@ def watched(dist: Dist, prog: str, poll_s: float = 1.0) -> Iterator[None]:
     if dist.world == 1:
         yield
         return
-    store = side_channel(dist)
+    try:
+        store = side_channel(dist)
+    except RuntimeError as err:  # rank 0, which hosts the store, died before this rank reached it
+        raise RankFailure(_lost_contact(dist, err)) from None
     watcher = _Watcher(store, dist, prog, poll_s)
     watcher.start()
     try:
