@@ -159,3 +159,37 @@ def test_corrupt_sample_skipped_in_training_and_named_in_evaluation(tmp_path, ma
     evaluation = SegDataset(samples, eval_transform(), skip_corrupt=False)
     error = collate([evaluation[1]])["error"]
     assert name in error and "\n" not in error
+
+
+def test_an_image_too_large_to_decode_is_one_line_before_it_is_decoded(tmp_path, make_seg_dataset):
+    from PIL import Image
+
+    root = make_seg_dataset(tmp_path / "plain", "plain", n=2)
+    # 5000 x 4000 = 20 Mpx, a few KB on disk: refused from its header.
+    Image.new("RGB", (5000, 4000)).save(root / "images" / "s0000.png")
+    Image.new("L", (5000, 4000)).save(root / "masks" / "s0001.png")
+    image, mask = find_samples(root)
+    with pytest.raises(SampleError, match=r"s0000\.png: 5000x4000 pixels, above the limit of 16,777,216"):
+        load_sample(image)
+    with pytest.raises(SampleError, match=r"s0001\.png: 5000x4000 pixels, above the limit"):
+        load_sample(mask)
+    # PIL's own bomb guard (twice its limit) is the same kind of line, not a traceback.
+    Image.MAX_IMAGE_PIXELS, saved = 1000, Image.MAX_IMAGE_PIXELS
+    try:
+        with pytest.raises(SampleError, match=r"s0000\.png: Image size \(20000000 pixels\) exceeds limit"):
+            load_sample(image)
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def test_a_dataset_whose_files_lead_outside_it_is_refused(tmp_path, make_seg_dataset):
+    root = make_seg_dataset(tmp_path / "plain", "plain", n=2)
+    outside = make_seg_dataset(tmp_path / "elsewhere", "plain", n=1)
+    (root / "masks" / "s0001.png").unlink()
+    (root / "masks" / "s0001.png").symlink_to(outside / "masks" / "s0000.png")
+    with pytest.raises(UserError, match=r"masks/s0001\.png: leads outside .*plain"):
+        find_samples(root)
+    # A link that stays inside (as the export's VOC tree may be) is fine.
+    (root / "masks" / "s0001.png").unlink()
+    (root / "masks" / "s0001.png").symlink_to(root / "masks" / "s0000.png")
+    assert len(find_samples(root)) == 2

@@ -235,6 +235,26 @@ def test_validate_refuses_unsafe_zips_without_writing(tmp_path, capsys, monkeypa
     assert not Path("/tmp/syntagen_abs_evil.png").exists()
 
 
+def test_validate_never_reads_an_oversized_entry_file_into_memory(exported, tmp_path, capsys):
+    """A zip entry of 80 MiB of zeros is 80 KB compressed: validate names it without reading it."""
+    import resource
+
+    archive = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(exported.with_name("entry.zip")) as src, zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info, src.read(info))
+        with dst.open("image/zeros.jpg", "w") as f:
+            for _ in range(80):
+                f.write(bytes(2**20))
+    assert archive.stat().st_size < 2**20 * 2
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    code, out, _ = run_cli(validate_mod.main, [archive, "--image-size", SIZE], capsys, "validate")
+    assert code == 1
+    assert "image/zeros.jpg: cannot read (image/zeros.jpg: 83,886,080 bytes, above the limit of 67,108,864" in out, out
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 1024
+    assert grown_mib < 60, grown_mib
+
+
 # ---------------------------------------------------------------- reproduce
 
 

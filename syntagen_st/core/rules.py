@@ -13,6 +13,17 @@ ENTRY_SIZE = (512, 512)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 """Image files a dataset folder may hold (an entry's images are JPEGs or PNGs)."""
 ENTRY_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+MAX_IMAGE_PIXELS = 4096 * 4096
+"""The largest image or mask any command decodes (a VOC image is ~0.2 Mpx, an entry's 0.26 Mpx): a
+larger one is refused from its header, before decoding, so memory stays bounded (a 121 Mpx PNG
+can be 117 KB on disk)."""
+
+
+def check_pixels(path: object, size: tuple[int, int]) -> None:
+    """A ValueError naming ``path`` when an image of ``size`` (width, height) exceeds MAX_IMAGE_PIXELS."""
+    if size[0] * size[1] > MAX_IMAGE_PIXELS:
+        raise ValueError(f"{path}: {size[0]}x{size[1]} pixels, above the limit of {MAX_IMAGE_PIXELS:,} "
+                         "(4096x4096); nothing larger is decoded")
 
 VALID_LABEL = np.zeros(256, dtype=bool)
 """``VALID_LABEL[mask]``: True where a label value is allowed (0..20 and 255)."""

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +22,7 @@ from PIL import Image
 
 from .classes import PALETTE
 from .errors import UserError
+from .rules import check_pixels
 
 
 @contextmanager
@@ -84,9 +86,26 @@ def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """An image opened lazily, refused from its header when it is too large to decode (core.rules);
+    a UserError naming the file, never PIL's decompression-bomb traceback."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is lower
+            image = Image.open(path)
+    except Image.DecompressionBombError as err:
+        raise UserError(f"{path}: {err}") from None
+    try:
+        check_pixels(path, image.size)
+    except ValueError as err:
+        image.close()
+        raise UserError(str(err)) from None
+    return image
+
+
 def load_mask(path: str | os.PathLike) -> np.ndarray:
     """Label values of a mask PNG (palette or grayscale); never palette colours."""
-    with Image.open(path) as image:
+    with open_image(path) as image:
         if image.mode not in ("P", "L"):
             raise UserError(f"{path}: a mask must be a palette or grayscale PNG, got mode {image.mode}")
         return np.array(image)

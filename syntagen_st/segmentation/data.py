@@ -24,14 +24,13 @@ import cv2
 import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ..core.classes import IGNORE_INDEX, NUM_CLASSES
 from ..core.errors import UserError
 from ..core.layout import RunLayout
 from ..core.rules import IMAGE_SUFFIXES, VALID_LABEL, invalid_values
-from ..core.store import Pool, load_mask, read_jsonl
+from ..core.store import Pool, load_mask, open_image, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +77,17 @@ def find_samples(path: str | os.PathLike, split: str = "train") -> list[Sample]:
         )
     if not samples:
         raise UserError(f"{root}: holds no samples")
+    _inside(root, samples)
     return samples
+
+
+def _inside(root: Path, samples: list[Sample]) -> None:
+    """Refuse a dataset whose files lead outside it (a link to /etc/...), as validate does."""
+    base = root.resolve()
+    for sample in samples:
+        for path in (sample.image, sample.mask):
+            if not path.resolve().is_relative_to(base):
+                raise UserError(f"{path}: leads outside {root} (a link?); a dataset's files must lie inside its folder")
 
 
 def find_voc_samples(path: str | os.PathLike, split: str = "val") -> list[Sample]:
@@ -165,8 +174,10 @@ def _plain_samples(root: Path) -> list[Sample]:
 
 def _load_image(path: Path) -> np.ndarray:
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             return np.asarray(image.convert("RGB"))
+    except UserError as err:
+        raise SampleError(str(err)) from None
     except (OSError, ValueError, SyntaxError) as err:
         raise SampleError(f"{path}: unreadable image ({err})") from None
 

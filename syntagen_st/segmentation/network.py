@@ -15,12 +15,11 @@ import safetensors
 import safetensors.torch
 import torch
 import torchvision
-from PIL import Image
 from torch import nn
 
 from ..core.classes import NUM_CLASSES
 from ..core.errors import DAMAGED_FILE_ERRORS, UserError
-from ..core.store import atomic_write_bytes, atomic_write_text, sha256_file
+from ..core.store import atomic_write_bytes, atomic_write_text, open_image, sha256_file
 from .data import eval_transform
 
 METADATA_KEY = "syntagen_st"
@@ -163,7 +162,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Modul
 def _as_array(image: str | Path | np.ndarray) -> np.ndarray:
     if isinstance(image, np.ndarray):
         return image
-    with Image.open(image) as im:
+    with open_image(image) as im:
         return np.asarray(im.convert("RGB"))
 
 

@@ -19,6 +19,8 @@ from ..core.errors import UserError
 
 # 10,000 pairs of a 512x512 PNG image (at most ~0.8 MB) and mask (~0.27 MB), and room to spare.
 DEFAULT_MAX_BYTES = 16 * 2**30
+MAX_FILE_BYTES = 64 * 2**20
+"""No file of an entry is larger (a 512x512 PNG is under 1 MB): a larger one is never read into memory."""
 MAX_ENTRIES = 100_000
 
 
@@ -99,7 +101,18 @@ class Bundle:
     def is_link(self, name: str) -> bool:
         return self._zip is None and (self.path / name).is_symlink()
 
-    def read(self, name: str) -> bytes:
+    def size(self, name: str) -> int:
+        """The file's size in bytes: its declared size in a zip (zipfile never returns more)."""
+        if self._zip is not None:
+            return self._zip.getinfo(name).file_size
+        return (self.path / name).stat().st_size
+
+    def read(self, name: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+        """The file's bytes; a UserError, before anything is read, when it is larger than ``max_bytes``
+        (a zip entry of 1 GiB of zeros compresses to 1 MB)."""
+        size = self.size(name)
+        if size > max_bytes:
+            raise UserError(f"{name}: {size:,} bytes, above the limit of {max_bytes:,} for one file of an entry")
         if self._zip is not None:
             return self._zip.read(name)
         path = self.path / name
