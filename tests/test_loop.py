@@ -316,21 +316,29 @@ def test_folder_source_refines_an_existing_dataset(tmp_path):
     assert checksum == hashlib.sha256((out / "final" / "model.safetensors").read_bytes()).hexdigest()
 
 
-def test_import_folder_without_a_class_list_takes_the_classes_its_masks_hold(tmp_path):
+def test_import_folder_without_a_class_list_takes_the_classes_its_masks_hold(tmp_path, caplog):
     from syntagen_st.core.store import Pool, load_mask
     from syntagen_st.selftrain.pool import import_folder
 
     data = tmp_path / "data"
     (data / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
     for i, values in enumerate([(8, 12), (15,), ()]):
         mask = np.zeros((16, 16), np.uint8)
         for j, v in enumerate(values):
             mask[j * 4 : j * 4 + 3] = v
         mask[-1] = 255
-        Image.fromarray(np.full((16, 16, 3), i * 40, np.uint8)).save(data / "images" / f"p{i}.png")
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(data / "images" / f"p{i}.png")
         save_mask(data / "masks" / f"p{i}.png", mask)
+    # Degenerate pictures are skipped and counted: one pixel (it broke the training's rescale), one flat colour.
+    Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(data / "images" / "q1.png")
+    save_mask(data / "masks" / "q1.png", np.zeros((1, 1), np.uint8))
+    Image.fromarray(np.full((16, 16, 3), (200, 30, 30), np.uint8)).save(data / "images" / "q2.png")
+    save_mask(data / "masks" / "q2.png", np.zeros((16, 16), np.uint8))
     pool = Pool(tmp_path / "pool")
-    assert import_folder(str(data), pool) == 3
+    with caplog.at_level("WARNING", logger="syntagen_st"):
+        assert import_folder(str(data), pool) == 3
+    assert "skipped 2 degenerate images (under 16 px a side, or one flat colour): q1.png, q2.png" in caplog.text
     rows = sorted(pool.rows(), key=lambda r: r["id"])
     assert [r["classes"] for r in rows] == [["cat", "dog"], ["person"], []]
     assert [Path(r["source"]).name for r in rows] == ["p0.png", "p1.png", "p2.png"]

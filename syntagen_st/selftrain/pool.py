@@ -3,6 +3,7 @@ cross-fitting folds, each round's share of the budget, and datasets imported as 
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,12 @@ from ..core.layout import RunLayout
 from ..core.seeds import fold_key, sample_id
 from ..core.store import Pool, read_jsonl, save_image, save_mask
 from ..segmentation.data import Sample, find_samples, load_sample
+
+log = logging.getLogger(__name__)
+
+
+MIN_SIDE = 16
+"""An imported image narrower than this teaches nothing and breaks the training's random rescale."""
 
 
 @dataclass
@@ -91,18 +98,24 @@ def import_folder(path: str | Path, pool: Pool) -> int:
             except (KeyError, TypeError, ValueError) as err:
                 raise UserError(f"{classes_file}:{lineno}: {err}") from None
     done = pool.done_ids()
-    rows = []
+    rows, degenerate = [], []
     for index, sample in enumerate(samples):
         sid = sample_id(0, index)
         if sid in done:
             continue
         item = load_sample(sample)  # a broken pair stops the import with one line naming its file
         rgb, mask = item["image"], item["mask"]
+        if min(rgb.shape[:2]) < MIN_SIDE or (rgb == rgb[0, 0]).all():
+            degenerate.append(sample.image.name)
+            continue
         classes = named.get(sample.image.stem) or [VOC_CLASSES[v] for v in np.unique(mask) if 0 < v < len(VOC_CLASSES)]
         save_image(pool.image_path(sid), rgb)
         save_mask(pool.mask_path(sid), mask)
         rows.append({"id": sid, "round": 0, "index": index, "source": str(sample.image), "classes": classes,
                      "prompt": None, "class_prompt": None, "seed": None, "label_source": "folder"})
+    if degenerate:
+        log.warning("%s: skipped %d degenerate images (under %d px a side, or one flat colour): %s", root,
+                    len(degenerate), MIN_SIDE, ", ".join(degenerate[:5]) + (" ..." if len(degenerate) > 5 else ""))
     if rows:
         pool.write_manifest_shard(rows[0]["id"], rows)
     return len(rows)
