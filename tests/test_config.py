@@ -129,3 +129,21 @@ def test_a_full_run_config_is_read_by_a_command_that_shows_one_section(tmp_path)
     parser = config_parser("t", "", sections=("train",), shortcuts=("steps",))
     cfg = config_from(parser, parser.parse_args(["--config", SMOKE, "--steps", "7", "--generate.steps", "2"]))
     assert cfg.train.max_steps == 7 and cfg.generate.steps == 2 and cfg.train.arch == "lraspp_mobilenet_v3_large"
+
+
+def test_a_full_disk_is_one_line_and_a_bug_stays_a_traceback(capsys):
+    import errno
+
+    def full_disk(argv):
+        raise OSError(errno.ENOSPC, "No space left on device", "runs/x/pool/images/r00_000003.png")
+
+    code, _, err = run_cli(full_disk, [], capsys, "syntagen_st.fit")
+    assert code == 2 and err.strip().splitlines() == [
+        "syntagen_st.fit: error: [Errno 28] No space left on device: 'runs/x/pool/images/r00_000003.png'; "
+        "fix that and rerun the same command to resume"]
+
+    def bug(argv):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    with pytest.raises(OSError):
+        run_cli(bug, [], capsys)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import logging
 import shutil
 import sys
@@ -139,6 +140,10 @@ def prepare_run_folder(
     atomic_write_text(saved, cfg.to_yaml())
 
 
+_MACHINE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EMFILE}
+"""OS errors of the machine, not of the code (a full disk, no permission): one line, like a user's error."""
+
+
 def _show_package_logs() -> None:
     log = logging.getLogger("syntagen_st")
     if not log.handlers:
@@ -157,6 +162,13 @@ def run_main(main: Callable[[Sequence[str] | None], int | None], prog: str, argv
     except (UserError, ArgumentError) as err:
         message = " ".join(str(err).split())
         print(f"{prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:
+        if err.errno not in _MACHINE_ERRNOS:
+            raise
+        # Every file is written atomically: what was in flight is lost, the rest stays, a rerun resumes.
+        print(f"{prog}: error: {' '.join(str(err).split())}; fix that and rerun the same command to resume",
+              file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; rerun the same command to resume", file=sys.stderr)
