@@ -147,3 +147,26 @@ def test_a_full_disk_is_one_line_and_a_bug_stays_a_traceback(capsys):
 
     with pytest.raises(OSError):
         run_cli(bug, [], capsys)
+
+
+def test_every_config_field_says_what_it_is_in_the_help(capsys):
+    import ast
+    import inspect
+
+    from syntagen_st import fit
+    from syntagen_st.core import config
+
+    tree = ast.parse(inspect.getsource(config))
+    undocumented = []
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+        for field, after in zip(cls.body, [*cls.body[1:], None]):
+            if isinstance(field, ast.AnnAssign) and not (
+                    isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+                undocumented.append(f"{cls.name}.{field.target.id}")
+    assert undocumented == []
+    with pytest.raises(SystemExit):
+        fit.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, words in (("--generate.steps", "Denoising steps per image."), ("--seed", "The run seed"),
+                        ("--refine.min_reliability", "The gate's lower bound")):
+        assert f"{flag} " in text and words in text.rsplit(f"{flag} ", 1)[1][:300], flag  # its entry under options

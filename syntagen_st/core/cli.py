@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Literal, get_args, get_origin, get_type_hints
 
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 
 from .config import Config, config_differences, validate
 from .errors import UserError
@@ -61,6 +61,8 @@ def config_parser(
     Every section is still read from a --config file and accepted as a flag, so a run's full
     config.yaml works with every command; --help lists only the sections the command uses.
     """
+    # Each config field's help is the docstring under it in core/config.py.
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
     parser = command_parser(prog, description, progress)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config file (later flags override it)")
     parser.add_class_arguments(Config, None)

@@ -35,11 +35,13 @@ class ModelConfig:
     pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     """Hub id, local diffusers folder, or 'tiny' / 'tiny-sd2' (random-initialised, offline)."""
     revision: str | None = None
+    """Hub revision (branch, tag or commit) of the weights; None: main."""
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     """'auto': float16 on CUDA, float32 on CPU."""
     device: str = "auto"
     """'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:N'."""
     scheduler: Literal["default", "ddim", "dpm", "euler"] = "default"
+    """The diffusion scheduler: the pipeline's own ('default') or DDIM, DPM-Solver++, Euler."""
 
 
 @dataclass
@@ -47,15 +49,23 @@ class GenerateConfig:
     """Prompt sampling and the diffusion sampler."""
 
     num_images: int = 1000
+    """Images `generate` makes (fit draws from loop.generate_total instead)."""
     batch_size: int = 8
+    """Images denoised together; each sample's noise is its own, so this changes speed, not samples."""
     steps: int = 50
+    """Denoising steps per image."""
     guidance_scale: float = 7.5
+    """Classifier-free guidance; 1 or less turns it off."""
     height: int = 512
+    """Image height in pixels (the competition: 512)."""
     width: int = 512
+    """Image width in pixels (the competition: 512)."""
     negative_prompt: str = ""
+    """What SD is steered away from, for every image ('' for none)."""
     classes: list[str] = field(default_factory=lambda: list(FOREGROUND_CLASSES))
     """Classes prompts may name (VOC names or display names)."""
     max_classes_per_prompt: int = 3
+    """At most this many classes named in one prompt."""
     prompt_source: Literal["templates", "file", "llm"] = "templates"
     """Where captions come from: the built-in templates, ``prompts_file``, or the language model
     ``llm``. Each round's prompts are saved to RUN/prompts/round<r>.jsonl before any image."""
@@ -64,12 +74,15 @@ class GenerateConfig:
     llm: str = "Qwen/Qwen2.5-1.5B-Instruct"
     """Causal LM with a chat template that writes captions (hub id or local folder)."""
     llm_revision: str | None = None
+    """Hub revision of the language model; None: main."""
     llm_captions_per_request: int = 10
     """Captions asked for in one chat request."""
     llm_batch_size: int = 16
     """Chat requests answered together in one batch."""
     llm_temperature: float = 1.0
+    """Sampling temperature of the language model."""
     llm_top_p: float = 0.95
+    """Nucleus sampling threshold of the language model."""
 
 
 @dataclass
@@ -99,34 +112,52 @@ class TrainConfig:
         "deeplabv3_resnet50", "deeplabv3_resnet101", "deeplabv3_mobilenet_v3_large",
         "lraspp_mobilenet_v3_large",
     ] = "deeplabv3_resnet50"
+    """The segmentation network (torchvision); the competition's is deeplabv3_resnet50."""
     max_steps: int = 10_000
+    """Optimizer steps (the protocol: 10,000)."""
     batch_size: int = 8
+    """Images per step over all devices (the protocol: 8)."""
     crop_size: int = 512
+    """Side of the square training crop, in pixels."""
     lr: float = 0.01
+    """Base learning rate of SGD (the auxiliary head's is 10x)."""
     momentum: float = 0.9
+    """SGD momentum."""
     weight_decay: float = 1e-4
+    """SGD weight decay."""
     poly_power: float = 0.9
+    """Power of the per-step polynomial learning-rate decay."""
     aux_weight: float = 0.5
+    """Weight of the auxiliary head's loss."""
     scale_min: float = 0.5
+    """Smallest random rescale of a training image."""
     scale_max: float = 2.0
+    """Largest random rescale of a training image."""
     backbone_weights: str = "imagenet"
     """'imagenet' (torchvision's download), a local state-dict file, or 'none'."""
     confidence_weighting: bool = False
     """Weight each pixel's loss by its label confidence (pool samples only)."""
     num_workers: int = 4
+    """Data loader processes (at most the usable cores)."""
     accelerator: str = "auto"
+    """Lightning's accelerator: 'auto', 'cpu', 'gpu'."""
     devices: str = "auto"
     """Devices per node ('auto', N, or ids '0,1'). ``fit`` and ``generate`` run every stage on
     train.devices x train.num_nodes processes (one per device); batch_size is the total batch."""
     num_nodes: int = 1
+    """Machines the job runs on (with train.devices each)."""
     precision: str = "auto"
     """'auto': bf16-mixed on CUDA, 32 on CPU."""
     logger: Literal["wandb", "csv", "none"] = "wandb"
+    """Where training curves go: W&B (offline without a key), CSV files, or nowhere."""
     wandb_project: str = "syntagen_st"
+    """The W&B project of the runs."""
     log_every: int = 50
+    """Log the training loss every N steps."""
     val_every: int = 1000
     """Evaluate on the validation data every N steps (when there is validation data)."""
     checkpoint_every: int = 1000
+    """Save a resumable checkpoint every N steps."""
     val_panels: int = 4
     """Validation images shown as image / label / prediction overlays on W&B."""
 
@@ -174,8 +205,11 @@ class LoopConfig:
     """Rounds and budget of ``python -m syntagen_st.fit``."""
 
     rounds: int = 3
+    """Self-training rounds before the final export and training."""
     generate_total: int = 10_000
+    """Images generated over all rounds (the competition allows at most 10,000 pairs)."""
     max_pairs: int = MAX_PAIRS
+    """At most this many pairs are exported (the competition's limit: 10,000)."""
     budget_split: Literal["equal", "front"] = "front"
     """'equal' shares; 'front' gives round 0 half the budget and splits the rest equally."""
     round_steps: int = 2000
@@ -187,13 +221,21 @@ class LoopConfig:
 @dataclass
 class Config:
     seed: int = 0
+    """The run seed: every sample's noise and prompt, and every training, derive from it."""
     name: str = "run"
+    """The run's name: its folder under runs/ and its W&B runs."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """Which Stable Diffusion, and where it runs."""
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    """Prompts and the diffusion sampler."""
     label: LabelConfig = field(default_factory=LabelConfig)
+    """Attention -> mask."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """DeepLabv3 training."""
     refine: RefineConfig = field(default_factory=RefineConfig)
+    """Self-training: relabel, filter, steer."""
     loop: LoopConfig = field(default_factory=LoopConfig)
+    """Rounds and budget."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -315,11 +357,6 @@ def validate_label(cfg: LabelConfig) -> None:
         _check(value >= 1 and value & (value - 1) == 0, f"label.{name} must be a power of 2, got {value}")
 
 
-def lightning_devices(devices: str) -> str | int:
-    """``train.devices`` as Lightning takes it: a count as an int, ids and 'auto' as given."""
-    return int(devices) if devices.lstrip("-").isdigit() else devices
-
-
 def device_count(devices: str) -> int | None:
     """How many devices ``train.devices`` names per node: 'N', or a list of ids ('0,1', '[0, 1]');
     None when Lightning decides ('auto', '-1')."""
@@ -328,37 +365,6 @@ def device_count(devices: str) -> int | None:
         return int(text) if not devices.strip().startswith("[") else 1
     ids = [part.strip() for part in text.split(",") if part.strip()]
     return len(ids) if len(ids) > 1 and all(part.isdigit() for part in ids) else None
-
-
-def per_device_batch(cfg: TrainConfig, world: int) -> int:
-    """``train.batch_size`` is the total batch (the protocol's 8): each of ``world`` devices takes
-    an equal share, so the learning rate and schedule hold; a count that does not divide it is refused."""
-    _check(
-        cfg.batch_size % world == 0,
-        f"train.batch_size {cfg.batch_size} is the total batch and cannot be split over {world} devices "
-        f"(train.devices x train.num_nodes); use a device count that divides it",
-    )
-    return cfg.batch_size // world
-
-
-def check_batch_split(cfg: TrainConfig, world: int | None = None) -> None:
-    """Refuse, before anything starts, a device count that cannot share the total batch: ``world``
-    processes, or the count ``train.devices`` x ``train.num_nodes`` names. Only the commands that
-    train ask: generation has no batch to split."""
-    named = device_count(cfg.devices)
-    if world is None:
-        if named is None:
-            return
-        world = named * cfg.num_nodes
-    if cfg.batch_size % world and named is None:
-        # 'auto' found the devices: name the most of them that can share the batch.
-        fits = [d for d in range(1, world // cfg.num_nodes + 1) if cfg.batch_size % (d * cfg.num_nodes) == 0]
-        hint = f" (here --devices {fits[-1]})" if fits else ""
-        raise ConfigError(
-            f"train.devices {cfg.devices} found {world} devices in all (train.devices x train.num_nodes), which cannot "
-            f"share the total batch train.batch_size {cfg.batch_size}; pass --devices with a count that divides it{hint}"
-        )
-    per_device_batch(cfg, world)
 
 
 def validate_train(cfg: TrainConfig) -> None:

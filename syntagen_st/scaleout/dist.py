@@ -23,7 +23,8 @@ import torch
 import torch.distributed as torch_dist
 from torch.utils.data import DistributedSampler
 
-from ..core.config import TrainConfig, check_batch_split, lightning_devices
+from ..core.config import TrainConfig
+from ..core.device import check_batch_split, lightning_devices
 from ..core.errors import UserError, first_line
 
 if TYPE_CHECKING:

@@ -17,7 +17,8 @@ import torch
 import yaml
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from ..core.config import TrainConfig, device_count, lightning_devices, per_device_batch
+from ..core.config import TrainConfig, device_count
+from ..core.device import lightning_devices, per_device_batch
 from ..core.errors import UserError
 from ..core.layout import TrainOutput
 from ..core.store import atomic_write_json, atomic_write_text
