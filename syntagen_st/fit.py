@@ -51,6 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--out", help="run folder (default runs/<name>)")
     parser.add_argument("--voc-root", help="VOC tree to evaluate the final model on (val split)")
+    parser.add_argument("--keep-checkpoints", action="store_true",
+                        help="keep each fold model's Lightning checkpoint after its round is refined (by default "
+                             "they are deleted then: no resume needs them, and model.safetensors stays)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue an existing run even if the config changed")
     mode.add_argument("--overwrite", action="store_true", help="delete an existing run folder and start again")
@@ -75,7 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         dist.main_first(lambda: prepare_run_folder(
             run.root, cfg, set(NEUTRAL_KEYS), overwrite=ns.overwrite, resume=ns.resume, resumable=RESUMABLE_KEYS,
         ), others=False)
-        run_loop(Job(cfg, run, dist, progress=not ns.no_progress, voc_root=ns.voc_root), after_round=report_writer(run))
+        job = Job(cfg, run, dist, progress=not ns.no_progress, voc_root=ns.voc_root, keep_checkpoints=ns.keep_checkpoints)
+        run_loop(job, after_round=report_writer(run))
         if not dist.is_main:
             return 0
         print(f"done: {run.export.root} ({run.export.submission}), model sha256 {run.final.read_checksum()}")
