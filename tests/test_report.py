@@ -93,8 +93,8 @@ def test_the_report_shows_the_gate_s_band_and_each_class_s_core_iou_and_verdict(
     assert "on their cores" in text(iou) and band in text(iou)
     assert "reached refine.min_reliability" not in page
     header, rows = table_rows(iou)
-    core, verdict, all_pixels = header.index("core IoU % (r1)"), header.index("relabel (r1)"), \
-        header.index("round 1 IoU % (all pixels)")
+    core, verdict, all_pixels = header.index("core IoU % (round 2)"), header.index("relabel (round 2)"), \
+        header.index("round 2 IoU % (all pixels)")
     assert verdict == core + 1 == all_pixels + 2
     for name in ["background", *stats["classes_in_pool"]]:
         value = stats["core_iou_model_vs_labels"][name]
@@ -124,13 +124,13 @@ def test_a_run_cut_after_round_0_names_what_is_missing(smoke_run, tmp_path, caps
     assert run_cli(report.main, [str(cut), "--no-progress"], prog="report")[0] == 0
     page = (cut / "report" / "index.html").read_text()
     assert "1 of 3 rounds" in page and "2 of 3 rounds missing" in page
-    assert "round 1 in progress or stopped (steps done: data; not done: fold0, fold1, refine)" in page
-    assert "round 2 not started" in page and "no finished export yet" in page and "no final model yet" in page
+    assert "round 2 in progress or stopped (steps done: data; not done: fold0, fold1, refine)" in page
+    assert "round 3 not started" in page and "no finished export yet" in page and "no final model yet" in page
     for key in SECTIONS:
         assert f'<section id="{key}">' in page, key
     embedded_images(page)
-    # Without an export, the balance and the sheets describe the kept samples of round 0.
-    assert "kept samples after round 0 (nothing exported yet)" in page
+    # Without an export, the balance and the sheets describe the kept samples of the first round.
+    assert "kept samples after round 1 (nothing exported yet)" in page
 
 
 def test_report_of_a_folder_that_is_no_run_is_one_line(tmp_path, capsys):
@@ -201,7 +201,7 @@ def test_iou_section_puts_the_gate_s_verdict_beside_the_core_iou_it_judged(tmp_p
     page = sections.iou(hand_made_run(tmp_path))
     assert "[0.5, 0.85] over at least 1,000 core pixels" in text(page)
     header, rows = table_rows(page)
-    assert header[1:5] == ["round 0 IoU % (all pixels)", "core IoU % (r0)", "relabel (r0)", "weakness % (r0)"]
+    assert header[1:5] == ["round 1 IoU % (all pixels)", "core IoU % (round 1)", "relabel (round 1)", "weakness % (round 1)"]
     assert {name: row[1:4] for name, row in rows.items()} == {
         "background": ["90.0", "95.0", "yes"], "dog": ["60.0", "70.0", "yes"], "cat": ["20.0", "30.0", "below band"],
         "car": ["50.0", "90.0", "above band"], "sheep": ["70.0", "60.0", "too few pixels or no foreground"],
@@ -222,7 +222,7 @@ def test_step_times_add_the_fold_models_and_list_each_final_step():
                "final2/export": 5.0, "final2/train": 6.0}
     times = step_times(seconds, rounds=2, folds=2)
     assert [(t.name, t.total, t.parts) for t in times] == [
-        ("round 0", 9.0, (2.0, 7.0, None)), ("round 1", 1.0, (1.0, None, None)),
+        ("round 1", 9.0, (2.0, 7.0, None)), ("round 2", 1.0, (1.0, None, None)),
         ("export", 5.0, None), ("final training", 6.0, None)]
 
 

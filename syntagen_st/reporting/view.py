@@ -17,6 +17,7 @@ from PIL import Image
 from ..core.classes import BACKGROUND, VOC_CLASSES
 from ..core.config import RefineConfig
 from ..core.gate import gate_verdict
+from ..core.layout import round_title
 from .facts import LabelScan, RunFacts, scan_labels
 
 SHEET_SAMPLES = 3
@@ -51,7 +52,7 @@ def dataset_view(facts: RunFacts, progress: bool = False) -> DatasetView:
         ids, name = facts.export.ids, f"the {len(facts.export.ids):,} exported pairs"
     elif facts.latest is not None:
         ids = [i for i, row in sorted(facts.sample_rows.items()) if row.get("kept", True)]
-        name = f"the {len(ids):,} kept samples after round {facts.latest.index} (nothing exported yet)"
+        name = f"the {len(ids):,} kept samples after {round_title(facts.latest.index)} (nothing exported yet)"
     else:
         ids = sorted(facts.pool_rows)
         name = f"the {len(ids):,} pool samples with their attention labels (no round finished yet)"
@@ -99,7 +100,7 @@ def step_times(seconds: Mapping[str, float], rounds: int, folds: int) -> list[St
     for r in range(rounds):
         folded = sum(seconds.get(f"round{r}/fold{k}", 0.0) for k in range(folds)) or None
         parts = (seconds.get(f"round{r}/data"), folded, seconds.get(f"round{r}/refine"))
-        out.append(StepTime(f"round {r}", sum(p for p in parts if p) or None, parts))
+        out.append(StepTime(round_title(r), sum(p for p in parts if p) or None, parts))
     finals = sorted({s.split("/")[0] for s in seconds if s.startswith("final")})
     for step in finals:
         after = f" (after {step[len('final'):]} rounds)" if len(finals) > 1 else ""
@@ -128,12 +129,12 @@ def weak_classes(facts: RunFacts) -> set[str]:
 
 
 def weight_columns(facts: RunFacts) -> tuple[list[str], dict[str, list[float]]]:
-    """The steering heatmap: a column per set of weights a draw used (round 0's uniform ones, then
+    """The steering heatmap: a column per set of weights a draw used (the first round's uniform ones, then
     each finished round's, the last one the final selection's), a row per class."""
-    columns = ["r0\n(uniform)"]
+    columns = [f"{round_title(0)}\n(uniform)"]
     weights = {c: [1.0] for c in facts.classes}
     for r in facts.finished_rounds:
-        columns.append("final\nselection" if r.index + 1 >= facts.planned_rounds else f"r{r.index + 1}")
+        columns.append("final\nselection" if r.index + 1 >= facts.planned_rounds else round_title(r.index + 1))
         for c, w in scaled_weights(r.stats, facts.classes).items():
             weights[c].append(w)
     return columns, weights

@@ -89,7 +89,7 @@ def train_fold(job: Job, r: int, k: int, active: list[Active]) -> None:
     settings.checkpoint_every = settings.max_steps
     # On one device whatever the process count: the model depends only on the round and the fold.
     train(settings, samples, job.run.fold(r, k).root, seed=derived_seed(cfg.seed, f"r{r}k{k}"),
-          run_name=f"{cfg.name}-r{r}-fold{k}", progress=job.show, single_device=True, device=job.dist.device)
+          run_name=f"{cfg.name}-round{r + 1}-fold{k + 1}", progress=job.show, single_device=True, device=job.dist.device)
 
 
 def prune_fold_checkpoints(run: RunLayout, r: int, folds: int) -> None:
