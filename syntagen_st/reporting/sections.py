@@ -28,9 +28,11 @@ from .view import (
     dropped_samples,
     mean_change,
     most_changed,
+    not_an_entry,
     read_mask,
     read_rgb,
     scaled_weights,
+    source_line,
     step_times,
     weak_classes,
     weight_columns,
@@ -66,7 +68,7 @@ def glance(facts: RunFacts) -> str:
         "not evaluated (fit --voc-root, or python -m syntagen_st.evaluate RUN --voc-root PATH)"
     rows = [
         ("Model", model_name),
-        ("Source", "Stable Diffusion" if source == "sd" else source),
+        ("Source", source_line(cfg, facts.export.meta if facts.export else None)),
         ("Seed", cfg.get("seed", "?")),
         ("Rounds done", f"{len(facts.finished_rounds)} of {facts.planned_rounds} rounds"),
         ("Classes", f"{len(facts.classes)}: {', '.join(facts.classes)}"),
@@ -76,7 +78,10 @@ def glance(facts: RunFacts) -> str:
         ("Final model sha256", Markup(f"<code>{esc(facts.checksum)}</code>") if facts.checksum else "not trained yet"),
         ("VOC val mIoU %", voc),
     ]
-    out = '<div class="glance">' + table(None, rows, text=[1]) + "</div>"
+    reasons = not_an_entry(cfg, facts.export.meta if facts.export else None)
+    notice = (f'<div class="missing"><strong>Not a valid SyntaGen competition entry</strong>: {esc("; ".join(reasons))}.'
+              "</div>") if reasons else ""
+    out = notice + '<div class="glance">' + table(None, rows, text=[1]) + "</div>"
     return out + "<h3>Time per step</h3>" + _timing(facts)
 
 
