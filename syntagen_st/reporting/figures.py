@@ -50,8 +50,10 @@ def iou_over_rounds(columns: Sequence[str], iou: dict[str, list[float | None]], 
         ax = fig.subplots()
         image = ax.imshow(np.ma.masked_invalid(data), cmap="viridis", vmin=0, vmax=100, aspect="auto")
         for (i, j), value in np.ndenumerate(data):
-            ax.text(j, i, "—" if math.isnan(value) else f"{value:.0f}", ha="center", va="center", fontsize=11,
-                    color="black" if not math.isnan(value) and value > 60 else "white" if not math.isnan(value) else "grey")
+            if math.isnan(value):
+                ax.text(j, i, "—", ha="center", va="center", fontsize=11, color="grey")
+            else:  # dark text on viridis' light end
+                ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=11, color="black" if value > 60 else "white")
         ax.set_xticks(range(len(columns)), columns)
         ax.set_yticks(range(len(names)), [n + ("  ▲" if n in weak else "") for n in names])
         for label, name in zip(ax.get_yticklabels(), names):
