@@ -12,9 +12,10 @@ import sys
 from collections.abc import Sequence
 
 from .core.cli import config_from, config_parser, prepare_run_folder, run_main
-from .core.config import NEUTRAL_KEYS
+from .core.config import NEUTRAL_KEYS, Config
 from .core.errors import first_line
 from .core.layout import RunLayout
+from .core.rules import ENTRY_SIZE
 from .generation.preflight import preflight
 from .reporting.page import write_report
 from .scaleout.dist import launch
@@ -37,11 +38,20 @@ def report_writer(run: RunLayout):
 
     def write() -> None:
         try:
-            write_report(run.root)
+            write_report(run.root, by_fit=True)
         except OSError as err:
             log.warning("report not written: %s", first_line(err))
 
     return write
+
+
+def next_commands(cfg: Config, run: RunLayout) -> str:
+    """What to run after fit: export the entry and its zip, then check it (at the run's image
+    size when that is not the competition's, as the smoke config's 128 px)."""
+    gen = cfg.generate
+    size = f" --image-size {gen.width}" if cfg.loop.source == "sd" and gen.width == gen.height != ENTRY_SIZE[0] else ""
+    return (f"next: python -m syntagen_st.export {run.root} --out submission --zip, "
+            f"then python -m syntagen_st.validate submission.zip{size}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -51,6 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--out", help="run folder (default runs/<name>)")
     parser.add_argument("--voc-root", help="VOC tree to evaluate the final model on (val split)")
+    parser.add_argument("--keep-checkpoints", action="store_true",
+                        help="keep each fold model's Lightning checkpoint after its round is refined (by default "
+                             "they are deleted then: no resume needs them, and model.safetensors stays)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue an existing run even if the config changed")
     mode.add_argument("--overwrite", action="store_true", help="delete an existing run folder and start again")
@@ -75,10 +88,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         dist.main_first(lambda: prepare_run_folder(
             run.root, cfg, set(NEUTRAL_KEYS), overwrite=ns.overwrite, resume=ns.resume, resumable=RESUMABLE_KEYS,
         ), others=False)
-        run_loop(Job(cfg, run, dist, progress=not ns.no_progress, voc_root=ns.voc_root), after_round=report_writer(run))
+        job = Job(cfg, run, dist, progress=not ns.no_progress, voc_root=ns.voc_root, keep_checkpoints=ns.keep_checkpoints)
+        run_loop(job, after_round=report_writer(run))
         if not dist.is_main:
             return 0
         print(f"done: {run.export.root} ({run.export.submission}), model sha256 {run.final.read_checksum()}")
+        print(f"report: {run.report}")
+        print(next_commands(cfg, run))
         warning = not_an_entry_warning(read_submission(run.export.root))
         if warning:
             print(warning, file=sys.stderr)

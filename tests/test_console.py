@@ -8,9 +8,9 @@ from syntagen_st.selftrain.summary import round_summary, step_title
 
 
 def test_step_titles_count_rounds_and_folds_from_one():
-    assert step_title("round0/data", 3, 2) == "round 1/3: add samples"
-    assert step_title("round2/fold1", 3, 2).startswith("round 3/3: train fold model 2/2")
-    assert step_title("round1/refine", 3, 2) == "round 2/3: predict held out, relabel, filter, steer"
+    assert step_title("round0/data", 3, 2) == "round 1 of 3: add samples"
+    assert step_title("round2/fold1", 3, 2).startswith("round 3 of 3: train fold model 2 of 2")
+    assert step_title("round1/refine", 3, 2) == "round 2 of 3: predict held out, relabel, filter, steer"
     assert step_title("final3/train", 3, 2) == "final: train the fixed protocol on the export"
 
 
@@ -25,7 +25,7 @@ def test_round_summary_shows_the_gate_its_core_evidence_verdicts_drops_and_weigh
     }
     text = round_summary(stats, {"r00_000003": "score 0.1 in the worst 10%"}, 2, cfg)
     lines = text.splitlines()
-    assert lines[0] == "round 1/2 done: 10 samples, 250 pixels relabelled (25.00% of 1,000), 1 dropped"
+    assert lines[0] == "round 1 of 2 done: 10 samples, 250 pixels relabelled (25.00% of 1,000), 1 dropped"
     assert "[0.5, 0.85]" in lines[1] and "at least 100 core pixels" in lines[1] and "cores" in lines[1]
     assert "core IoU" in lines[2] and "all-pixel IoU" in lines[2] and "weight next round" in lines[2]
     rows = {line.split()[0]: line.split()[1:] for line in lines[3:7]}
@@ -50,19 +50,21 @@ def test_smoke_fit_prints_each_step_and_each_round_and_no_noise(smoke_run):
                   "worker processes", "logging interval", "stopped: `max_steps"):
         assert noise not in text, noise
     # The step progress bar is kept, counting optimizer steps to the end of each training.
-    for name in ("smoke-r0-fold0", "smoke-r0-fold1", "smoke-r1-fold0", "smoke-r1-fold1", "smoke-final"):
+    for name in ("smoke-round1-fold1", "smoke-round1-fold2", "smoke-round2-fold1", "smoke-round2-fold2", "smoke-final"):
         assert re.search(rf"{name}: 100%\|[^\n\r]*\| 4/4 \[", result.stderr), name
     titles = [line for line in result.stdout.splitlines() if line.startswith(("round ", "final:")) and "done" not in line]
     assert titles == [
-        "round 1/2: add samples", "round 1/2: train fold model 1/2 (on the other folds' samples)",
-        "round 1/2: train fold model 2/2 (on the other folds' samples)", "round 1/2: predict held out, relabel, filter, steer",
-        "round 2/2: add samples", "round 2/2: train fold model 1/2 (on the other folds' samples)",
-        "round 2/2: train fold model 2/2 (on the other folds' samples)", "round 2/2: predict held out, relabel, filter, steer",
+        "round 1 of 2: add samples", "round 1 of 2: train fold model 1 of 2 (on the other folds' samples)",
+        "round 1 of 2: train fold model 2 of 2 (on the other folds' samples)",
+        "round 1 of 2: predict held out, relabel, filter, steer",
+        "round 2 of 2: add samples", "round 2 of 2: train fold model 1 of 2 (on the other folds' samples)",
+        "round 2 of 2: train fold model 2 of 2 (on the other folds' samples)",
+        "round 2 of 2: predict held out, relabel, filter, steer",
         "final: select and export the dataset", "final: train the fixed protocol on the export",
     ]
     for r in range(2):
         stats = json.loads((out / "rounds" / str(r) / "stats.json").read_text())
-        block = result.stdout.split(f"round {r + 1}/2 done: ", 1)[1].split("\nround ", 1)[0].split("\nfinal:", 1)[0]
+        block = result.stdout.split(f"round {r + 1} of 2 done: ", 1)[1].split("\nround ", 1)[0].split("\nfinal:", 1)[0]
         share = 100 * stats["pixels_relabelled"] / stats["pixels"]
         assert block.startswith(f"{stats['samples']} samples, {stats['pixels_relabelled']:,} pixels relabelled ({share:.2f}% ")
         for name in stats["classes_in_pool"]:

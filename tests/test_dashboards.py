@@ -46,3 +46,19 @@ def test_round_logger_is_silent_without_wandb(tmp_path):
     logger.log_round(0, {}, [])
     logger.finish()
     assert not list(tmp_path.iterdir())
+
+
+def test_round_logger_numbers_rounds_from_one_like_the_terminal(tmp_path, monkeypatch):
+    logged = []
+    monkeypatch.setattr(RoundLogger, "_experiment", lambda self: type("Run", (), {"log": lambda _, d: logged.append(d)})())
+    stats = {
+        "samples": 3, "dropped": 1, "pixels_relabelled": 12, "reliable": ["cat"],
+        "iou_model_vs_labels": {c: 0.5 for c in VOC_CLASSES}, "core_iou_model_vs_labels": {c: 0.7 for c in VOC_CLASSES},
+        "weakness": {c: 0.4 for c in VOC_CLASSES}, "weights": {c: 1.0 for c in FOREGROUND_CLASSES},
+    }
+    RoundLogger(Config(), RunLayout(tmp_path)).log_round(0, stats, [])  # rounds/0 on disk
+    [entry] = logged
+    assert entry["round"] == 1
+    titles = {key: entry[key].spec.string_fields["title"] for key in ("round/weights", "round/iou", "round/core_iou")}
+    assert titles == {"round/weights": "prompt weights after round 1", "round/iou": "model vs labels, round 1",
+                      "round/core_iou": "model vs label cores (the gate's evidence), round 1"}

@@ -425,3 +425,54 @@ def test_fit_evaluates_the_final_model_on_voc_val(tmp_path, make_seg_dataset, ca
     assert np.allclose(got, expected, equal_nan=True) and metrics["mIoU"] == pytest.approx(np.nanmean(expected))
     printed = capsys.readouterr().out
     assert f"{100 * metrics['mIoU']:.2f}" in printed.split("mIoU")[-1]
+
+
+def test_fold_checkpoints_are_pruned_only_once_their_round_is_refined(tmp_path):
+    from syntagen_st.core.layout import RunLayout
+    from syntagen_st.selftrain.runner import RunState
+    from syntagen_st.selftrain.steps import prune_fold_checkpoints
+
+    run = RunLayout(tmp_path)
+    for r in (0, 1):
+        for k in (0, 1):
+            fold = run.fold(r, k)
+            fold.checkpoints.mkdir(parents=True)
+            fold.last_checkpoint.write_bytes(b"ckpt")
+            fold.weights.write_bytes(b"weights")
+    state = RunState(run)
+    for step in ("round0/data", "round0/fold0", "round0/fold1", "round0/refine", "round1/data", "round1/fold0"):
+        state.mark_done(step)
+    prune_fold_checkpoints(run, 1, 2)  # round 1 not refined: a redo of its refine reads its folds
+    prune_fold_checkpoints(run, 0, 2)
+    kept = {str(p.relative_to(tmp_path)): p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    assert kept == {
+        "rounds/0/fold0/model.safetensors": b"weights", "rounds/0/fold1/model.safetensors": b"weights",
+        "rounds/1/fold0/checkpoints/last.ckpt": b"ckpt", "rounds/1/fold0/model.safetensors": b"weights",
+        "rounds/1/fold1/checkpoints/last.ckpt": b"ckpt", "rounds/1/fold1/model.safetensors": b"weights",
+        "state.json": kept["state.json"],
+    }
+
+
+@pytest.mark.slow
+def test_a_resume_after_the_pruning_gives_the_same_run(smoke_run, tmp_path):
+    import shutil
+
+    # The shared smoke run pruned every round's fold checkpoints and kept the fold weights.
+    for fold in sorted((smoke_run.root / "rounds").glob("*/fold*")):
+        assert (fold / "model.safetensors").stat().st_size > 0
+        assert not (fold / "checkpoints").exists(), fold
+    # Stopped after round 0 (its checkpoints already gone): the rerun finishes to the same files.
+    out = tmp_path / "run"
+    shutil.copytree(smoke_run.root, out, symlinks=True)
+    state = json.loads((out / "state.json").read_text())
+    (out / "state.json").write_text(json.dumps({"done": state["done"][: state["done"].index("round1/data")]}))
+    for gone in ("rounds/1", "export", "final"):
+        shutil.rmtree(out / gone)
+    args = [a for a in SMALL if a != "--no-progress"]
+    code, _, _ = run_cli(fit_mod.main, [*args, "--refine.relabel_confidence", "0.05", "--out", out, "--no-progress",
+                                        "--keep-checkpoints"], prog="fit")
+    assert code == 0
+    assert run_tree(out) == run_tree(smoke_run.root)
+    # --keep-checkpoints kept round 1's (a resumable Lightning checkpoint), round 0's stay pruned.
+    assert all((out / "rounds" / "1" / f"fold{k}" / "checkpoints" / "last.ckpt").stat().st_size > 0 for k in (0, 1))
+    assert not (out / "rounds" / "0" / "fold0" / "checkpoints").exists()

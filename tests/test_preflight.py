@@ -8,6 +8,7 @@ from conftest import SMOKE, run_cli
 
 from syntagen_st import fit as fit_mod
 from syntagen_st.core.config import Config
+from syntagen_st.core.hub import HUB_TIMEOUT_S
 from syntagen_st.generation import preflight as pf
 
 
@@ -87,3 +88,90 @@ def test_the_smoke_config_passes_without_a_network(monkeypatch):
 
     line = pf.preflight(load_config_file(SMOKE), 36)
     assert line == "plan: 36 images of 128x128 at 4 steps with tiny on cpu"
+
+
+# ---------------------------------------------------------------- the prompt-writing language model
+
+LLM = ["--generate.prompt_source", "llm", "--generate.llm", "some-org/some-llm"]
+
+
+@pytest.fixture
+def llm_not_cached(monkeypatch):
+    import huggingface_hub
+
+    looked_up = []
+
+    def lookup(repo, filename, **kwargs):
+        looked_up.append((repo, filename))
+        return None
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lookup)
+    return looked_up
+
+
+@pytest.mark.parametrize("command", ["fit", "generate", "prompts"])
+def test_an_uncached_llm_offline_stops_in_one_line_before_the_run_folder(capsys, tmp_path, monkeypatch, llm_not_cached, command):
+    import huggingface_hub
+
+    from syntagen_st import generate as gen_mod
+    from syntagen_st.prompts import __main__ as prompts_mod
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    out = tmp_path / "run"
+    main, args = {
+        "fit": (fit_mod.main, ["--config", SMOKE, "--out", str(out)]),
+        "generate": (gen_mod.main, ["--config", SMOKE, "--num-images", "4", "--out", str(out)]),
+        "prompts": (prompts_mod.main, ["--config", SMOKE, "--n", "2", "--out", str(out / "prompts.txt")]),
+    }[command]
+    code, _, err = run_cli(main, [*args, *LLM], capsys, prog=f"syntagen_st.{command}")
+    assert code == 2 and not out.exists()
+    assert err.strip().splitlines() == [
+        f"syntagen_st.{command}: error: the language model some-org/some-llm is not in the local Hugging Face cache "
+        "and HF_HUB_OFFLINE is set; pass --generate.llm PATH to use a local model folder"
+    ]
+    assert ("some-org/some-llm", "config.json") in llm_not_cached
+
+
+def test_an_unreachable_hub_for_the_llm_is_answered_at_once(capsys, tmp_path, monkeypatch, llm_not_cached):
+    import huggingface_hub
+
+    asked = []
+
+    def no_network(self, ref, revision=None, timeout=None, **kwargs):
+        asked.append(timeout)
+        raise ConnectionRefusedError("no route to the hub\nmore detail")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", no_network)
+    out = tmp_path / "run"
+    code, _, err = run_cli(fit_mod.main, ["--config", SMOKE, "--out", str(out), *LLM], capsys)
+    assert code == 2 and not out.exists()
+    assert err.strip().splitlines() == [
+        "syntagen_st.fit: error: cannot reach the Hugging Face hub for the language model some-org/some-llm "
+        "(ConnectionRefusedError: no route to the hub); pass --generate.llm PATH to use a local model folder"
+    ]
+    assert asked == [HUB_TIMEOUT_S]  # one bounded request, no retry loop
+
+
+def test_a_cached_or_local_llm_passes_without_the_hub(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    from syntagen_st.core.cli import load_config_file
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a cached or local language model must not touch the hub")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", no_network)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache",
+                        lambda repo, filename, **k: f"/cache/{repo}/{filename}" if repo == "some-org/cached" else None)
+    cfg = load_config_file(SMOKE)
+    cfg.generate.prompt_source = "llm"
+    cfg.generate.llm = "some-org/cached"
+    assert pf.preflight(cfg, 36) == "plan: 36 images of 128x128 at 4 steps with tiny on cpu"
+    (tmp_path / "llm").mkdir()
+    (tmp_path / "llm" / "config.json").write_text("{}")
+    cfg.generate.llm = str(tmp_path / "llm")
+    assert pf.preflight(cfg, 36) == "plan: 36 images of 128x128 at 4 steps with tiny on cpu"
+    cfg.generate.llm = "some-org/not-cached"
+    with pytest.raises(pf.UserError):  # the same config with an uncached hub id does ask
+        pf.preflight(cfg, 36)

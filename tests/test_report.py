@@ -93,8 +93,8 @@ def test_the_report_shows_the_gate_s_band_and_each_class_s_core_iou_and_verdict(
     assert "on their cores" in text(iou) and band in text(iou)
     assert "reached refine.min_reliability" not in page
     header, rows = table_rows(iou)
-    core, verdict, all_pixels = header.index("core IoU % (r1)"), header.index("relabel (r1)"), \
-        header.index("round 1 IoU % (all pixels)")
+    core, verdict, all_pixels = header.index("core IoU % (round 2)"), header.index("relabel (round 2)"), \
+        header.index("round 2 IoU % (all pixels)")
     assert verdict == core + 1 == all_pixels + 2
     for name in ["background", *stats["classes_in_pool"]]:
         value = stats["core_iou_model_vs_labels"][name]
@@ -124,13 +124,13 @@ def test_a_run_cut_after_round_0_names_what_is_missing(smoke_run, tmp_path, caps
     assert run_cli(report.main, [str(cut), "--no-progress"], prog="report")[0] == 0
     page = (cut / "report" / "index.html").read_text()
     assert "1 of 3 rounds" in page and "2 of 3 rounds missing" in page
-    assert "round 1 in progress or stopped (steps done: data; not done: fold0, fold1, refine)" in page
-    assert "round 2 not started" in page and "no finished export yet" in page and "no final model yet" in page
+    assert "round 2 in progress or stopped (steps done: data; not done: fold0, fold1, refine)" in page
+    assert "round 3 not started" in page and "no finished export yet" in page and "no final model yet" in page
     for key in SECTIONS:
         assert f'<section id="{key}">' in page, key
     embedded_images(page)
-    # Without an export, the balance and the sheets describe the kept samples of round 0.
-    assert "kept samples after round 0 (nothing exported yet)" in page
+    # Without an export, the balance and the sheets describe the kept samples of the first round.
+    assert "kept samples after round 1 (nothing exported yet)" in page
 
 
 def test_report_of_a_folder_that_is_no_run_is_one_line(tmp_path, capsys):
@@ -201,7 +201,7 @@ def test_iou_section_puts_the_gate_s_verdict_beside_the_core_iou_it_judged(tmp_p
     page = sections.iou(hand_made_run(tmp_path))
     assert "[0.5, 0.85] over at least 1,000 core pixels" in text(page)
     header, rows = table_rows(page)
-    assert header[1:5] == ["round 0 IoU % (all pixels)", "core IoU % (r0)", "relabel (r0)", "weakness % (r0)"]
+    assert header[1:5] == ["round 1 IoU % (all pixels)", "core IoU % (round 1)", "relabel (round 1)", "weakness % (round 1)"]
     assert {name: row[1:4] for name, row in rows.items()} == {
         "background": ["90.0", "95.0", "yes"], "dog": ["60.0", "70.0", "yes"], "cat": ["20.0", "30.0", "below band"],
         "car": ["50.0", "90.0", "above band"], "sheep": ["70.0", "60.0", "too few pixels or no foreground"],
@@ -222,7 +222,7 @@ def test_step_times_add_the_fold_models_and_list_each_final_step():
                "final2/export": 5.0, "final2/train": 6.0}
     times = step_times(seconds, rounds=2, folds=2)
     assert [(t.name, t.total, t.parts) for t in times] == [
-        ("round 0", 9.0, (2.0, 7.0, None)), ("round 1", 1.0, (1.0, None, None)),
+        ("round 1", 9.0, (2.0, 7.0, None)), ("round 2", 1.0, (1.0, None, None)),
         ("export", 5.0, None), ("final training", 6.0, None)]
 
 
@@ -246,3 +246,58 @@ def test_balance_and_sheets_count_the_run_s_classes_and_pick_best_median_worst()
     sheets = class_sheets(DatasetView(scan.ids, "four", scan), ["cat", "dog"], rows)
     assert [(s.name, s.holders, s.picks) for s in sheets] == [
         ("cat", 3, [("a", "best"), ("c", "median"), ("b", "worst")]), ("dog", 1, [("b", "best")])]
+
+
+def test_fit_names_its_report_and_the_next_command_and_the_report_is_honest(smoke_run, tmp_path, capsys):
+    root = smoke_run.root
+    assert smoke_run.stdout.splitlines()[-2:] == [
+        f"report: {root / 'report' / 'index.html'}",
+        f"next: python -m syntagen_st.export {root} --out submission --zip, "
+        "then python -m syntagen_st.validate submission.zip --image-size 64",
+    ]
+    page = (root / "report" / "index.html").read_text()
+    glance = text(section(page, "glance"))
+    # The source as it was: the tiny test pipeline, not "Stable Diffusion".
+    assert "Sourcethe tiny random-initialised test pipeline 'tiny', not Stable Diffusion weights" in glance
+    # The export's own not-an-entry reasons, word for word.
+    reasons = json.loads((root / "export" / "submission.json").read_text())["not_an_entry"]
+    assert reasons and f"Not a valid SyntaGen competition entry: {'; '.join(reasons)}." in glance
+    # Who wrote it: fit at the end; the report command when it is asked.
+    footer = text(page.split("<footer>", 1)[1])
+    assert "by python -m syntagen_st.fit, at the end of the run (2 rounds, the export and the final training)" in footer
+    out = tmp_path / "again.html"
+    assert run_cli(report.main, [root, "--out", out, "--no-progress"], capsys)[0] == 0
+    assert f"by python -m syntagen_st.report {root}." in text(out.read_text().split("<footer>", 1)[1])
+
+
+def test_the_report_states_the_source_and_entry_rule_from_the_config_before_an_export():
+    from syntagen_st.reporting.view import not_an_entry, source_line
+
+    sd = {"model": {"pretrained": "stable-diffusion-v1-5/stable-diffusion-v1-5", "revision": "abc"},
+          "loop": {"source": "sd"}, "generate": {"width": 512, "height": 512}}
+    assert source_line(sd, None) == "Stable Diffusion stable-diffusion-v1-5/stable-diffusion-v1-5 from the Hugging Face hub, revision abc"
+    assert source_line(sd, {"stable_diffusion": {"commit": "c0ffee"}}).endswith("revision abc, commit c0ffee")
+    assert not_an_entry(sd, None) == []
+    small = sd | {"generate": {"width": 256, "height": 256}}
+    assert not_an_entry(small, None) == ["its images are 256x256, not 512x512"]
+    local = sd | {"model": {"pretrained": "/models/sd15"}}
+    assert source_line(local, {"stable_diffusion": {"sha256": "f00d"}}) == \
+        "Stable Diffusion from the local folder /models/sd15, files sha256 f00d"
+    folder = sd | {"loop": {"source": "folder:/data/voc"}}
+    assert source_line(folder, None) == "folder import: /data/voc (not generated by Stable Diffusion)"
+    assert not_an_entry(folder, None) == ["its images come from folder:/data/voc, not from Stable Diffusion and the seed"]
+    tiny = sd | {"model": {"pretrained": "tiny-sd2"}}
+    assert source_line(tiny, None) == "the tiny random-initialised test pipeline 'tiny-sd2', not Stable Diffusion weights"
+    # Once exported, submission.json decides.
+    assert not_an_entry(tiny, {"valid_entry": False, "not_an_entry": ["recorded reason"]}) == ["recorded reason"]
+    assert not_an_entry(sd, {"valid_entry": True, "not_an_entry": []}) == []
+
+
+def test_the_iou_chart_is_a_class_by_round_grid_that_grows_a_row_per_class():
+    from syntagen_st.reporting import figures
+
+    every = {c: [0.1 * (i % 10), None, 0.5] for i, c in enumerate(VOC_CLASSES[1:])}
+    many = Image.open(io.BytesIO(figures.iou_over_rounds(["round 1", "round 2", "round 3"], every, {"cat"})))
+    one = Image.open(io.BytesIO(figures.iou_over_rounds(["round 1", "round 2", "round 3"], {"cat": [0.1, None, 0.5]}, set())))
+    # A row per class (20 rows, not 20 overlapping lines in a fixed frame).
+    assert many.height > 2 * one.height

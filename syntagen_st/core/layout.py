@@ -73,6 +73,15 @@ def final_step(rounds: int, task: str) -> str:
     return str(Step("final", rounds, task))
 
 
+def round_title(r: int | None, rounds: int | None = None) -> str:
+    """Round ``r`` as people read it, counted from 1: 'round 1', 'round 1 of 3' (None: 'round ?').
+
+    On disk and in state.json rounds count from 0 (rounds/0, round0/data, final3/...), which
+    reproduce depends on; every text a person reads (terminal, report, card, W&B) uses this.
+    """
+    return ("round ?" if r is None else f"round {r + 1}") + (f" of {rounds}" if rounds else "")
+
+
 def round_tasks(folds: int) -> list[str]:
     """A round's tasks, in order."""
     return ["data", *(f"fold{k}" for k in range(folds)), "refine"]

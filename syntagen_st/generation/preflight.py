@@ -14,6 +14,8 @@ import torch
 from ..core.config import TINY_MODELS, Config, is_local_path
 from ..core.device import resolve_device, usable_cpus
 from ..core.errors import UserError
+from ..core.hub import hub_model_ready
+from ..prompts.llm import check_llm
 from ..prompts.records import load_prompt_file
 
 # Rough speeds of one denoising step of one 512x512 image with classifier-free guidance (two
@@ -68,23 +70,8 @@ def describe(cfg: Config, plan: Plan) -> str:
 def check_hub(cfg: Config) -> None:
     """A hub model must be in the local cache or reachable, else the run stops here rather than
     after diffusers' long cache message."""
-    import huggingface_hub
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
-
-    ref, revision = cfg.model.pretrained, cfg.model.revision
-    if isinstance(huggingface_hub.try_to_load_from_cache(ref, "model_index.json", revision=revision), str):
-        return
-    local = "pass --model.pretrained PATH to use a local diffusers folder"
-    if huggingface_hub.constants.HF_HUB_OFFLINE:
-        raise UserError(f"{ref} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {local}")
-    try:
-        huggingface_hub.HfApi().model_info(ref, revision=revision, timeout=10)
-    except (RepositoryNotFoundError, RevisionNotFoundError) as err:
-        raise UserError(f"{ref} (revision {revision or 'main'}) is not on the Hugging Face hub ({type(err).__name__}); {local}") from None
-    except GatedRepoError:
-        raise UserError(f"{ref} needs a Hugging Face login (huggingface-cli login); or {local}") from None
-    except Exception as err:  # noqa: BLE001 - the hub client's transport errors share no base with OSError
-        raise UserError(f"cannot reach the Hugging Face hub for {ref} ({type(err).__name__}: {err}); {local}") from None
+    hub_model_ready(cfg.model.pretrained, cfg.model.revision, "model_index.json",
+                    "pass --model.pretrained PATH to use a local diffusers folder")
 
 
 def preflight(cfg: Config, images: int) -> str:
@@ -103,6 +90,8 @@ def preflight(cfg: Config, images: int) -> str:
         )
     if real and images and not is_local_path(cfg.model.pretrained):
         check_hub(cfg)
+    if images and cfg.generate.prompt_source == "llm":
+        check_llm(cfg)
     if cfg.generate.prompts_file is not None:
         load_prompt_file(cfg.generate.prompts_file)  # a bad line is refused now, not mid-run
     return describe(cfg, plan)

@@ -25,6 +25,7 @@ from ..core.classes import display_name
 from ..core.config import Config, GenerateConfig, is_local_path
 from ..core.device import resolve_device
 from ..core.errors import UserError, first_line
+from ..core.hub import hub_model_ready
 from ..core.seeds import hash_seed
 from .captions import NearDuplicates, Verdict, check_caption, parse_captions
 from .tokenizer import clip_tokenizer
@@ -184,6 +185,16 @@ class CaptionWriter:
                             got[classes].append(verdict)
                             stats.kept += 1
         return got, stats
+
+
+def check_llm(cfg: Config) -> None:
+    """The prompt-writing language model, checked like SD's weights: a folder or a cached model
+    passes at once; offline and not cached, or an unreachable hub, stops here in seconds rather
+    than after minutes of the hub client's download retries, and before the run folder is made."""
+    if is_local_path(cfg.generate.llm):
+        return
+    hub_model_ready(cfg.generate.llm, cfg.generate.llm_revision, "config.json",
+                    "pass --generate.llm PATH to use a local model folder", what="the language model ")
 
 
 @contextmanager

@@ -24,7 +24,7 @@ from ..core.classes import FOREGROUND_CLASSES, IGNORE_INDEX, NUM_CLASSES, canoni
 from ..core.config import RefineConfig
 from ..core.errors import UserError
 from ..core.gate import refine_config
-from ..core.layout import RunLayout, Step, round_tasks
+from ..core.layout import RunLayout, Step, round_tasks, round_title
 from ..core.store import read_jsonl
 
 
@@ -150,7 +150,7 @@ def read_run(root: str | Path) -> RunFacts:
     rounds = [_read_round(run, r, done, config) for r in range(max([planned, *(r + 1 for r in on_disk)]))]
     not_done = [r for r in rounds if not r.done]
     if not_done:
-        what = "; ".join(f"round {r.index} {r.status}" + (f" ({r.detail})" if r.detail else "") for r in not_done)
+        what = "; ".join(f"{round_title(r.index)} {r.status}" + (f" ({r.detail})" if r.detail else "") for r in not_done)
         missing.append(f"{len(not_done)} of {len(rounds)} rounds missing: {what}")
     export = _read_export(run, missing)
     checksum = _read_text(run.final.checksum)

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 from torchvision.utils import draw_segmentation_masks, make_grid
 
-from ..core.classes import IGNORE_INDEX, NUM_CLASSES, PALETTE, VOC_CLASSES
+from ..core.classes import IGNORE_INDEX, NUM_CLASSES, PALETTE
 
 THUMB = 160
 """Longest side of a thumbnail panel, in pixels: a 10,000-sample run's page stays small."""
@@ -40,19 +40,30 @@ def _png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
-def iou_over_rounds(rounds: Sequence[int], iou: dict[str, list[float | None]], weak: set[str]) -> bytes:
-    """One line per class (VOC colours) of held-out IoU against the labels, weak classes bold."""
+def iou_over_rounds(columns: Sequence[str], iou: dict[str, list[float | None]], weak: set[str]) -> bytes:
+    """A class x round heatmap of held-out IoU % against the labels, each cell written out (20
+    lines would overlap); weak classes marked ▲. A class neither labelled nor predicted: '—'."""
+    names = list(iou)
+    data = np.array([[math.nan if v is None else 100 * v for v in iou[n]] for n in names], dtype=float)
     with matplotlib.rc_context(_STYLE):
-        fig = Figure(figsize=(7.5, 5))
+        fig = Figure(figsize=(1.3 * len(columns) + 3.2, 0.38 * len(names) + 1.4))
         ax = fig.subplots()
-        for name, values in iou.items():
-            y = [math.nan if v is None else 100 * v for v in values]
-            strong = name not in weak
-            ax.plot(rounds, y, marker="o", color=_rgb(VOC_CLASSES.index(name)), lw=1.2 if strong else 3,
-                    ms=4 if strong else 7, alpha=0.55 if strong else 1.0, label=name + ("" if strong else "  (weak)"))
-        ax.set(xlabel="round", ylabel="IoU % (held-out model vs labels)", ylim=(-3, 103), xticks=list(rounds))
-        ax.grid(alpha=0.3)
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=4, fontsize=11, frameon=False)
+        image = ax.imshow(np.ma.masked_invalid(data), cmap="viridis", vmin=0, vmax=100, aspect="auto")
+        for (i, j), value in np.ndenumerate(data):
+            if math.isnan(value):
+                ax.text(j, i, "—", ha="center", va="center", fontsize=11, color="grey")
+            else:  # dark text on viridis' light end
+                ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=11, color="black" if value > 60 else "white")
+        ax.set_xticks(range(len(columns)), columns)
+        ax.set_yticks(range(len(names)), [n + ("  ▲" if n in weak else "") for n in names])
+        for label, name in zip(ax.get_yticklabels(), names):
+            if name in weak:
+                label.set_fontweight("bold")
+        ax.tick_params(length=0)
+        ax.xaxis.tick_top()
+        for side in ax.spines.values():
+            side.set_visible(False)
+        fig.colorbar(image, ax=ax, fraction=0.05, pad=0.03).set_label("IoU % (held-out model vs labels)")
         return _png(fig)
 
 

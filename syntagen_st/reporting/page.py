@@ -13,15 +13,17 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ..core.layout import final_step, round_title
 from ..core.store import atomic_write_text
 from . import sections
-from .facts import read_run
+from .facts import RunFacts, read_run
 from .html import document, esc
 from .view import dataset_view
 
 
-def write_report(run: str | Path, out: str | Path | None = None, progress: bool = False) -> Path:
-    """Write the report of ``run`` to ``out`` (default ``RUN/report/index.html``); return its path."""
+def write_report(run: str | Path, out: str | Path | None = None, progress: bool = False, by_fit: bool = False) -> Path:
+    """Write the report of ``run`` to ``out`` (default ``RUN/report/index.html``); return its path.
+    ``by_fit``: fit writes it (after a round, or at the end), which the footer says."""
     start = time.perf_counter()
     facts = read_run(run)
     # One pass over the labels feeds the balance, the contact sheets and the changes.
@@ -36,9 +38,21 @@ def write_report(run: str | Path, out: str | Path | None = None, progress: bool 
         ("final", "Final evaluation", sections.final(facts)),
     ]
     written = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    footer = (f"Written {written} in {time.perf_counter() - start:.1f} s by "
-              f"<code>python -m syntagen_st.report {esc(facts.root)}</code>. Offline page: every figure is embedded.")
+    footer = (f"Written {written} in {time.perf_counter() - start:.1f} s by {writer(facts, by_fit)}. "
+              "Offline page: every figure is embedded.")
     name = facts.config.get("name") or facts.root.name
     path = Path(out) if out else facts.run.report
     atomic_write_text(path, document(name, str(facts.root.resolve()), parts, facts.missing, footer))
     return path
+
+
+def writer(facts: RunFacts, by_fit: bool) -> str:
+    """Who wrote the page, as markup: the report command, or fit after round N of R / at the end."""
+    if not by_fit:
+        return f"<code>python -m syntagen_st.report {esc(facts.root)}</code>"
+    if final_step(facts.planned_rounds, "train") in facts.done_steps:
+        when = f"at the end of the run ({facts.planned_rounds} rounds, the export and the final training)"
+    else:
+        when = f"after {round_title(len(facts.finished_rounds) - 1, facts.planned_rounds)}" if facts.finished_rounds \
+            else "before any round finished"
+    return f"<code>python -m syntagen_st.fit</code>, {esc(when)}"

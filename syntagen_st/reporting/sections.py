@@ -13,6 +13,7 @@ import numpy as np
 
 from ..core.classes import VOC_CLASSES
 from ..core.gate import gate_rule
+from ..core.layout import round_title
 from ..core.rules import MAX_PAIRS
 from . import figures
 from .facts import RunFacts
@@ -27,9 +28,11 @@ from .view import (
     dropped_samples,
     mean_change,
     most_changed,
+    not_an_entry,
     read_mask,
     read_rgb,
     scaled_weights,
+    source_line,
     step_times,
     weak_classes,
     weight_columns,
@@ -65,7 +68,7 @@ def glance(facts: RunFacts) -> str:
         "not evaluated (fit --voc-root, or python -m syntagen_st.evaluate RUN --voc-root PATH)"
     rows = [
         ("Model", model_name),
-        ("Source", "Stable Diffusion" if source == "sd" else source),
+        ("Source", source_line(cfg, facts.export.meta if facts.export else None)),
         ("Seed", cfg.get("seed", "?")),
         ("Rounds done", f"{len(facts.finished_rounds)} of {facts.planned_rounds} rounds"),
         ("Classes", f"{len(facts.classes)}: {', '.join(facts.classes)}"),
@@ -75,7 +78,10 @@ def glance(facts: RunFacts) -> str:
         ("Final model sha256", Markup(f"<code>{esc(facts.checksum)}</code>") if facts.checksum else "not trained yet"),
         ("VOC val mIoU %", voc),
     ]
-    out = '<div class="glance">' + table(None, rows, text=[1]) + "</div>"
+    reasons = not_an_entry(cfg, facts.export.meta if facts.export else None)
+    notice = (f'<div class="missing"><strong>Not a valid SyntaGen competition entry</strong>: {esc("; ".join(reasons))}.'
+              "</div>") if reasons else ""
+    out = notice + '<div class="glance">' + table(None, rows, text=[1]) + "</div>"
     return out + "<h3>Time per step</h3>" + _timing(facts)
 
 
@@ -111,11 +117,12 @@ def iou(facts: RunFacts) -> str:
         "<p>Each round trains fold models on the current labels; each sample is predicted by the model that did "
         "not train on it, and the IoU of those predictions against the labels, over every pixel, is shown per class. "
         "High: the model reproduces the labels (they are learnable and consistent); low: the labels are noisy or the "
-        f"class is thin. <strong>Weak classes</strong> (bold lines, shaded rows marked ▲) are those whose weakness "
-        f"after round {last} (1 − mean of held-out IoU, model confidence and kept-pixel share) earned them at least "
+        f"class is thin. <strong>Weak classes</strong> (bold and marked ▲ in the chart, shaded rows marked ▲ in the table) are those whose weakness "
+        f"after {round_title(last)} (1 − mean of held-out IoU, model confidence and kept-pixel share) earned them at least "
         f"{WEAK_WEIGHT:g} x a uniform share of the next prompts: "
         f"{esc(', '.join(sorted(weak, key=VOC_CLASSES.index))) if weak else 'none'}.</p>")
-    plot = img(figures.iou_over_rounds(rounds, per_round, weak), "per-class held-out IoU over the rounds")
+    plot = img(figures.iou_over_rounds([round_title(r) for r in rounds], per_round, weak),
+               "per-class held-out IoU over the rounds, a row per class and a column per round")
     names = ["background", *facts.classes]
     rows = []
     for c in names:
@@ -124,13 +131,13 @@ def iou(facts: RunFacts) -> str:
                      *(pct(r.stats.get("iou_model_vs_labels", {}).get(c)) for r in done), pct(core), verdict,
                      pct(latest.get("weakness", {}).get(c)) if c != "background" else "",
                      f"{next_weight[c]:.2f}" if c in next_weight else ""])
-    header = ["class", *(f"round {r} IoU % (all pixels)" for r in rounds), f"core IoU % (r{last})",
-              f"relabel (r{last})", f"weakness % (r{last})", f"next weight (r{last})"]
+    header = ["class", *(f"{round_title(r)} IoU % (all pixels)" for r in rounds), f"core IoU % ({round_title(last)})",
+              f"relabel ({round_title(last)})", f"weakness % ({round_title(last)})", f"next weight ({round_title(last)})"]
     refine = facts.refine
     shaded = ["weak" if c in weak else "" for c in names]
     return intro + plot + table(header, rows, shaded, text=[len(rounds) + 2]) + note(
         f"The gate (refine.min_reliability, refine.max_core_agreement, refine.min_class_pixels): {gate_rule(refine)}. "
-        f"'core IoU': that IoU in round {last}, which the gate decided on; 'IoU % (all pixels)': over every pixel, "
+        f"'core IoU': that IoU in {round_title(last)}, which the gate decided on; 'IoU % (all pixels)': over every pixel, "
         "which it does not use. 'relabel': the gate's verdict: yes; below band; above band; too few pixels or no "
         f"foreground (in the band, but on fewer than {refine.min_class_pixels:,} core pixels, or background while no "
         "foreground class passed); no evidence (neither labelled nor predicted on the cores). — : the class was "
@@ -142,13 +149,13 @@ def iou(facts: RunFacts) -> str:
 
 def steering(facts: RunFacts) -> str:
     if not facts.finished_rounds:
-        return note("No round has finished yet: round 0 draws every class with the same weight.")
+        return note("No round has finished yet: round 1 draws every class with the same weight.")
     columns, weights = weight_columns(facts)
     plot = img(figures.weights_heatmap(columns, weights), "prompt weights per round and class")
     n = len(facts.classes)
     return (
         "<p>How often each class is named in a round's prompts, relative to a uniform share (1.00). Column "
-        "<em>rN</em> holds the weights round N drew its prompts with, set after round N−1 from the weakness of each "
+        "<em>round N</em> holds the weights round N drew its prompts with, set after round N−1 from the weakness of each "
         "class; the last column weights the final selection of the exported pairs. Red: more than uniform."
         + (f" Scaled to mean 1 over the run's {n} classes (weights.json spreads mean 1 over all 20)."
            if n < len(VOC_CLASSES) - 1 else "") + "</p>" + plot)
@@ -217,7 +224,7 @@ def sheets(facts: RunFacts, view: DatasetView) -> str:
     latest = facts.latest
     pool = facts.run.pool
     heads = ["image", "attention label", "refined label", "held-out prediction"]
-    pred_round = f"round {latest.index}" if latest else "no round finished"
+    pred_round = round_title(latest.index) if latest else "no round finished"
     intro = (f"<p>For each class, up to {SHEET_SAMPLES} of {esc(view.name)} whose label holds it — the best, median "
              f"and worst by sample score — as image, attention label, current (refined) label, and the prediction of "
              f"the {esc(pred_round)} model that did not train on the sample. Labels are drawn over the image in the "
@@ -248,7 +255,7 @@ def refinement(facts: RunFacts, view: DatasetView) -> str:
         return note("No round has finished yet: nothing was refined.")
     rounds = table(
         ["round", "samples", "pixels relabelled", "dropped", "classes the gate opened (the model may relabel)"],
-        [[f"round {r.index}", f"{r.stats.get('samples', 0):,}", f"{r.stats.get('pixels_relabelled', 0):,}",
+        [[round_title(r.index), f"{r.stats.get('samples', 0):,}", f"{r.stats.get('pixels_relabelled', 0):,}",
           f"{r.stats.get('dropped', 0):,}", ", ".join(r.stats.get("reliable", [])) or "none"] for r in done], text=[4])
     rule = note(f"The gate, each round: {gate_rule(facts.refine)}. Section 2 shows the latest round's core IoU and "
                 "verdict per class.")
@@ -280,13 +287,13 @@ def _drops(facts: RunFacts) -> str:
     values: set[int] = set()
     rows = "".join(
         _panels(facts, sid, [facts.run.pool.mask_path(sid), facts.pred_path(sid, when.get(sid))],
-                f"dropped in round {when.get(sid, '?')}", values)
+                f"dropped in {round_title(when.get(sid))}", values)
         for sid in (row["id"] for row in dropped[:SHOWN_DROPS]))
     shown = dropped[:DROP_TABLE_ROWS]
     rest = len(dropped) - len(shown)
     listing = table(
         ["sample", "dropped in", "score", "agreement", "confidence", "reason"],
-        [[row["id"], f"round {when.get(row['id'], '?')}", num(row.get("score")), num(row.get("agreement")),
+        [[row["id"], round_title(when.get(row["id"])), num(row.get("score")), num(row.get("agreement")),
           num(row.get("confidence")), row.get("reason") or "—"] for row in shown], text=[5])
     more = note(f"{rest:,} more dropped samples are listed in rounds/{facts.latest.index}/samples.jsonl.") \
         if rest > 0 else ""

@@ -11,7 +11,7 @@ from PIL import Image
 from ..core.classes import FOREGROUND_CLASSES, IGNORE_INDEX, VOC_CLASSES
 from ..core.config import Config
 from ..core.gate import gate_verdict
-from ..core.layout import RunLayout
+from ..core.layout import RunLayout, round_title
 from ..segmentation.loggers import make_logger
 
 _MASK_LABELS = {i: name for i, name in enumerate(VOC_CLASSES)} | {IGNORE_INDEX: "ignore"}
@@ -62,16 +62,16 @@ class RoundLogger:
                     },
                 ))
         experiment.log({
-            "round": r,
+            "round": r + 1,  # counted from 1, as every text a person reads
             "round/samples": stats["samples"],
             "round/dropped": stats["dropped"],
             "round/pixels_relabelled": stats["pixels_relabelled"],
             "round/miou_model_vs_labels": float(np.mean(ious)) if ious else float("nan"),
             "round/classes": table,
-            "round/weights": wandb.plot.bar(table, "class", "weight", title=f"prompt weights after round {r}"),
-            "round/iou": wandb.plot.bar(table, "class", "iou_model_vs_labels", title=f"model vs labels, round {r}"),
+            "round/weights": wandb.plot.bar(table, "class", "weight", title=f"prompt weights after {round_title(r)}"),
+            "round/iou": wandb.plot.bar(table, "class", "iou_model_vs_labels", title=f"model vs labels, {round_title(r)}"),
             "round/core_iou": wandb.plot.bar(table, "class", "core_iou_model_vs_labels",
-                                             title=f"model vs label cores (the gate's evidence), round {r}"),
+                                             title=f"model vs label cores (the gate's evidence), {round_title(r)}"),
             "round/overlays": overlays,
         })
 

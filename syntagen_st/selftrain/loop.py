@@ -15,7 +15,16 @@ from ..core.layout import final_step, fold_step, round_step
 from .dashboard import RoundLogger
 from .pool import active_samples
 from .runner import StepRunner
-from .steps import Job, add_data, export_final, final_stale, refine_round, train_final, train_fold
+from .steps import (
+    Job,
+    add_data,
+    export_final,
+    final_stale,
+    prune_fold_checkpoints,
+    refine_round,
+    train_final,
+    train_fold,
+)
 from .summary import step_title
 
 
@@ -35,6 +44,8 @@ def run_loop(job: Job, after_round: Callable[[], None] | None = None) -> None:
         runner.step(round_step(r, "data"), partial(add_data, job, r))
         _train_folds(job, runner, r)
         runner.step(round_step(r, "refine"), partial(refine_round, job, r, reporter))
+        if not job.keep_checkpoints and dist.is_main:
+            prune_fold_checkpoints(run, r, cfg.refine.folds)
         done_with_round()
     # Named after the round count: a run resumed with more rounds exports and trains again.
     runner.step(final_step(rounds, "export"), partial(export_final, job), restart=run.export.root)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -14,7 +15,7 @@ import numpy as np
 
 from ..core.config import Config
 from ..core.device import resolve_device
-from ..core.layout import RunLayout
+from ..core.layout import RunLayout, round_step
 from ..core.seeds import derived_seed
 from ..core.store import atomic_write_json, atomic_write_text, load_mask, read_jsonl, save_mask, write_jsonl
 from ..generation.sampler import SampleGenerator
@@ -30,6 +31,7 @@ from .dashboard import RoundLogger
 from .decide import RoundEvidence, decide_round, gate, round_stats, sample_rows
 from .heldout import held_out_pass, load_fold_models
 from .pool import Active, active_samples, fold_groups, fold_of, import_folder, round_budgets
+from .runner import RunState
 from .selection import selected, weights_for
 from .summary import round_summary
 
@@ -46,6 +48,8 @@ class Job:
     dist: Dist = SINGLE
     progress: bool = True
     voc_root: str | None = None
+    keep_checkpoints: bool = False
+    """Keep the fold models' Lightning checkpoints after their round is refined (fit --keep-checkpoints)."""
 
     @property
     def show(self) -> bool:
@@ -85,7 +89,18 @@ def train_fold(job: Job, r: int, k: int, active: list[Active]) -> None:
     settings.checkpoint_every = settings.max_steps
     # On one device whatever the process count: the model depends only on the round and the fold.
     train(settings, samples, job.run.fold(r, k).root, seed=derived_seed(cfg.seed, f"r{r}k{k}"),
-          run_name=f"{cfg.name}-r{r}-fold{k}", progress=job.show, single_device=True, device=job.dist.device)
+          run_name=f"{cfg.name}-round{r + 1}-fold{k + 1}", progress=job.show, single_device=True, device=job.dist.device)
+
+
+def prune_fold_checkpoints(run: RunLayout, r: int, folds: int) -> None:
+    """Delete round ``r``'s fold checkpoints once its refine step is done: a fold step is only ever
+    redone from nothing, and what the later steps and the report read is model.safetensors, so
+    no resume needs them. Called on every pass, so a run stopped between the refine step and the
+    pruning is pruned on its rerun."""
+    if round_step(r, "refine") not in RunState(run).done():
+        return
+    for k in range(folds):
+        shutil.rmtree(run.fold(r, k).checkpoints, ignore_errors=True)
 
 
 def refine_round(job: Job, r: int, reporter: RoundLogger) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from ..core.classes import VOC_CLASSES
 from ..core.config import RefineConfig
 from ..core.gate import gate_rule, gate_verdict
-from ..core.layout import Step
+from ..core.layout import Step, round_title
 
 _SHOWN_DROPS = 5
 _ROUND_TASKS = {"data": "add samples", "refine": "predict held out, relabel, filter, steer"}
@@ -19,13 +19,13 @@ _FINAL_TASKS = {"export": "select and export the dataset", "train": "train the f
 
 
 def step_title(name: str, rounds: int, folds: int) -> str:
-    """'round1/fold0' -> 'round 2/3: train fold 1/2 ...', as each step starts."""
+    """'round1/fold0' -> 'round 2 of 3: train fold model 1 of 2 ...', as each step starts."""
     step = Step.parse(name)
     if step.stage == "final":
         return "final: " + _FINAL_TASKS.get(step.task, step.task)
-    where = f"round {step.number + 1}/{rounds}"
+    where = round_title(step.number, rounds)
     if step.fold is not None:
-        return f"{where}: train fold model {step.fold + 1}/{folds} (on the other folds' samples)"
+        return f"{where}: train fold model {step.fold + 1} of {folds} (on the other folds' samples)"
     return f"{where}: " + _ROUND_TASKS.get(step.task, step.task)
 
 
@@ -42,7 +42,7 @@ def round_summary(stats: Mapping, drops: Mapping[str, str], rounds: int, cfg: Re
     relabelled = int(stats["pixels_relabelled"])
     share = f"{100 * relabelled / pixels:.2f}%" if pixels else "n/a"
     lines = [
-        f"round {r + 1}/{rounds} done: {stats['samples']} samples, {relabelled:,} pixels relabelled ({share} of "
+        f"{round_title(r, rounds)} done: {stats['samples']} samples, {relabelled:,} pixels relabelled ({share} of "
         f"{pixels:,}), {stats['dropped']} dropped",
         f"  gate: {gate_rule(cfg)}",
     ]

@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..core import rules
 from ..core.classes import IGNORE_INDEX, VOC_CLASSES
 from ..core.config import TINY_MODELS, Config
 from ..core.errors import UserError
@@ -56,12 +57,7 @@ def encode_jpeg(image: np.ndarray) -> bytes:
 
 def entry_problems(cfg: Config) -> list[str]:
     """Why a run cannot be a competition entry whatever its files; empty when it claims the protocol."""
-    reasons = []
-    if cfg.model.pretrained in TINY_MODELS:
-        reasons.append("it was made with the tiny random-initialised test pipeline, not Stable Diffusion")
-    if cfg.loop.source != "sd":
-        reasons.append(f"its images come from {cfg.loop.source}, not from Stable Diffusion and the seed")
-    return reasons
+    return rules.entry_problems(cfg.model.pretrained in TINY_MODELS, cfg.loop.source)
 
 
 def export_entry(samples: Sequence[Sample], out: str | os.PathLike, cfg: Config, rows: dict[str, dict],
@@ -107,8 +103,7 @@ def export_entry(samples: Sequence[Sample], out: str | os.PathLike, cfg: Config,
     names = [TRAIN_LIST, *(EntryLayout.image_name(i) for i in ids), *(EntryLayout.mask_name(i) for i in ids)]
     files = {name: sha256_file(stage / name) for name in sorted(names)}
     link_voc_tree(stage, ids)
-    if sizes != {ENTRY_SIZE}:
-        reasons.append(f"its images are {', '.join(f'{w}x{h}' for w, h in sorted(sizes))}, not 512x512")
+    reasons += rules.entry_problems(False, "sd", sizes)
     labels = [*range(len(VOC_CLASSES)), IGNORE_INDEX]
     submission = {
         "format": "syntagen_st submission 1",
