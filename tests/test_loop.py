@@ -338,6 +338,32 @@ def test_import_folder_without_a_class_list_takes_the_classes_its_masks_hold(tmp
     assert import_folder(str(data), pool) == 0  # a resumed import copies nothing twice
 
 
+def test_import_folder_snaps_its_labels_to_the_images_edges(tmp_path):
+    import dataclasses
+
+    from syntagen_st.core.config import LabelConfig
+    from syntagen_st.core.store import Pool, load_mask
+    from syntagen_st.selftrain.pool import import_folder
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    image = np.full((128, 128, 3), 40, np.uint8)
+    image[32:96, 32:96] = 210
+    blob = np.zeros((128, 128), np.uint8)
+    blob[28:100, 28:100] = 8  # bleeds 4 px over every edge
+    Image.fromarray(image).save(data / "images" / "a.png")
+    save_mask(data / "masks" / "a.png", blob)
+    on, off = Pool(tmp_path / "on"), Pool(tmp_path / "off")
+    import_folder(str(data), on, LabelConfig())
+    import_folder(str(data), off, dataclasses.replace(LabelConfig(), refine_image=False))
+    assert np.array_equal(load_mask(off.mask_path("r00_000000")), blob)
+    truth = image[..., 0] == 210
+    refined = load_mask(on.mask_path("r00_000000"))
+    wrong = ((refined == 8) != truth) & (refined != 255)
+    assert ((blob == 8) != truth).mean() > 0.06
+    assert wrong.mean() < 0.02 and (refined == 255).mean() < 0.1  # label edges without an image edge: unsure
+
+
 def test_corrupt_state_file_is_one_line(capsys, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
