@@ -55,8 +55,8 @@ def test_a_hard_blob_label_follows_the_edges_as_a_prior():
     _, refined = refine_label(image, label, [CAT], CFG)
     refined = refined.numpy()
     assert _iou(label == CAT, truth) < 0.94
-    assert _iou(refined == CAT, truth) > 0.98
-    assert (refined[~truth] == CAT).mean() < 0.01
+    assert _iou(refined == CAT, truth) > 0.96
+    assert (refined[~truth] == CAT).mean() < 0.015  # the blob: 0.023
 
 
 def test_a_clean_label_comes_out_unchanged():
@@ -66,6 +66,18 @@ def test_a_clean_label_comes_out_unchanged():
     assert np.array_equal(refined.numpy(), label)
     scores = torch.from_numpy(truth.astype(np.float32))[None]
     assert torch.equal(scores_to_labels(refine_scores(image, scores, CFG), [CAT], 0.6, 0.5).bool(), scores[0].bool())
+
+
+def test_a_clean_label_on_a_faint_edge_gains_no_band():
+    # Where the image barely shows the edge, the filter blurs the prior: the pixels take their
+    # most probable class instead of becoming 255 (which cost clean shapes 3 points).
+    image = np.full((128, 128, 3), 100, dtype=np.uint8)
+    image[:, 64:] = 108
+    label = np.zeros((128, 128), dtype=np.uint8)
+    label[:, 64:] = CAT
+    _, refined = refine_label(image, label, [CAT], CFG)
+    assert not (refined == IGNORE_INDEX).any()
+    assert (refined.numpy() == label).mean() > 0.97
 
 
 def test_255_everywhere_stays_unsure_on_a_flat_image():
