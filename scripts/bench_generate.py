@@ -1,4 +1,5 @@
-"""Benchmark: generation with attention capture + labelling vs plain diffusers generation.
+"""Benchmark: generation with attention capture + labelling (with and without the image-guided
+refinement) vs plain diffusers generation.
 
 Both arms use the real SD 1.5 architecture (UNet, VAE, CLIP ViT-L/14 text encoder) with random
 weights (weights do not change speed), run alternately in one process; prints the ratio.
@@ -11,6 +12,7 @@ On a CPU use a reduced resolution and few steps; on CUDA, also images/s and peak
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
@@ -67,6 +69,7 @@ def main() -> None:
     cfg.generate.steps, cfg.generate.batch_size = args.steps, args.batch
     pipe = sd15_pipeline(dtype, device)
     generator = SampleGenerator(cfg, pipe=pipe)
+    unrefined = SampleGenerator(dataclasses.replace(cfg, label=dataclasses.replace(cfg.label, refine_image=False)), pipe=pipe)
     records = round_records(cfg, 0, args.batch)
     prompts = [r.class_prompt for r in records]
 
@@ -82,11 +85,12 @@ def main() -> None:
 
     with capture_attention(pipe.unet, args.batch, generator.latent_hw, cfg.label.cross_factor,
                            cfg.label.self_factor, 77) as store:
-        def captured() -> None:
-            generator.generate(records, store)
-
-        timings: dict[str, list[float]] = {"plain": [], "capture": []}
-        arms = {"plain": plain, "capture": captured}
+        timings: dict[str, list[float]] = {"plain": [], "capture": [], "refined": []}
+        arms = {
+            "plain": plain,
+            "capture": lambda: unrefined.generate(records, store),
+            "refined": lambda: generator.generate(records, store),
+        }
         for name, fn in arms.items():  # warm-up
             fn()
         if device.type == "cuda":
@@ -100,11 +104,14 @@ def main() -> None:
                 timings[name].append(time.perf_counter() - start)
     best = {k: min(v) for k, v in timings.items()}
     print(f"device={device.type} size={args.size} steps={args.steps} batch={args.batch} reps={args.reps}")
-    print(f"plain {best['plain']:.3f}s  capture+labels {best['capture']:.3f}s  (best of {args.reps})")
+    print(f"plain {best['plain']:.3f}s  capture+labels {best['capture']:.3f}s  "
+          f"capture+labels+refinement {best['refined']:.3f}s  (best of {args.reps})")
     if device.type == "cuda":
-        print(f"images/s with capture: {args.batch / best['capture']:.2f}; "
-              f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
-    print(f"ratio capture/plain: {best['capture'] / best['plain']:.3f}")
+        print(f"images/s with capture: {args.batch / best['capture']:.2f}, with refinement too: "
+              f"{args.batch / best['refined']:.2f}; peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    print(f"ratio capture/plain: {best['capture'] / best['plain']:.3f}; refined/capture: "
+          f"{best['refined'] / best['capture']:.3f} ({1000 * (best['refined'] - best['capture']) / args.batch:.0f} ms "
+          "per image for the refinement)")
 
 
 if __name__ == "__main__":

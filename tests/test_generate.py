@@ -218,3 +218,30 @@ def test_non_square_images_keep_their_shape(tiny_generator, tmp_path):
         assert load_mask(pool.mask_path(row["id"])).shape == (64, 96)
         assert np.load(pool.scores_path(row["id"]))["scores"].shape == (len(row["classes"]), 4, 6)
     assert_masks_hold_prompted_classes(pool)
+
+
+def test_label_sample_snaps_the_attention_blob_to_the_image(monkeypatch):
+    import dataclasses
+    from types import SimpleNamespace
+
+    from syntagen_st.core.config import LabelConfig
+
+    # A cat on the right 9/16 of a 128 px image; attention sees it on a 4x4 grid, where the edge
+    # falls inside a cell, so the upsampled blob misses it.
+    image = np.full((128, 128, 3), 30, np.uint8)
+    image[:, 56:] = 220
+    cross = torch.zeros(4, 4, 3)
+    cross[:, 1, 1], cross[:, 2:, 1] = 0.5, 1.0
+    cross[..., 0] = 1.0 - cross[..., 1]
+    self_attn = torch.eye(64)
+    record = PromptRecord("s0", 0, 0, "p", ("cat",), "p; cat", 0)
+    store = SimpleNamespace(cross_hw=(4, 4))
+
+    truth = image[..., 0] == 220
+
+    def wrong(cfg):  # labelled pixels on the wrong side of the edge
+        mask = sampler.label_sample(record, image, cross.reshape(16, 3), self_attn, [[1]], store, cfg).mask
+        return (((mask == class_index("cat")) != truth) & (mask != 255)).mean()
+
+    assert wrong(dataclasses.replace(LabelConfig(), refine_image=False)) > 0.01
+    assert wrong(LabelConfig()) == 0

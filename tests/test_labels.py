@@ -3,12 +3,12 @@
 import torch
 
 from syntagen_st.core.classes import IGNORE_INDEX
+from syntagen_st.core.guided import scores_to_labels
 from syntagen_st.generation.labels import (
     attention_to_scores,
     class_cross_maps,
     normalize_scores,
     propagate,
-    scores_to_labels,
     upsample_scores,
 )
 

@@ -346,6 +346,31 @@ def test_import_folder_without_a_class_list_takes_the_classes_its_masks_hold(tmp
     assert import_folder(str(data), pool) == 0  # a resumed import copies nothing twice
 
 
+def test_import_folder_snaps_its_labels_to_the_images_edges(tmp_path):
+    import dataclasses
+
+    from syntagen_st.core.config import LabelConfig
+    from syntagen_st.core.store import Pool, load_mask
+    from syntagen_st.selftrain.pool import import_folder
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    image = np.full((256, 256, 3), 40, np.uint8)
+    image[64:192, 64:192] = 210
+    blob = np.zeros((256, 256), np.uint8)
+    blob[60:196, 60:196] = 8  # bleeds 4 px over every edge
+    Image.fromarray(image).save(data / "images" / "a.png")
+    save_mask(data / "masks" / "a.png", blob)
+    on, off = Pool(tmp_path / "on"), Pool(tmp_path / "off")
+    import_folder(str(data), on, LabelConfig())
+    import_folder(str(data), off, dataclasses.replace(LabelConfig(), refine_image=False))
+    assert np.array_equal(load_mask(off.mask_path("r00_000000")), blob)
+    truth = image[..., 0] == 210
+    refined = load_mask(on.mask_path("r00_000000"))
+    assert ((blob == 8) != truth).mean() > 0.03
+    assert ((refined == 8) != truth).mean() < 0.01
+
+
 def test_corrupt_state_file_is_one_line(capsys, tmp_path):
     out = tmp_path / "run"
     out.mkdir()

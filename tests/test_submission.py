@@ -371,3 +371,14 @@ def test_a_crafted_checkpoint_is_refused_and_runs_nothing(smoke_run, tmp_path, c
     # The payload is real: full unpickling would have created the file.
     torch.load(ckpt, weights_only=False)
     assert marker.exists()
+
+
+def test_an_entry_recorded_before_the_refinement_reproduces_without_it():
+    from syntagen_st.core.config import Config
+    from syntagen_st.submission.reproduce import Source, resolve_config
+
+    old = Config().to_dict()
+    del old["label"]["refine_image"]
+    assert resolve_config(Source("old", old, {}, None), None, None, None, False).label.refine_image is False
+    new = Config().to_dict()
+    assert resolve_config(Source("new", new, {}, None), None, None, None, False).label.refine_image is True

@@ -102,6 +102,16 @@ class LabelConfig:
     """Cross-attention is captured at latent / cross_factor (16x16 for 512 px)."""
     self_factor: int = 2
     """Self-attention is captured at latent / self_factor (32x32 for 512 px)."""
+    refine_image: bool = True
+    """Snap the class maps to the image's edges with a guided filter (``core/guided.py``)."""
+    refine_kernel: float = 0.0625
+    """The filter's window as a fraction of the image's shorter side (33 px at 512)."""
+    refine_eps: float = 0.001
+    """The filter's regularisation on [0, 1] colours: smaller follows weaker edges."""
+    refine_work_side: int = 128
+    """The filter's coefficients are computed at about this side (subsample 4 at 512 px)."""
+    prior_confidence: float = 0.7
+    """A hard label's probability on its own class when refined as a prior (imported datasets)."""
 
 
 @dataclass
@@ -355,6 +365,10 @@ def validate_label(cfg: LabelConfig) -> None:
     for name in ("cross_factor", "self_factor"):
         value = getattr(cfg, name)
         _check(value >= 1 and value & (value - 1) == 0, f"label.{name} must be a power of 2, got {value}")
+    _check(0 < cfg.refine_kernel <= 1, f"label.refine_kernel must be in (0, 1], got {cfg.refine_kernel}")
+    _check(cfg.refine_eps > 0, f"label.refine_eps must be > 0, got {cfg.refine_eps}")
+    _check(cfg.refine_work_side >= 8, f"label.refine_work_side must be >= 8, got {cfg.refine_work_side}")
+    _check(0.5 < cfg.prior_confidence <= 1, f"label.prior_confidence must be in (0.5, 1], got {cfg.prior_confidence}")
 
 
 def device_count(devices: str) -> int | None:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..core.classes import BACKGROUND, IGNORE_INDEX
-
 _MIN_CONTRAST = 1e-3
 
 
@@ -76,25 +74,6 @@ def upsample_scores(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     if scores.shape[0] == 0:
         return scores.new_zeros((0, *size))
     return F.interpolate(scores[None].float(), size=size, mode="bilinear", align_corners=False)[0]
-
-
-def scores_to_labels(
-    scores: torch.Tensor, class_ids: list[int], fg_threshold: float, band_threshold: float
-) -> torch.Tensor:
-    """(K, H, W) scores in [0, 1] -> (H, W) uint8 labels.
-
-    The top class where its score >= fg_threshold, IGNORE_INDEX where it lies in
-    [band_threshold, fg_threshold), background below.
-    """
-    h, w = scores.shape[-2:]
-    labels = torch.full((h, w), BACKGROUND, dtype=torch.uint8, device=scores.device)
-    if scores.shape[0] == 0:
-        return labels
-    top, arg = scores.max(dim=0)
-    ids = torch.tensor(class_ids, dtype=torch.uint8, device=scores.device)
-    labels = torch.where(top >= fg_threshold, ids[arg], labels)
-    band = (top >= band_threshold) & (top < fg_threshold)
-    return torch.where(band, torch.full_like(labels, IGNORE_INDEX), labels)
 
 
 def attention_to_scores(

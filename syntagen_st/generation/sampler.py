@@ -22,11 +22,12 @@ from ..core.classes import VOC_CLASSES, class_index, display_name
 from ..core.config import Config, LabelConfig
 from ..core.device import resolve_device
 from ..core.errors import UserError
+from ..core.guided import refine_scores, scores_to_labels
 from ..core.store import Pool
 from ..prompts.records import PromptRecord
 from ..scaleout.dist import SINGLE, Dist, ShardSampler
 from .attention import AttentionStore, capture_attention
-from .labels import attention_to_scores, scores_to_labels, upsample_scores
+from .labels import attention_to_scores, upsample_scores
 from .pipeline import load_pipeline, resolve_dtype
 from .writer import BackgroundWriter
 
@@ -80,10 +81,11 @@ def label_sample(
     record: PromptRecord, image: np.ndarray, cross: torch.Tensor, self_attn: torch.Tensor,
     groups: list[list[int]], store: AttentionStore, cfg: LabelConfig,
 ) -> LabelledImage:
-    """One sample's averaged attention -> scores and mask."""
+    """One sample's averaged attention -> scores and mask; the full-resolution scores are snapped to
+    the image's edges (``label.refine_image``) on the device they live on, the GPU's in a GPU run."""
     scores = attention_to_scores(cross, self_attn, groups, store.cross_hw, cfg.tau, cfg.presence_threshold)
     class_ids = [class_index(c) for c in record.classes]
-    full = upsample_scores(scores, image.shape[:2])
+    full = refine_scores(image, upsample_scores(scores, image.shape[:2]), cfg)
     mask = scores_to_labels(full, class_ids, cfg.fg_threshold, cfg.band_threshold)
     return LabelledImage(
         record, image, mask.cpu().numpy(), scores.cpu().numpy().astype(np.float16), np.array(class_ids, dtype=np.uint8)

@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from ..core.classes import VOC_CLASSES, canonical, class_index
+from ..core.config import LabelConfig
 from ..core.errors import UserError
+from ..core.guided import refine_label
 from ..core.layout import RunLayout
 from ..core.seeds import fold_key, sample_id
 from ..core.store import Pool, read_jsonl, save_image, save_mask
@@ -82,10 +84,12 @@ def fold_groups(active: list[Active], folds: int, seed: int) -> list[list[Active
     return [[a for a in active if fold[a.id] == k] for k in range(folds)]
 
 
-def import_folder(path: str | Path, pool: Pool) -> int:
+def import_folder(path: str | Path, pool: Pool, label: LabelConfig | None = None) -> int:
     """Copy an images/ + masks/ dataset into the pool as round 0 (with classes.jsonl if given).
 
-    Without a class list, a sample's classes are those its mask contains.
+    Without a class list, a sample's classes are those its mask contains. With ``label`` and its
+    ``refine_image`` on, each mask is taken as a prior of ``label.prior_confidence`` and snapped
+    to its image's edges (``core/guided.py``): the pool holds the refined label.
     """
     root = Path(path)
     samples = find_samples(root)
@@ -109,6 +113,8 @@ def import_folder(path: str | Path, pool: Pool) -> int:
             degenerate.append(sample.image.name)
             continue
         classes = named.get(sample.image.stem) or [VOC_CLASSES[v] for v in np.unique(mask) if 0 < v < len(VOC_CLASSES)]
+        if label is not None and label.refine_image:
+            mask = refine_label(rgb, mask, [class_index(c) for c in classes], label)[1].numpy()
         save_image(pool.image_path(sid), rgb)
         save_mask(pool.mask_path(sid), mask)
         rows.append({"id": sid, "round": 0, "index": index, "source": str(sample.image), "classes": classes,

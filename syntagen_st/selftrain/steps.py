@@ -63,7 +63,7 @@ def add_data(job: Job, r: int) -> None:
     loop = cfg.loop
     if loop.source.startswith("folder:"):
         if r == 0 and dist.is_main:
-            import_folder(loop.source[len("folder:"):], run.pool)
+            import_folder(loop.source[len("folder:"):], run.pool, cfg.label)
         return
 
     def records() -> list[PromptRecord]:

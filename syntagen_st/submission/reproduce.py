@@ -124,6 +124,8 @@ def resolve_config(source: Source, model: str | None, device: str | None, batch_
     recorded = (source.submission or {}).get("stable_diffusion", {})
     if recorded.get("commit") and not config["model"].get("revision") and not model:
         config["model"]["revision"] = recorded["commit"]
+    # Entries recorded before the image-guided refinement existed made their masks without it.
+    config.setdefault("label", {}).setdefault("refine_image", False)
     if not full:
         # The records carry each prompt: regenerating samples needs no prompts file.
         config["generate"]["prompts_file"] = None

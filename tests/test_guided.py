@@ -1,0 +1,125 @@
+"""Image-guided refinement on hand-made images with known edges."""
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from syntagen_st.core.classes import IGNORE_INDEX
+from syntagen_st.core.config import LabelConfig
+from syntagen_st.core.guided import label_prior, refine_label, refine_scores, scores_to_labels
+
+CFG = LabelConfig()
+CAT = 8
+
+
+def _square_scene(size=128, lo=32, hi=96):
+    """A bright square on a dark, slightly noisy background; the truth mask."""
+    rng = np.random.default_rng(0)
+    image = np.clip(rng.normal(40, 6, size=(size, size, 3)), 0, 255)
+    truth = np.zeros((size, size), dtype=bool)
+    truth[lo:hi, lo:hi] = True
+    image[truth] = np.clip(rng.normal(210, 6, size=(int(truth.sum()), 3)), 0, 255)
+    return image.astype(np.uint8), truth
+
+
+def _blob_scores(size, truth, factor=16):
+    """The truth seen through a 1/factor grid and upsampled, as attention is: a blob with round
+    corners that misses and bleeds over the edges by up to half a cell."""
+    t = torch.from_numpy(truth.astype(np.float32))[None, None]
+    low = torch.nn.functional.avg_pool2d(t, factor) / 0.6
+    up = torch.nn.functional.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)[0]
+    return up.clamp(0, 0.99)
+
+
+def _iou(a, b):
+    return float((a & b).sum() / (a | b).sum())
+
+
+def test_a_blob_comes_out_edge_aligned():
+    image, truth = _square_scene(256, 60, 190)
+    scores = _blob_scores(256, truth)
+    before = scores_to_labels(scores, [CAT], CFG.fg_threshold, CFG.band_threshold).numpy() == CAT
+    refined = refine_scores(image, scores, CFG)
+    assert refined.min() >= 0 and refined.max() <= 1  # the filter overshoots at edges: clamped
+    after = scores_to_labels(refined, [CAT], CFG.fg_threshold, CFG.band_threshold).numpy() == CAT
+    assert _iou(before, truth) < 0.94
+    assert _iou(after, truth) > 0.99
+
+
+def test_a_hard_blob_label_follows_the_edges_as_a_prior():
+    image, truth = _square_scene(256, 60, 190)
+    blob = _blob_scores(256, truth).numpy()[0]
+    label = np.where(blob >= 0.6, CAT, 0).astype(np.uint8)
+    label[(blob >= 0.5) & (blob < 0.6)] = IGNORE_INDEX
+    _, refined = refine_label(image, label, [CAT], CFG)
+    refined = refined.numpy()
+    assert _iou(label == CAT, truth) < 0.94
+    assert _iou(refined == CAT, truth) > 0.96
+    assert (refined[~truth] == CAT).mean() < 0.015  # the blob: 0.023
+
+
+def test_a_clean_label_comes_out_unchanged():
+    image, truth = _square_scene()
+    label = np.where(truth, CAT, 0).astype(np.uint8)
+    _, refined = refine_label(image, label, [CAT], CFG)
+    assert np.array_equal(refined.numpy(), label)
+    scores = torch.from_numpy(truth.astype(np.float32))[None]
+    assert torch.equal(scores_to_labels(refine_scores(image, scores, CFG), [CAT], 0.6, 0.5).bool(), scores[0].bool())
+
+
+def test_a_clean_label_on_a_faint_edge_gains_no_band():
+    # Where the image barely shows the edge, the filter blurs the prior: the pixels take their
+    # most probable class instead of becoming 255 (which cost clean shapes 3 points).
+    image = np.full((128, 128, 3), 100, dtype=np.uint8)
+    image[:, 64:] = 108
+    label = np.zeros((128, 128), dtype=np.uint8)
+    label[:, 64:] = CAT
+    _, refined = refine_label(image, label, [CAT], CFG)
+    assert not (refined == IGNORE_INDEX).any()
+    assert (refined.numpy() == label).mean() > 0.97
+
+
+def test_255_everywhere_stays_unsure_on_a_flat_image():
+    image = np.full((64, 64, 3), 120, dtype=np.uint8)
+    label = np.full((64, 64), IGNORE_INDEX, dtype=np.uint8)
+    probs, refined = refine_label(image, label, [CAT, 12], CFG)
+    assert probs.shape == (3, 64, 64)
+    assert torch.allclose(probs, torch.full_like(probs, 1 / 3), atol=1e-4)
+    assert (refined == IGNORE_INDEX).all()
+
+
+def test_one_class_and_background_only():
+    image, truth = _square_scene(64, 16, 48)
+    label = np.where(truth, CAT, 0).astype(np.uint8)
+    probs, refined = refine_label(image, label, [CAT], CFG)
+    assert probs.shape == (2, 64, 64) and torch.allclose(probs.sum(0), torch.ones(64, 64), atol=1e-5)
+    only_bg, lab = refine_label(image, np.zeros((64, 64), np.uint8), [], CFG)
+    assert only_bg.shape == (1, 64, 64) and (lab == 0).all()
+    assert refine_scores(image, torch.zeros(0, 64, 64), CFG).shape == (0, 64, 64)
+
+
+def test_a_flat_image_only_smooths():
+    image = np.full((64, 64, 3), 90, dtype=np.uint8)
+    scores = torch.zeros(1, 64, 64)
+    scores[0, 20:44, 20:44] = 1.0
+    out = refine_scores(image, scores, CFG)
+    assert torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
+    assert abs(float(out.mean()) - float(scores.mean())) < 0.02  # no colour to follow: mass is kept
+
+
+def test_off_returns_the_scores_and_tiny_images_pass_through():
+    image, truth = _square_scene()
+    scores = _blob_scores(128, truth)
+    assert torch.equal(refine_scores(image, scores, dataclasses.replace(CFG, refine_image=False)), scores)
+    line = torch.rand(2, 1, 5)  # no room for a window: passed through
+    assert torch.equal(refine_scores(np.zeros((1, 5, 3), np.uint8), line, CFG), line)
+
+
+def test_prior_puts_the_confidence_on_the_labelled_class():
+    label = np.array([[0, CAT], [IGNORE_INDEX, 15]], dtype=np.uint8)
+    prior = label_prior(label, [CAT], 0.7)
+    assert torch.allclose(prior[:, 0, 1], torch.tensor([0.3, 0.7]))
+    assert torch.allclose(prior[:, 0, 0], torch.tensor([0.7, 0.3]))
+    assert torch.allclose(prior[:, 1, 0], torch.tensor([0.5, 0.5]))
+    assert torch.allclose(prior[:, 1, 1], torch.tensor([0.5, 0.5]))  # a class not named: uniform
