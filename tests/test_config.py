@@ -86,8 +86,8 @@ def test_module_entry_point_exits_2_with_one_line(tmp_path):
 def test_device_names_are_checked(monkeypatch):
     import torch
 
-    from syntagen_st.core.config import ConfigError
     from syntagen_st.core.device import resolve_device
+    from syntagen_st.core.errors import ConfigError
 
     assert resolve_device("cpu").type == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

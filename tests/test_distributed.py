@@ -142,8 +142,9 @@ def test_a_device_count_that_does_not_divide_the_batch_is_refused(capsys, tmp_pa
 def test_the_train_command_refuses_it_too_and_generate_takes_any_count(capsys, tmp_path):
     from syntagen_st import train as train_mod
     from syntagen_st.core.cli import config_from, config_parser
-    from syntagen_st.core.config import ConfigError, TrainConfig
+    from syntagen_st.core.config import TrainConfig
     from syntagen_st.core.device import check_batch_split
+    from syntagen_st.core.errors import ConfigError
 
     with pytest.raises(SystemExit) as exit_info:
         run_main(train_mod.main, "syntagen_st.train", ["--config", str(Path(SMOKE).parent / "protocol.yaml"), "--train.devices", "3",

@@ -17,9 +17,10 @@ from conftest import LLM_CLASSES, SMOKE, smoke_config
 from PIL import Image
 
 from syntagen_st import generate as gen_mod
+from syntagen_st.core.checks import validate
 from syntagen_st.core.classes import class_index
-from syntagen_st.core.config import Config, ConfigError, validate
-from syntagen_st.core.errors import UserError
+from syntagen_st.core.config import Config
+from syntagen_st.core.errors import ConfigError, UserError
 from syntagen_st.core.layout import RunLayout
 from syntagen_st.core.store import Pool, load_mask
 from syntagen_st.generation import sampler

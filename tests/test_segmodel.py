@@ -10,7 +10,8 @@ import pytest
 import torch
 import torchvision
 
-from syntagen_st.core.config import TrainConfig, validate_train
+from syntagen_st.core.checks import validate_train
+from syntagen_st.core.config import TrainConfig
 from syntagen_st.core.errors import UserError
 from syntagen_st.core.store import sha256_file
 from syntagen_st.segmentation.module import PolyDecay, SegModule, seg_loss

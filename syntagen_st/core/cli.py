@@ -16,7 +16,8 @@ from typing import Literal, get_args, get_origin, get_type_hints
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 
-from .config import Config, config_differences, validate
+from .checks import validate
+from .config import Config, config_differences
 from .errors import UserError
 from .store import atomic_write_text
 

@@ -1,0 +1,194 @@
+"""The config's checks: ``validate`` refuses a bad value before any work starts, in one line naming
+the key. One function per section."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import get_args, get_type_hints
+
+from .classes import canonical
+from .config import (
+    HUB_ID,
+    TINY_MODELS,
+    Config,
+    GenerateConfig,
+    LabelConfig,
+    LoopConfig,
+    ModelConfig,
+    RefineConfig,
+    TrainConfig,
+    device_count,
+    is_local_path,
+)
+from .errors import ConfigError
+from .rules import MAX_PAIRS
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def _fraction(name: str, value: float) -> None:
+    _check(0.0 <= value <= 1.0, f"{name} must be in [0, 1], got {value}")
+
+
+def validate_model(cfg: ModelConfig) -> None:
+    ref = cfg.pretrained
+    if ref in TINY_MODELS:
+        pass
+    elif is_local_path(ref):
+        path = os.path.expanduser(ref)
+        _check(os.path.isdir(path), f"model.pretrained: folder {ref!r} does not exist")
+        _check(
+            os.path.isfile(os.path.join(path, "model_index.json")),
+            f"model.pretrained: {ref!r} is not a diffusers pipeline folder (no model_index.json)",
+        )
+    else:
+        _check(bool(HUB_ID.match(ref)), f"model.pretrained: {ref!r} is neither a folder nor a hub id")
+    _check(
+        cfg.device == "auto" or re.fullmatch(r"cpu|cuda(:\d+)?|mps", cfg.device) is not None,
+        f"model.device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}",
+    )
+
+
+def validate_generate(cfg: GenerateConfig, label: LabelConfig) -> None:
+    _check(cfg.num_images >= 0, f"generate.num_images must be >= 0, got {cfg.num_images}")
+    _check(cfg.batch_size >= 1, f"generate.batch_size must be >= 1, got {cfg.batch_size}")
+    _check(cfg.steps >= 1, f"generate.steps must be >= 1, got {cfg.steps}")
+    _check(cfg.guidance_scale >= 0, f"generate.guidance_scale must be >= 0, got {cfg.guidance_scale}")
+    # The captured layers sit at latent / (self_factor, cross_factor): sizes must divide down.
+    unit = 8 * max(label.cross_factor, label.self_factor)
+    for name in ("height", "width"):
+        value = getattr(cfg, name)
+        _check(value > 0 and value % 8 == 0, f"generate.{name} must be a positive multiple of 8, got {value}")
+        _check(
+            value % unit == 0,
+            f"generate.{name} must be a multiple of {unit} (8 x label.cross_factor), got {value}",
+        )
+    _check(len(cfg.classes) > 0, "generate.classes is empty")
+    for name in cfg.classes:
+        try:
+            canonical(name)
+        except ValueError as err:
+            raise ConfigError(f"generate.classes: {err}") from None
+    _check(cfg.max_classes_per_prompt >= 1, "generate.max_classes_per_prompt must be >= 1")
+    if cfg.prompts_file is not None:
+        _check(os.path.isfile(cfg.prompts_file), f"generate.prompts_file: {cfg.prompts_file!r} does not exist")
+    _check(
+        cfg.prompt_source in ("templates", "file", "llm"),
+        f"generate.prompt_source must be templates, file or llm, got {cfg.prompt_source!r}",
+    )
+    _check(
+        (cfg.prompts_file is not None) == (cfg.prompt_source == "file"),
+        "generate.prompts_file is read only with generate.prompt_source: file, and that source needs it "
+        f"(prompt_source {cfg.prompt_source!r}, prompts_file {cfg.prompts_file!r})",
+    )
+    if cfg.prompt_source == "llm":
+        validate_llm(cfg)
+
+
+def validate_llm(cfg: GenerateConfig) -> None:
+    ref = cfg.llm
+    if is_local_path(ref):
+        path = os.path.expanduser(ref)
+        _check(os.path.isdir(path), f"generate.llm: folder {ref!r} does not exist")
+        _check(os.path.isfile(os.path.join(path, "config.json")), f"generate.llm: {ref!r} holds no model (no config.json)")
+    else:
+        _check(bool(HUB_ID.match(ref)), f"generate.llm: {ref!r} is neither a folder nor a hub id")
+    for name in ("llm_captions_per_request", "llm_batch_size"):
+        _check(getattr(cfg, name) >= 1, f"generate.{name} must be >= 1, got {getattr(cfg, name)}")
+    _check(cfg.llm_temperature > 0, f"generate.llm_temperature must be > 0, got {cfg.llm_temperature}")
+    _check(0 < cfg.llm_top_p <= 1, f"generate.llm_top_p must be in (0, 1], got {cfg.llm_top_p}")
+
+
+def validate_label(cfg: LabelConfig) -> None:
+    _check(cfg.tau >= 0, f"label.tau must be >= 0, got {cfg.tau}")
+    for name in ("fg_threshold", "band_threshold", "presence_threshold"):
+        _fraction(f"label.{name}", getattr(cfg, name))
+    _check(
+        cfg.band_threshold <= cfg.fg_threshold,
+        f"label.band_threshold ({cfg.band_threshold}) must not exceed label.fg_threshold ({cfg.fg_threshold})",
+    )
+    for name in ("cross_factor", "self_factor"):
+        value = getattr(cfg, name)
+        _check(value >= 1 and value & (value - 1) == 0, f"label.{name} must be a power of 2, got {value}")
+    _check(0 < cfg.refine_kernel <= 1, f"label.refine_kernel must be in (0, 1], got {cfg.refine_kernel}")
+    _check(cfg.refine_eps > 0, f"label.refine_eps must be > 0, got {cfg.refine_eps}")
+    _check(cfg.refine_work_side >= 8, f"label.refine_work_side must be >= 8, got {cfg.refine_work_side}")
+    _check(0.5 < cfg.prior_confidence <= 1, f"label.prior_confidence must be in (0.5, 1], got {cfg.prior_confidence}")
+
+
+def validate_train(cfg: TrainConfig) -> None:
+    for name in ("max_steps", "batch_size", "crop_size", "num_nodes", "log_every", "val_every", "checkpoint_every"):
+        _check(getattr(cfg, name) >= 1, f"train.{name} must be >= 1, got {getattr(cfg, name)}")
+    _check(cfg.num_workers >= 0, f"train.num_workers must be >= 0, got {cfg.num_workers}")
+    _check(cfg.lr > 0, f"train.lr must be > 0, got {cfg.lr}")
+    _check(0 < cfg.scale_min <= cfg.scale_max, "train.scale_min must be > 0 and <= train.scale_max")
+    _fraction("train.momentum", cfg.momentum)
+    _check(cfg.val_panels >= 0, f"train.val_panels must be >= 0, got {cfg.val_panels}")
+    _check(device_count(cfg.devices) != 0, "train.devices must not be 0; use 'auto' or a device count")
+    # Flags such as --arch are mapped onto the config after parsing, past jsonargparse's type check.
+    hints = get_type_hints(TrainConfig)
+    for name in ("arch", "logger"):
+        allowed = get_args(hints[name])
+        value = getattr(cfg, name)
+        _check(value in allowed, f"train.{name} must be one of {', '.join(allowed)}, got {value!r}")
+    if cfg.backbone_weights not in ("imagenet", "none"):
+        _check(
+            os.path.isfile(os.path.expanduser(cfg.backbone_weights)),
+            f"train.backbone_weights: file {cfg.backbone_weights!r} does not exist",
+        )
+
+
+def validate_refine(cfg: RefineConfig) -> None:
+    _check(cfg.folds >= 2, f"refine.folds must be >= 2, got {cfg.folds}")
+    for name in (
+        "relabel_confidence", "min_reliability", "max_core_agreement", "keep_confidence", "drop_fraction", "min_weight",
+        "label_sure", "confidence_weight",
+    ):
+        _fraction(f"refine.{name}", getattr(cfg, name))
+    _check(0 <= cfg.core_margin < 0.5, f"refine.core_margin must be in [0, 0.5), got {cfg.core_margin}")
+    _check(cfg.min_class_pixels >= 0, f"refine.min_class_pixels must be >= 0, got {cfg.min_class_pixels}")
+    _check(cfg.drop_fraction < 1, "refine.drop_fraction must be < 1")
+    _check(cfg.weakness_power >= 0, f"refine.weakness_power must be >= 0, got {cfg.weakness_power}")
+
+
+def validate_loop(cfg: LoopConfig) -> None:
+    _check(cfg.rounds >= 1, f"loop.rounds must be >= 1, got {cfg.rounds}")
+    _check(
+        1 <= cfg.max_pairs <= MAX_PAIRS,
+        f"loop.max_pairs must be in [1, {MAX_PAIRS}] (the competition's limit), got {cfg.max_pairs}",
+    )
+    _check(cfg.round_steps >= 1, f"loop.round_steps must be >= 1, got {cfg.round_steps}")
+    if cfg.source == "sd":
+        _check(
+            cfg.generate_total >= cfg.rounds,
+            f"loop.generate_total ({cfg.generate_total}) is smaller than the number of rounds ({cfg.rounds})",
+        )
+        # 'front' gives round 0 half: the other half must still give every later round an image.
+        later = cfg.generate_total - (cfg.generate_total + 1) // 2
+        _check(
+            cfg.budget_split != "front" or cfg.rounds == 1 or later >= cfg.rounds - 1,
+            f"loop.generate_total ({cfg.generate_total}) leaves a round without images under budget_split "
+            f"'front' with {cfg.rounds} rounds; raise it or use budget_split 'equal'",
+        )
+    elif cfg.source.startswith("folder:"):
+        path = cfg.source[len("folder:"):]
+        _check(os.path.isdir(path), f"loop.source: folder {path!r} does not exist")
+    else:
+        _check(False, f"loop.source must be 'sd' or 'folder:PATH', got {cfg.source!r}")
+
+
+def validate(cfg: Config) -> Config:
+    """Check every section; raise ConfigError with one line on the first bad value."""
+    _check(bool(re.fullmatch(r"[\w.-]+", cfg.name)), f"name must be letters, digits, '.', '_' or '-', got {cfg.name!r}")
+    _check(0 <= cfg.seed < 2**63, f"seed must be in [0, 2**63), got {cfg.seed}")
+    validate_model(cfg.model)
+    validate_label(cfg.label)
+    validate_generate(cfg.generate, cfg.label)
+    validate_train(cfg.train)
+    validate_refine(cfg.refine)
+    validate_loop(cfg.loop)
+    return cfg
