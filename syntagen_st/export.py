@@ -38,17 +38,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.zip:
         check_out(out.with_name(out.name + ".zip"), "--zip: the zip", file=True)
     cfg = load_config_file(run.config)
+    check_finished(run, cfg)
     with exclusive(run.lock, str(run.root)):
+        check_finished(run, cfg)  # again: a fit may have ended between the two
         return _export(run, cfg, out, ns.zip, not ns.no_progress)
 
 
-def _export(run: RunLayout, cfg: Config, out: Path, zip_too: bool, progress: bool) -> int:
+def check_finished(run: RunLayout, cfg: Config) -> None:
+    """Every round of the run is done: the export reads each round's labels and weights."""
     missing = unfinished_round(RunState(run).done(), cfg.loop.rounds, cfg.refine.folds)
     if missing == 0 and not RunState(run).done():
         raise UserError(f"{run.root}: no round of fit has run on it (a folder made by generate holds samples only); "
                         "run fit on it to make an entry")
     if missing is not None:
         raise UserError(f"{run.root}: round {missing + 1} of {cfg.loop.rounds} not finished; rerun fit to resume")
+
+
+def _export(run: RunLayout, cfg: Config, out: Path, zip_too: bool, progress: bool) -> int:
     # The final model trained on RUN/export: its checksum belongs to an export of the same files.
     fitted = read_submission(run.export.root) if run.export.submission.is_file() else {}
     submission = export_run(cfg, run, selected(run, cfg), out, progress=progress)
