@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from .core.cli import config_from, config_parser, run_main
+from .core.cli import check_out, config_from, config_parser, run_main
 from .core.device import resolve_device
 from .core.errors import UserError
 from .core.store import atomic_write_json, sha256_file
@@ -35,6 +35,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = config_from(parser, ns)
     if (ns.voc_root is None) == (ns.data is None):
         raise UserError("give exactly one of --voc-root PATH or --data PATH")
+    if ns.out:
+        check_out(ns.out, file=True)
     samples = find_voc_samples(ns.voc_root, "val") if ns.voc_root is not None else find_samples(ns.data, "val")
     weights = resolve_weights(ns.target)
     model = load_model(weights)

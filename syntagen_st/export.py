@@ -13,10 +13,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .core.cli import command_parser, load_config_file, run_main
+from .core.cli import check_out, command_parser, load_config_file, run_main
+from .core.config import Config
 from .core.errors import UserError
 from .core.layout import EntryLayout, RunLayout
-from .selftrain.selection import selected
+from .core.lock import exclusive
+from .selftrain.runner import RunState
+from .selftrain.selection import selected, unfinished_round
 from .submission.export import export_run, not_an_entry_warning, read_submission, record_model, write_zip
 
 PROG = "syntagen_st.export"
@@ -29,13 +32,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="the export folder (an earlier export there is replaced)")
     parser.add_argument("--zip", action="store_true", help="also write OUT.zip (deterministic, no links)")
     ns = parser.parse_args(argv)
-    run, out = RunLayout(ns.run), Path(ns.out)
+    run, out = RunLayout(ns.run), check_out(ns.out)
     if not run.config.is_file() or not run.pool.root.is_dir():
         raise UserError(f"{run.root}: not a run folder (no config.yaml and pool/)")
+    if ns.zip:
+        check_out(out.with_name(out.name + ".zip"), "--zip: the zip", file=True)
     cfg = load_config_file(run.config)
+    check_finished(run, cfg)
+    with exclusive(run.lock, str(run.root)):
+        check_finished(run, cfg)  # again: a fit may have ended between the two
+        return _export(run, cfg, out, ns.zip, not ns.no_progress)
+
+
+def check_finished(run: RunLayout, cfg: Config) -> None:
+    """Every round of the run is done: the export reads each round's labels and weights."""
+    missing = unfinished_round(RunState(run).done(), cfg.loop.rounds, cfg.refine.folds)
+    if missing == 0 and not RunState(run).done():
+        raise UserError(f"{run.root}: no round of fit has run on it (a folder made by generate holds samples only); "
+                        "run fit on it to make an entry")
+    if missing is not None:
+        raise UserError(f"{run.root}: round {missing + 1} of {cfg.loop.rounds} not finished; rerun fit to resume")
+
+
+def _export(run: RunLayout, cfg: Config, out: Path, zip_too: bool, progress: bool) -> int:
     # The final model trained on RUN/export: its checksum belongs to an export of the same files.
     fitted = read_submission(run.export.root) if run.export.submission.is_file() else {}
-    submission = export_run(cfg, run, selected(run, cfg), out, progress=not ns.no_progress)
+    submission = export_run(cfg, run, selected(run, cfg), out, progress=progress)
     print(f"exported {submission['pairs']} pairs to {out} (image/, mask/, train.txt, VOCdevkit/, "
           f"{EntryLayout.SUBMISSION}, {EntryLayout.CARD})")
     if fitted.get("model_sha256") and fitted.get("files") == submission["files"]:
@@ -43,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"final model sha256: {fitted['model_sha256']}")
     else:
         print(f"final model sha256: none: no final model of {run.root} was trained on these files (run fit to the end)")
-    if ns.zip:
+    if zip_too:
         zip_path = out.with_name(out.name + ".zip")
         print(f"zip: {zip_path} sha256 {write_zip(out, zip_path)}")
     warning = not_an_entry_warning(read_submission(out))

@@ -11,10 +11,11 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from .core.cli import config_from, config_parser, prepare_run_folder, run_main
+from .core.cli import check_out, check_run_folder, config_from, config_parser, prepare_run_folder, run_main
 from .core.config import NEUTRAL_KEYS, Config
 from .core.errors import first_line
 from .core.layout import RunLayout
+from .core.lock import exclusive
 from .core.rules import ENTRY_SIZE
 from .generation.preflight import preflight
 from .reporting.page import write_report
@@ -22,12 +23,14 @@ from .scaleout.dist import launch
 from .scaleout.watch import watched
 from .segmentation.data import find_samples, find_voc_samples
 from .selftrain.loop import run_loop
+from .selftrain.resume import plan_resume
 from .selftrain.steps import Job
 from .submission.export import not_an_entry_warning, read_submission
 
 PROG = "syntagen_st.fit"
 RESUMABLE_KEYS = {"loop.rounds", "loop.generate_total", "loop.max_pairs", "loop.round_steps", "train"}
-"""Settings a run may continue with after a change (--resume): the later steps use the new values."""
+"""Settings a run may continue with after a change (--resume), where no round already begun depends
+on them (``selftrain.resume``): the later steps, the export and the final training use the new values."""
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     cfg = config_from(parser, ns)
     # Everything a user can get wrong is checked before the run folder is touched.
+    run = RunLayout(check_out(ns.out or f"runs/{cfg.name}"))
+    folder = {"free": set(NEUTRAL_KEYS), "overwrite": ns.overwrite, "resume": ns.resume, "resumable": RESUMABLE_KEYS,
+              "plan_resume": plan_resume(run, cfg, set(NEUTRAL_KEYS))}
+    check_run_folder(run.root, cfg, **folder)
     if cfg.loop.source.startswith("folder:"):
         find_samples(cfg.loop.source[len("folder:"):])
     if ns.voc_root:
@@ -84,12 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"then {loop.rounds} rounds x {cfg.refine.folds} fold models x {loop.round_steps} steps, and a final "
                   f"{train.arch} training of {train.max_steps:,} steps at batch {train.batch_size}"
                   + (f" over {dist.world} processes" if dist.world > 1 else ""), flush=True)
-        run = RunLayout(ns.out or f"runs/{cfg.name}")
-        dist.main_first(lambda: prepare_run_folder(
-            run.root, cfg, set(NEUTRAL_KEYS), overwrite=ns.overwrite, resume=ns.resume, resumable=RESUMABLE_KEYS,
-        ), others=False)
-        job = Job(cfg, run, dist, progress=not ns.no_progress, voc_root=ns.voc_root, keep_checkpoints=ns.keep_checkpoints)
-        run_loop(job, after_round=report_writer(run))
+        with dist.main_holds(exclusive(run.lock, str(run.root))):
+            dist.main_first(lambda: prepare_run_folder(run.root, cfg, **folder), others=False)
+            job = Job(cfg, run, dist, progress=not ns.no_progress, voc_root=ns.voc_root,
+                      keep_checkpoints=ns.keep_checkpoints)
+            run_loop(job, after_round=report_writer(run))
         if not dist.is_main:
             return 0
         print(f"done: {run.export.root} ({run.export.submission}), model sha256 {run.final.read_checksum()}")

@@ -10,9 +10,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .core.cli import config_from, config_parser, prepare_run_folder, run_main
+from .core.cli import check_out, check_run_folder, config_from, config_parser, prepare_run_folder, run_main
 from .core.config import NEUTRAL_KEYS
 from .core.layout import RunLayout
+from .core.lock import exclusive
 from .generation.preflight import preflight
 from .generation.sampler import SampleGenerator
 from .prompts.rounds import round_records
@@ -33,18 +34,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="delete an existing folder and start again")
     ns = parser.parse_args(argv)
     cfg = config_from(parser, ns)
+    run = RunLayout(check_out(ns.out))
+    check_run_folder(run.root, cfg, FREE_KEYS, overwrite=ns.overwrite)
     # --devices N: N processes, each generating its share of the batches (rank 0 owns the folder).
     # Generation has no batch to split: any device count will do.
     dist = launch(cfg.train, split_batch=False)
     with watched(dist, PROG):
         if dist.is_main:
             print(preflight(cfg, cfg.generate.num_images), flush=True)
-        run = RunLayout(ns.out)
-        dist.main_first(lambda: prepare_run_folder(run.root, cfg, FREE_KEYS, overwrite=ns.overwrite), others=False)
-        # Prompts first: a language model writing them is freed before Stable Diffusion loads.
-        records = dist.from_main(lambda: round_records(cfg, 0, cfg.generate.num_images, run=run))
-        made = SampleGenerator(cfg, device=dist.device).fill(run.pool, records, not ns.no_progress, dist)
-        made = int(dist.all_reduce_sum(np.array([made], np.int64))[0])
+        with dist.main_holds(exclusive(run.lock, str(run.root))):
+            dist.main_first(lambda: prepare_run_folder(run.root, cfg, FREE_KEYS, overwrite=ns.overwrite), others=False)
+            # Prompts first: a language model writing them is freed before Stable Diffusion loads.
+            records = dist.from_main(lambda: round_records(cfg, 0, cfg.generate.num_images, run=run))
+            made = SampleGenerator(cfg, device=dist.device).fill(run.pool, records, not ns.no_progress, dist)
+            made = int(dist.all_reduce_sum(np.array([made], np.int64))[0])
         if dist.is_main:
             print(f"{made} new samples; the pool at {run.pool.root} holds {len(run.pool.done_ids())}")
     return 0

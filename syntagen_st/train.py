@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .core.cli import config_from, config_parser, run_main
+from .core.cli import check_out, config_from, config_parser, run_main
 from .core.layout import TrainOutput
+from .core.lock import exclusive
 from .scaleout.dist import training_world
+from .segmentation.data import find_samples
 from .segmentation.trainer import train
 
 PROG = "syntagen_st.train"
@@ -30,9 +32,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     cfg = config_from(parser, ns)
     training_world(cfg.train)  # a device count that cannot share the batch is refused before the folder exists
-    out = TrainOutput(ns.out)
-    weights = train(cfg.train, ns.data, out.root, ns.val_data, seed=cfg.seed,
-                    run_name=cfg.name if cfg.name != "run" else None, progress=not ns.no_progress)
+    out = TrainOutput(check_out(ns.out))
+    # The datasets are read before the output folder (and its lock) is made.
+    data = find_samples(ns.data, "train")
+    val_data = find_samples(ns.val_data, "val") if ns.val_data is not None else None
+    with exclusive(out.lock, str(out.root)):
+        weights = train(cfg.train, data, out.root, val_data, seed=cfg.seed,
+                        run_name=cfg.name if cfg.name != "run" else None, progress=not ns.no_progress)
     print(f"weights: {weights}\nsha256: {out.read_checksum()}")
     return 0
 

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from conftest import SMALL, SMOKE, run_cli, run_tree
 from PIL import Image
 
 from syntagen_st import fit as fit_mod
+from syntagen_st import reproduce as reproduce_mod
 from syntagen_st.core.store import load_mask, save_mask
 from syntagen_st.selftrain import refine as refine_mod
 from syntagen_st.selftrain.pool import assign_folds, round_budgets
@@ -185,29 +187,45 @@ def _fit(*argv: str) -> None:
 @pytest.mark.slow
 def test_redone_refine_and_resume_with_more_rounds(tmp_path, capsys):
     out = tmp_path / "run"
-    _fit("--out", str(out))
+    # 'equal' shares: 2 rounds of 6 images, which a 3-round run of 18 begins with too.
+    _fit("--out", str(out), "--loop.budget_split", "equal")
     round1 = {p: p.read_bytes() for p in sorted((out / "rounds" / "1").rglob("*")) if p.is_file() and "fold" not in str(p)}
 
     # Killed after round 1's samples.jsonl was written but before the step was marked done:
     # the redo must read the labels of round 0, not its own.
     state = json.loads((out / "state.json").read_text())
     (out / "state.json").write_text(json.dumps({"done": state["done"][: state["done"].index("round1/refine")]}))
-    _fit("--out", str(out))
+    _fit("--out", str(out), "--loop.budget_split", "equal")
     assert {p: p.read_bytes() for p in round1} == round1
 
-    # More rounds: the new round gets the raised budget, and the export and final model follow.
+    # A change the begun rounds depend on is refused, naming the keys: another seed, fewer rounds,
+    # or a budget a run from scratch would share out otherwise (the entry could not be reproduced).
+    equal = ("--loop.budget_split", "equal")
+    for argv, why in ((["--rounds", "3", "--seed", "1"], "seed: 0 -> 1"), (["--rounds", "1"], "loop.rounds: 2 -> 1"),
+                      (["--rounds", "3", "--loop.generate_total", "15"], "round 1 generates 5 images with them, not 6")):
+        assert why in _refused(capsys, *SMALL, *equal, "--out", str(out), *argv, "--resume")
+
+    # More rounds where the begun ones stay the same: the new round gets its share, and the export,
+    # the final model, submission.json, the card and the report all follow the new config.
     old_checksum = (out / "final" / "checksum.txt").read_text()
-    assert "cannot resume" in _refused(capsys, *SMALL, "--out", str(out), "--rounds", "3", "--seed", "1", "--resume")
-    _fit("--out", str(out), "--rounds", "3", "--loop.generate_total", "15", "--resume")
+    _fit("--out", str(out), *equal, "--rounds", "3", "--loop.generate_total", "18", "--resume")
     assert sum(1 for r in json.loads("[" + ",".join(
         line for f in (out / "pool" / "manifest").glob("*.jsonl") for line in f.read_text().splitlines()) + "]")
-        if r["round"] == 2) == 3
+        if r["round"] == 2) == 6
     train_list = (out / "export" / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "train.txt").read_text()
     assert "r02_" in train_list
     assert json.loads((out / "state.json").read_text())["done"][-2:] == ["final3/export", "final3/train"]
     manifest = json.loads((out / "export" / "submission.json").read_text())
     assert manifest["model_sha256"] == (out / "final" / "checksum.txt").read_text().split()[0]
+    assert manifest["config"]["loop"]["rounds"] == 3 and manifest["config"]["loop"]["generate_total"] == 18
+    assert "3 rounds, 18 images generated" in (out / "export" / "README.md").read_text()
+    assert "3 of 3 rounds" in (out / "report" / "index.html").read_text()
     assert (out / "final" / "checksum.txt").read_text() != old_checksum
+
+    # The entry is what its config makes from scratch.
+    code, stdout, err = run_cli(reproduce_mod.main, [out / "export", "--full", "--into", tmp_path / "again"], capsys)
+    assert code == 0, stdout + err
+    assert re.search(r"ids: (\d+) and \1: same", stdout) and "final model sha256: same" in stdout
 
 
 def test_folder_source_with_a_broken_mask_stops_with_one_line(capsys, tmp_path):
@@ -256,7 +274,10 @@ def test_existing_run_with_another_config_needs_resume_or_overwrite(capsys, tmp_
     out.mkdir()
     (out / "config.yaml").write_text(Path(SMOKE).read_text())
     err = _refused(capsys, "--config", SMOKE, "--out", str(out), "--seed", "3")
-    assert "another config (seed: 0 -> 3)" in err and "--resume" in err and "--overwrite" in err
+    # A seed change cannot continue the run: --resume is not offered.
+    assert "another config (seed: 0 -> 3)" in err and "--resume" not in err and "--overwrite" in err
+    err = _refused(capsys, "--config", SMOKE, "--out", str(out), "--loop.max_pairs", "5")
+    assert "another config (loop.max_pairs: 10000 -> 5)" in err and "--resume" in err and "--overwrite" in err
 
 
 @pytest.mark.slow

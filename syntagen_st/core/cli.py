@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import errno
 import logging
+import os
 import shutil
 import sys
 from argparse import ArgumentError
@@ -19,6 +20,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsin
 from .checks import validate
 from .config import Config, config_differences
 from .errors import UserError
+from .layout import LOCK
 from .store import atomic_write_text
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if f.name not in ("seed", "name"))
@@ -109,38 +111,89 @@ def config_from_dict(values: dict) -> Config:
     return config_from(parser, parser.parse_object(values))
 
 
-def prepare_run_folder(
+def check_out(path: str | os.PathLike, flag: str = "--out", file: bool = False) -> Path:
+    """An output path the command can write, checked before any work: a file where a folder
+    belongs (or, ``file``, a folder where a file belongs), a path under a file, or a folder this
+    user cannot write in is one line."""
+    path = Path(path).expanduser()
+    if file and path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; give a file name, e.g. {path / 'metrics.json'}")
+    if not file and path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path} is a file, not a folder; choose another {flag}")
+    nearest = path if path.is_dir() else next(p for p in path.absolute().parents if p.exists())
+    if not nearest.is_dir():
+        raise UserError(f"{flag} {path}: {nearest} is a file, not a folder; choose another {flag}")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: this user cannot write in {nearest}; choose another {flag}")
+    return path
+
+
+def check_run_folder(
     root: Path, cfg: Config, free: set[str], *, overwrite: bool, resume: bool = False,
-    resumable: set[str] | None = None,
-) -> None:
-    """The one policy for a command's output folder, then its config.yaml written.
+    resumable: set[str] | None = None, plan_resume: Callable[[Config], Callable[[], None]] | None = None,
+) -> Callable[[], None] | None:
+    """The one policy for a command's output folder, checked without writing anything (a command
+    calls it before any work, and ``prepare_run_folder`` again under the folder's lock).
 
     A folder holding a run with the same config (``free`` keys aside) is continued. Another
     config needs ``--overwrite`` (delete and start again) or, where the command can continue a
-    changed run (``resumable`` keys given), ``--resume``. A non-empty folder that holds no run
-    is replaced only with --overwrite.
+    changed run (``resumable`` keys given), ``--resume``. ``plan_resume(old_config)`` then says
+    whether the run can honour the change in full (a UserError saying why when it cannot) and
+    returns what makes it continue (e.g. forgetting the steps to redo), returned here.
+    A non-empty folder that holds no run is replaced only with --overwrite.
     """
     saved = root / "config.yaml"
-    options = "pass --resume to continue it with this config or --overwrite to start again" if resumable is not None \
-        else "pass --overwrite to start again or choose another --out"
-    if saved.exists():
-        old = load_config_file(str(saved)).to_dict()
-        diffs = config_differences(old, cfg.to_dict(), free)
-        if diffs and not (resume or overwrite):
-            raise UserError(f"{root} holds a run with another config ({'; '.join(diffs[:3])}); {options}")
-        fixed = config_differences(old, cfg.to_dict(), free | (resumable or set()))
-        if resume and fixed:
-            raise UserError(
-                f"cannot resume {root} with changed {'; '.join(fixed[:3])}: its samples and folds depend on "
-                "them; pass --overwrite to start again"
-            )
-    # A folder holding only prompts/ is a run to start: saved prompts regenerate without the LLM.
-    elif root.exists() and any(p.name != "prompts" for p in root.iterdir()) and not overwrite:
-        raise UserError(f"{root} exists and is not a syntagen_st run; choose another --out or pass --overwrite")
-    if overwrite and root.exists():
-        shutil.rmtree(root)
+    if overwrite:
+        return None
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--out {root} is a file, not a folder; choose another --out")
+    if not saved.exists():
+        # A folder holding only prompts/ is a run to start: saved prompts regenerate without the LLM.
+        if root.is_dir() and any(p.name not in ("prompts", LOCK) for p in root.iterdir()):
+            raise UserError(f"{root} exists and is not a syntagen_st run; choose another --out or pass --overwrite")
+        return None
+    previous = load_config_file(str(saved))
+    diffs = "; ".join(config_differences(previous.to_dict(), cfg.to_dict(), free)[:3])
+    if not diffs:
+        return None
+    if resumable is None:
+        raise UserError(f"{root} holds a run with another config ({diffs}); "
+                        "pass --overwrite to start again or choose another --out")
+    try:
+        if config_differences(previous.to_dict(), cfg.to_dict(), free | resumable):
+            raise UserError("its samples and folds depend on them")
+        redo = plan_resume(previous) if plan_resume is not None else None
+    except UserError as why:
+        start = f"cannot resume {root} with changed {diffs}" if resume else \
+            f"{root} holds a run with another config ({diffs}), which cannot continue it"
+        raise UserError(f"{start}: {why}; pass --overwrite to start again or choose another --out") from None
+    if not resume:
+        raise UserError(f"{root} holds a run with another config ({diffs}); "
+                        "pass --resume to continue it with this config or --overwrite to start again")
+    return redo
+
+
+def prepare_run_folder(
+    root: Path, cfg: Config, free: set[str], *, overwrite: bool, resume: bool = False,
+    resumable: set[str] | None = None, plan_resume: Callable[[Config], Callable[[], None]] | None = None,
+) -> None:
+    """``check_run_folder``, then the folder made (emptied with ``overwrite``, the continuation of a
+    changed run prepared) and its config.yaml written last."""
+    redo = check_run_folder(root, cfg, free, overwrite=overwrite, resume=resume, resumable=resumable,
+                            plan_resume=plan_resume)
+    if redo is not None:
+        redo()
+    if overwrite and root.is_dir():
+        # The lock stays: this command holds it.
+        for path in root.iterdir():
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.name != LOCK:
+                path.unlink()
+    elif overwrite and root.exists():
+        root.unlink()
     root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(saved, cfg.to_yaml())
+    atomic_write_text(root / "config.yaml", cfg.to_yaml())
 
 
 _MACHINE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EMFILE}

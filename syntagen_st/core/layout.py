@@ -2,7 +2,7 @@
 
 A run folder (``fit`` and ``generate`` write it)::
 
-    config.yaml  state.json
+    config.yaml  state.json  .lock                  .lock: held by the command writing the folder
     pool/{images,masks,scores,manifest}/          the samples with their attention labels
     prompts/round<r>.jsonl  round<r>.stats.json   each round's prompt records (and the LLM's counts)
     rounds/<r>/fold<k>/                           a training output (below) per fold model
@@ -87,11 +87,16 @@ def round_tasks(folds: int) -> list[str]:
     return ["data", *(f"fold{k}" for k in range(folds)), "refine"]
 
 
+LOCK = ".lock"
+"""The file a command holds (flock) while it writes a run folder or a training output."""
+
+
 class TrainOutput:
     """The folder of one training: weights, checksum, checkpoint, settings, metrics."""
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
+        self.lock = self.root / LOCK
         self.weights = self.root / "model.safetensors"
         self.checksum = self.root / "checksum.txt"
         self.checkpoints = self.root / "checkpoints"
@@ -140,6 +145,7 @@ class RunLayout:
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
         self.config = self.root / "config.yaml"
+        self.lock = self.root / LOCK
         self.state = self.root / "state.json"
         self.pool = Pool(self.root / "pool")
         self.prompts_dir = self.root / "prompts"

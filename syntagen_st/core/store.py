@@ -6,6 +6,7 @@ sees half a file. A manifest shard is written only after the files its rows desc
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -25,9 +26,30 @@ from .errors import UserError
 from .rules import check_pixels
 
 
+def umask() -> int:
+    """This process's umask, read without changing it (Linux's /proc; elsewhere set and restored
+    once, the only way POSIX offers)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return _umask_once()
+
+
+@functools.cache
+def _umask_once() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
-    """A binary file that appears at ``path`` only once the block finishes without an error."""
+    """A binary file that appears at ``path`` only once the block finishes without an error,
+    readable as the umask says (a plain ``open`` would give 0666 & ~umask; mkstemp gives 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -35,6 +57,7 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

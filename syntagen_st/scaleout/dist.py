@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -106,6 +106,14 @@ class Dist:
         if others and not self.is_main:
             out = fn()
         return out
+
+    @contextmanager
+    def main_holds(self, context: AbstractContextManager) -> Iterator[None]:
+        """``context`` held by rank 0 alone for the block, e.g. the run folder's lock: rank 0 owns
+        the folder. An error on entering it stops every rank with rank 0's message."""
+        with ExitStack() as held:
+            self.main_first(lambda: held.enter_context(context), others=False)
+            yield
 
     def from_main(self, fn: Callable[[], T]) -> T:
         """Rank 0's ``fn()`` on every rank: one reading of the run folder for all of them (on a

@@ -1,4 +1,5 @@
-"""Reading Lightning checkpoints without unpickling arbitrary objects.
+"""Lightning checkpoints: written atomically beside their target, read without unpickling
+arbitrary objects.
 
 A ``.ckpt`` is a pickle: ``torch.load(weights_only=False)`` runs whatever code a crafted file
 holds. Ours hold only tensors, containers and plain values (plus Lightning's AttributeDict in
@@ -13,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning_fabric.plugins import TorchCheckpointIO
 from pytorch_lightning.utilities.parsing import AttributeDict
 
 from ..core.errors import DAMAGED_FILE_ERRORS, UserError, first_line
+from ..core.store import atomic_writer
 
 ALLOWED_GLOBALS = [AttributeDict]
 """The only non-builtin types a syntagen_st training checkpoint may hold."""
@@ -39,3 +42,16 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(ckpt, dict):
         raise UserError(f"{path}: not a training checkpoint (a {type(ckpt).__name__}, not a dict)")
     return ckpt
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer through the project's atomic writer: the temporary file lies
+    in the checkpoint's own folder and is renamed over it (Lightning's own stages it in /tmp and
+    copies it across file systems, so a full disk left a truncated last.ckpt), with the umask's
+    permissions."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        with atomic_writer(path) as f:
+            torch.save(checkpoint, f)

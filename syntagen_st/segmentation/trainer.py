@@ -23,7 +23,7 @@ from ..core.errors import UserError
 from ..core.layout import TrainOutput
 from ..core.store import atomic_write_json, atomic_write_text
 from ..scaleout.dist import SINGLE, Dist, acting_as_rank_zero, devices_checked
-from .checkpoints import read_checkpoint
+from .checkpoints import AtomicCheckpointIO, read_checkpoint
 from .data import Sample, find_samples
 from .loggers import make_logger
 from .metrics import summarize
@@ -147,7 +147,7 @@ def _train(
             val_check_interval=min(cfg.val_every, cfg.max_steps) if val_samples else None,
             check_val_every_n_epoch=None, num_sanity_val_steps=0, benchmark=torch.cuda.is_available(),
             enable_progress_bar=progress,
-            enable_model_summary=False,
+            enable_model_summary=False, plugins=[AtomicCheckpointIO()],
         )
     per_device = dataclasses.replace(cfg, batch_size=per_device_batch(cfg, trainer.world_size))
     datamodule = SegDataModule(train_samples, per_device, val_samples)

@@ -48,6 +48,15 @@ class RunState:
             state.setdefault("seconds", {})[step] = round(seconds, 3)
         atomic_write_json(self.path, state)
 
+    def forget(self, which: Callable[[str], bool]) -> None:
+        """Mark the done steps ``which`` names as not done (their durations go with them)."""
+        if not self.path.exists():
+            return
+        state = json.loads(self.path.read_text())
+        state["done"] = [step for step in self.done() if not which(step)]
+        state["seconds"] = {k: v for k, v in state.get("seconds", {}).items() if not which(k)}
+        atomic_write_json(self.path, state)
+
 
 class StepRunner:
     """Runs steps over the ranks of ``dist``; ``title`` names a step as it starts (rank 0 prints it)."""

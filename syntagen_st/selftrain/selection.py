@@ -7,7 +7,7 @@ import json
 import numpy as np
 
 from ..core.config import Config
-from ..core.layout import RunLayout
+from ..core.layout import RunLayout, round_step, round_tasks
 from ..core.store import read_jsonl
 from ..segmentation.data import Sample
 from .pool import Active, active_samples
@@ -32,3 +32,12 @@ def selected(run: RunLayout, cfg: Config) -> list[Sample]:
 
     active = sorted(active_samples(run), key=lambda a: (-value(a), a.id))
     return sorted((a.sample for a in active[: cfg.loop.max_pairs]), key=lambda s: s.image.stem)
+
+
+def unfinished_round(done: list[str], rounds: int, folds: int) -> int | None:
+    """The first of ``rounds`` rounds with a step not in ``done`` (state.json's list), or None:
+    the export reads every round's labels and weights."""
+    for r in range(rounds):
+        if any(round_step(r, task) not in done for task in round_tasks(folds)):
+            return r
+    return None
