@@ -13,13 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .core.cli import check_out, config_from, config_parser, run_main
-from .core.device import resolve_device
 from .core.errors import UserError
 from .core.store import atomic_write_json, sha256_file
-from .segmentation.data import find_samples, find_voc_samples
-from .segmentation.evaluate import evaluate, resolve_weights
-from .segmentation.metrics import format_table
-from .segmentation.network import load_model
 
 PROG = "syntagen_st.evaluate"
 
@@ -33,6 +28,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     ns = parser.parse_args(argv)
     cfg = config_from(parser, ns)
+    # The stages load torch, diffusers and Lightning: only once the flags and the config are good.
+    from .core.device import resolve_device
+    from .segmentation.data import find_samples, find_voc_samples
+    from .segmentation.evaluate import evaluate, resolve_weights
+    from .segmentation.metrics import format_table
+    from .segmentation.network import load_model
     if (ns.voc_root is None) == (ns.data is None):
         raise UserError("give exactly one of --voc-root PATH or --data PATH")
     if ns.out:

@@ -18,9 +18,6 @@ from .core.config import Config
 from .core.errors import UserError
 from .core.layout import EntryLayout, RunLayout
 from .core.lock import exclusive
-from .selftrain.runner import RunState
-from .selftrain.selection import selected, unfinished_round
-from .submission.export import export_run, not_an_entry_warning, read_submission, record_model, write_zip
 
 PROG = "syntagen_st.export"
 
@@ -46,6 +43,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def check_finished(run: RunLayout, cfg: Config) -> None:
     """Every round of the run is done: the export reads each round's labels and weights."""
+    # The stages load torch and Lightning: only once the flags are known to be good.
+    from .selftrain.runner import RunState
+    from .selftrain.selection import unfinished_round
+
     missing = unfinished_round(RunState(run).done(), cfg.loop.rounds, cfg.refine.folds)
     if missing == 0 and not RunState(run).done():
         raise UserError(f"{run.root}: no round of fit has run on it (a folder made by generate holds samples only); "
@@ -55,6 +56,9 @@ def check_finished(run: RunLayout, cfg: Config) -> None:
 
 
 def _export(run: RunLayout, cfg: Config, out: Path, zip_too: bool, progress: bool) -> int:
+    from .selftrain.selection import selected
+    from .submission.export import export_run, not_an_entry_warning, read_submission, record_model, write_zip
+
     # The final model trained on RUN/export: its checksum belongs to an export of the same files.
     fitted = read_submission(run.export.root) if run.export.submission.is_file() else {}
     submission = export_run(cfg, run, selected(run, cfg), out, progress=progress)

@@ -17,15 +17,6 @@ from .core.errors import first_line
 from .core.layout import RunLayout
 from .core.lock import exclusive
 from .core.rules import ENTRY_SIZE
-from .generation.preflight import preflight
-from .reporting.page import write_report
-from .scaleout.dist import launch
-from .scaleout.watch import watched
-from .segmentation.data import find_samples, find_voc_samples
-from .selftrain.loop import run_loop
-from .selftrain.resume import plan_resume
-from .selftrain.steps import Job
-from .submission.export import not_an_entry_warning, read_submission
 
 PROG = "syntagen_st.fit"
 RESUMABLE_KEYS = {"loop.rounds", "loop.generate_total", "loop.max_pairs", "loop.round_steps", "train"}
@@ -40,6 +31,8 @@ def report_writer(run: RunLayout):
     not the run (a bug in the report is a bug, and stops the command)."""
 
     def write() -> None:
+        from .reporting.page import write_report
+
         try:
             write_report(run.root, by_fit=True)
         except OSError as err:
@@ -72,6 +65,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     mode.add_argument("--overwrite", action="store_true", help="delete an existing run folder and start again")
     ns = parser.parse_args(argv)
     cfg = config_from(parser, ns)
+    # The stages load torch, diffusers and Lightning: only once the flags and the config are good.
+    from .generation.preflight import preflight
+    from .scaleout.dist import launch
+    from .scaleout.watch import watched
+    from .segmentation.data import find_samples, find_voc_samples
+    from .selftrain.loop import run_loop
+    from .selftrain.resume import plan_resume
+    from .selftrain.steps import Job
+    from .submission.export import not_an_entry_warning, read_submission
+
     # Everything a user can get wrong is checked before the run folder is touched.
     run = RunLayout(check_out(ns.out or f"runs/{cfg.name}"))
     folder = {"free": set(NEUTRAL_KEYS), "overwrite": ns.overwrite, "resume": ns.resume, "resumable": RESUMABLE_KEYS,

@@ -14,11 +14,7 @@ from .core.cli import check_out, check_run_folder, config_from, config_parser, p
 from .core.config import NEUTRAL_KEYS
 from .core.layout import RunLayout
 from .core.lock import exclusive
-from .generation.preflight import preflight
-from .generation.sampler import SampleGenerator
 from .prompts.rounds import round_records
-from .scaleout.dist import launch
-from .scaleout.watch import watched
 
 PROG = "syntagen_st.generate"
 FREE_KEYS = NEUTRAL_KEYS | {"train", "refine", "loop"}
@@ -34,6 +30,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="delete an existing folder and start again")
     ns = parser.parse_args(argv)
     cfg = config_from(parser, ns)
+    # The stages load torch, diffusers and Lightning: only once the flags and the config are good.
+    from .generation.preflight import preflight
+    from .generation.sampler import SampleGenerator
+    from .scaleout.dist import launch
+    from .scaleout.watch import watched
     run = RunLayout(check_out(ns.out))
     check_run_folder(run.root, cfg, FREE_KEYS, overwrite=ns.overwrite)
     # --devices N: N processes, each generating its share of the batches (rank 0 owns the folder).

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .core.cli import command_parser, run_main
-from .reporting.page import write_report
 
 PROG = "syntagen_st.report"
 
@@ -19,6 +18,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("run", help="run folder written by python -m syntagen_st.fit")
     parser.add_argument("--out", help="HTML file (default RUN/report/index.html)")
     ns = parser.parse_args(argv)
+    # The stages load torch, diffusers and Lightning: only once the flags and the config are good.
+    from .reporting.page import write_report
     path = write_report(ns.run, ns.out, progress=not ns.no_progress)
     print(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0

@@ -13,15 +13,14 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from . import fit
 from .core.cli import command_parser, run_main
 from .core.config import Config
 from .core.errors import UserError
-from .submission.reproduce import DEFAULT_SAMPLE, full, open_source, pick_ids, print_samples, regenerate, resolve_config
 
 PROG = "syntagen_st.reproduce"
+DEFAULT_SAMPLE = 8
+"""Samples regenerated without --ids or --sample."""
 
 
 def run_fit(cfg: Config, into: Path) -> None:
@@ -47,6 +46,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="regenerate in batches of N instead of each sample's recorded batch length (then not bit-exact)")
     parser.add_argument("--min-psnr", type=float, default=None, help="also accept images at or above this PSNR (dB)")
     ns = parser.parse_args(argv)
+    # The generator loads torch and diffusers: only once the flags are known to be good.
+    import torch
+
+    from .submission.reproduce import full, open_source, pick_ids, print_samples, regenerate, resolve_config
+
     if ns.sample < 1:
         raise UserError(f"--sample must be >= 1, got {ns.sample}")
     source = open_source(ns.source)

@@ -14,9 +14,6 @@ from collections.abc import Sequence
 from .core.cli import check_out, config_from, config_parser, run_main
 from .core.layout import TrainOutput
 from .core.lock import exclusive
-from .scaleout.dist import training_world
-from .segmentation.data import find_samples
-from .segmentation.trainer import train
 
 PROG = "syntagen_st.train"
 
@@ -31,6 +28,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--val-data", default=None, help="optional validation dataset (a VOC tree uses val.txt)")
     ns = parser.parse_args(argv)
     cfg = config_from(parser, ns)
+    # The stages load torch, diffusers and Lightning: only once the flags and the config are good.
+    from .scaleout.dist import training_world
+    from .segmentation.data import find_samples
+    from .segmentation.trainer import train
     training_world(cfg.train)  # a device count that cannot share the batch is refused before the folder exists
     out = TrainOutput(check_out(ns.out))
     # The datasets are read before the output folder (and its lock) is made.

@@ -170,3 +170,21 @@ def test_every_config_field_says_what_it_is_in_the_help(capsys):
     for flag, words in (("--generate.steps", "Denoising steps per image."), ("--seed", "The run seed"),
                         ("--refine.min_reliability", "The gate's lower bound")):
         assert f"{flag} " in text and words in text.rsplit(f"{flag} ", 1)[1][:300], flag  # its entry under options
+
+
+def test_a_wrong_flag_or_value_answers_before_torch_is_loaded():
+    """Flags and config are checked before the stages load torch, diffusers and Lightning (seconds)."""
+    code = (
+        "import sys, importlib, contextlib, io\n"
+        "for verb in ('fit', 'generate', 'train', 'evaluate', 'export', 'validate', 'reproduce', 'report', 'prompts'):\n"
+        "    module = importlib.import_module('syntagen_st.prompts.__main__' if verb == 'prompts' else 'syntagen_st.' + verb)\n"
+        "    for argv in (['--no-such-flag'], ['--seed', '-1']):\n"
+        "        err = io.StringIO()\n"
+        "        with contextlib.redirect_stderr(err), contextlib.suppress(SystemExit):\n"
+        "            from syntagen_st.core.cli import run_main\n"
+        "            run_main(module.main, verb, argv)\n"
+        "        assert err.getvalue().startswith(verb + ': error:'), (verb, argv, err.getvalue())\n"
+        "print(sorted(m for m in ('torch', 'diffusers', 'pytorch_lightning', 'transformers') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

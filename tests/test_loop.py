@@ -406,8 +406,11 @@ def test_overwrite_replaces_an_existing_run(monkeypatch, capsys, tmp_path):
         (job.run.root / "final").mkdir()
         (job.run.root / "final" / "checksum.txt").write_text("abc  model.safetensors\n")
 
-    monkeypatch.setattr(fit_mod, "run_loop", fake_run)
-    monkeypatch.setattr(fit_mod, "read_submission", lambda export: {"valid_entry": True})
+    import syntagen_st.selftrain.loop as loop
+    import syntagen_st.submission.export as export
+
+    monkeypatch.setattr(loop, "run_loop", fake_run)
+    monkeypatch.setattr(export, "read_submission", lambda export: {"valid_entry": True})
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.yaml").write_text(Path(SMOKE).read_text())

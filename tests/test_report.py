@@ -150,12 +150,14 @@ def test_a_report_the_disk_refuses_is_a_warning_and_a_bug_in_it_stops_the_run(tm
     def buggy(*args, **kwargs):
         raise KeyError("stats")
 
+    import syntagen_st.reporting.page as page
+
     write = fit.report_writer(RunLayout(tmp_path))
-    monkeypatch.setattr(fit, "write_report", refused)
+    monkeypatch.setattr(page, "write_report", refused)
     with caplog.at_level("WARNING", logger="syntagen_st"):
         write()
     assert "report not written: [Errno 28] No space left on device" in caplog.text
-    monkeypatch.setattr(fit, "write_report", buggy)
+    monkeypatch.setattr(page, "write_report", buggy)
     with pytest.raises(KeyError):
         write()
 

@@ -20,7 +20,6 @@ from ..core.cli import config_from, config_parser, run_main
 from ..core.errors import UserError
 from ..core.store import atomic_write_text
 from .captions import NearDuplicates, Verdict
-from .llm import check_llm
 from .records import load_prompt_file, phrase_caption
 from .rounds import llm_records, new_records
 
@@ -59,6 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--n must be >= 1, got {ns.n}")
     cfg = config_from(parser, ns)
     if cfg.generate.prompt_source == "llm":
+        from .llm import check_llm  # torch and transformers: only once the flags are good
+
         check_llm(cfg)  # seconds, not minutes of download retries
     rejections: list[Verdict] = []
     if ns.classes:

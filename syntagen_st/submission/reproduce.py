@@ -30,9 +30,6 @@ from ..prompts.records import PromptRecord
 from .bundle import Bundle, find_root
 from .export import encode_jpeg
 
-DEFAULT_SAMPLE = 8
-
-
 # ---------------------------------------------------------------- comparisons (pure)
 
 
