@@ -104,7 +104,10 @@ def test_device_names_are_checked(monkeypatch):
     ("module", "shown", "hidden"),
     [
         ("train", ["--train.arch", "--steps", "--batch-size", "--no-progress"], ["--generate.steps", "--refine.", "--loop."]),
-        ("evaluate", ["--train.num_workers", "--voc-root"], ["--generate.", "--model.", "--loop."]),
+        # evaluate reads one setting: the loader's workers.
+        ("evaluate", ["--num-workers", "--voc-root", "--data"], ["--generate.", "--model.", "--loop.", "--train.arch"]),
+        ("prompts.__main__", ["--generate.llm", "--model.pretrained", "--source", "--classes"],
+         ["--train.", "--refine.", "--loop.", "--label."]),
         # generate runs on --devices (= --train.devices), the one train setting it reads.
         ("generate", ["--generate.steps", "--model.pretrained", "--label.tau", "--num-images", "--devices"],
          ["--train.arch", "--train.max_steps", "--refine.", "--loop."]),

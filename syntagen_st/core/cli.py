@@ -37,6 +37,7 @@ SHORTCUTS = {
     "backbone_weights": "train.backbone_weights",
     "devices": "train.devices",
     "num_nodes": "train.num_nodes",
+    "num_workers": "train.num_workers",
 }
 """Short flags (``--num-images``) for the config keys a command's users set most; one table for all CLIs."""
 

@@ -46,7 +46,8 @@ def _combination_prompts(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = config_parser(f"python -m {PROG}", "Print the prompts a source writes, and why any were rejected.")
+    parser = config_parser(f"python -m {PROG}", "Print the prompts a source writes, and why any were rejected.",
+                           sections=("model", "generate"))
     parser.add_argument("--source", choices=["templates", "file", "llm"], help="shortcut for --generate.prompt_source")
     parser.add_argument("--classes", help="one combination, comma-separated (dog,sofa); default: drawn as in round 0")
     parser.add_argument("--n", type=int, default=20, help="how many prompts")
