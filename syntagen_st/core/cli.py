@@ -20,7 +20,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsin
 from .checks import validate
 from .config import Config, config_differences
 from .errors import UserError
-from .layout import LOCK
+from .layout import LOCK, RunLayout
 from .store import atomic_write_text
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if f.name not in ("seed", "name"))
@@ -143,14 +143,15 @@ def check_run_folder(
     returns what makes it continue (e.g. forgetting the steps to redo), returned here.
     A non-empty folder that holds no run is replaced only with --overwrite.
     """
-    saved = root / "config.yaml"
+    run = RunLayout(root)
+    saved = run.config
     if overwrite:
         return None
     if root.exists() and not root.is_dir():
         raise UserError(f"--out {root} is a file, not a folder; choose another --out")
     if not saved.exists():
         # A folder holding only prompts/ is a run to start: saved prompts regenerate without the LLM.
-        if root.is_dir() and any(p.name not in ("prompts", LOCK) for p in root.iterdir()):
+        if root.is_dir() and any(p.name not in (run.prompts_dir.name, LOCK) for p in root.iterdir()):
             raise UserError(f"{root} exists and is not a syntagen_st run; choose another --out or pass --overwrite")
         return None
     previous = load_config_file(str(saved))
@@ -194,7 +195,7 @@ def prepare_run_folder(
     elif overwrite and root.exists():
         root.unlink()
     root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(root / "config.yaml", cfg.to_yaml())
+    atomic_write_text(RunLayout(root).config, cfg.to_yaml())
 
 
 _MACHINE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EMFILE}

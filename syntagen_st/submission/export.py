@@ -43,7 +43,6 @@ from .card import render_card
 from .provenance import library_versions, model_identity
 
 JPEG_QUALITY = 95
-SUBMISSION, CARD, TRAIN_LIST = EntryLayout.SUBMISSION, EntryLayout.CARD, EntryLayout.TRAIN_LIST
 ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 SAMPLE_KEYS = ("round", "index", "prompt", "class_prompt", "classes", "seed", "label_source", "batch")
 
@@ -100,7 +99,7 @@ def export_entry(samples: Sequence[Sample], out: str | os.PathLike, cfg: Config,
         pixels += counts
         ids.append(sid)
     atomic_write_text(staged.train_list, "".join(f"{i}\n" for i in ids))
-    names = [TRAIN_LIST, *(EntryLayout.image_name(i) for i in ids), *(EntryLayout.mask_name(i) for i in ids)]
+    names = [EntryLayout.TRAIN_LIST, *(EntryLayout.image_name(i) for i in ids), *(EntryLayout.mask_name(i) for i in ids)]
     files = {name: sha256_file(stage / name) for name in sorted(names)}
     link_voc_tree(stage, ids)
     reasons += rules.entry_problems(False, "sd", sizes)
@@ -140,8 +139,8 @@ def _label_name(value: int) -> str:
 def _check_target(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not (out / SUBMISSION).is_file():
-        raise UserError(f"{out}: exists and is not an export (no {SUBMISSION}); choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not EntryLayout(out).submission.is_file():
+        raise UserError(f"{out}: exists and is not an export (no {EntryLayout.SUBMISSION}); choose another --out")
 
 
 def _link(target: Path, link: Path) -> None:
@@ -160,7 +159,7 @@ def link_voc_tree(root: Path, ids: list[str]) -> None:
     for sid in ids:
         _link(entry.image(sid), voc / "JPEGImages" / f"{sid}.jpg")
         _link(entry.mask(sid), voc / "SegmentationClass" / f"{sid}.png")
-    _link(entry.train_list, voc / "ImageSets" / "Segmentation" / TRAIN_LIST)
+    _link(entry.train_list, voc / "ImageSets" / "Segmentation" / entry.TRAIN_LIST)
 
 
 def _swap(stage: Path, out: Path) -> None:
@@ -177,7 +176,7 @@ def _swap(stage: Path, out: Path) -> None:
 
 
 def read_submission(export: str | os.PathLike) -> dict:
-    path = Path(export) / SUBMISSION
+    path = EntryLayout(export).submission
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -186,8 +185,9 @@ def read_submission(export: str | os.PathLike) -> dict:
 
 def write_submission(export: str | os.PathLike, submission: dict) -> None:
     """submission.json and the dataset card made from it."""
-    atomic_write_json(Path(export) / SUBMISSION, submission)
-    atomic_write_text(Path(export) / CARD, render_card(submission))
+    entry = EntryLayout(export)
+    atomic_write_json(entry.submission, submission)
+    atomic_write_text(entry.card, render_card(submission))
 
 
 def record_model(export: str | os.PathLike, model_sha256: str) -> None:
@@ -209,13 +209,13 @@ def verify_files(export: str | os.PathLike) -> None:
     for name, digest in read_submission(export)["files"].items():
         path = export / name
         if not path.is_file() or sha256_file(path) != digest:
-            raise UserError(f"{path}: missing or changed since the export (sha256 differs from {SUBMISSION}); export again")
+            raise UserError(f"{path}: missing or changed since the export (sha256 differs from {EntryLayout.SUBMISSION}); export again")
 
 
 def write_zip(export: str | os.PathLike, path: str | os.PathLike) -> str:
     """A deterministic zip of the entry layout, submission.json and the card; returns its sha256."""
     export, path = Path(export), Path(path)
-    names = [SUBMISSION, CARD, *read_submission(export)["files"]]
+    names = [EntryLayout.SUBMISSION, EntryLayout.CARD, *read_submission(export)["files"]]
     with atomic_writer(path) as f, zipfile.ZipFile(f, "w") as zf:
         for name in sorted(names):
             source = export / name
