@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from .core.cli import check_out, check_run_folder, config_from, config_parser, prepare_run_folder, run_main
 from .core.config import NEUTRAL_KEYS, Config
-from .core.errors import first_line
+from .core.errors import UserError, first_line
 from .core.layout import RunLayout
 from .core.lock import exclusive
 from .core.rules import ENTRY_SIZE
@@ -41,6 +41,14 @@ def report_writer(run: RunLayout):
     return write
 
 
+def _repair(run: RunLayout, cfg: Config, progress: bool) -> None:
+    from .selftrain.repair import repair_pool
+
+    ids = repair_pool(run, cfg, progress)
+    print(f"repaired {len(ids)} pool samples from their seeds: {', '.join(ids)}" if ids
+          else "repair: every pool sample is whole", flush=True)
+
+
 def next_commands(cfg: Config, run: RunLayout) -> str:
     """What to run after fit: export the entry and its zip, then check it (at the run's image
     size when that is not the competition's, as the smoke config's 128 px)."""
@@ -60,17 +68,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--keep-checkpoints", action="store_true",
                         help="keep each fold model's Lightning checkpoint after its round is refined (by default "
                              "they are deleted then: no resume needs them, and model.safetensors stays)")
+    parser.add_argument("--repair", action="store_true",
+                        help="first check every pool sample and regenerate the damaged ones from their seeds "
+                             "(bit-identical), then go on")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue an existing run even if the config changed")
     mode.add_argument("--overwrite", action="store_true", help="delete an existing run folder and start again")
     ns = parser.parse_args(argv)
     cfg = config_from(parser, ns)
+    if ns.repair and ns.overwrite:
+        raise UserError("--repair keeps the run and --overwrite deletes it: choose one")
     # The stages load torch, diffusers and Lightning: only once the flags and the config are good.
     from .generation.preflight import preflight
     from .scaleout.dist import launch
     from .scaleout.watch import watched
-    from .segmentation.data import find_samples, find_voc_samples
+    from .segmentation.data import SampleError, find_samples, find_voc_samples
     from .selftrain.loop import run_loop
+    from .selftrain.repair import damage_hint
     from .selftrain.resume import plan_resume
     from .selftrain.steps import Job
     from .submission.export import not_an_entry_warning, read_submission
@@ -84,21 +98,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         find_samples(cfg.loop.source[len("folder:"):])
     if ns.voc_root:
         find_voc_samples(ns.voc_root, "val")
+    if ns.repair and not RunLayout.is_run(run.root):
+        raise UserError(f"--repair: {run.root} holds no run to repair")
     # Every rank re-runs the command up to here; from here on rank 0 alone writes the run's own files.
     dist = launch(cfg.train)
     with watched(dist, PROG):
         loop, train = cfg.loop, cfg.train
+        plan = None
         if dist.is_main:
-            if cfg.loop.source == "sd":
-                print(preflight(cfg, cfg.loop.generate_total), flush=True)
-            print(f"then {loop.rounds} rounds x {cfg.refine.folds} fold models x {loop.round_steps} steps, and a final "
-                  f"{train.arch} training of {train.max_steps:,} steps at batch {train.batch_size}"
-                  + (f" over {dist.world} processes" if dist.world > 1 else ""), flush=True)
+            plan = [preflight(cfg, cfg.loop.generate_total)] if cfg.loop.source == "sd" else []
+            plan.append(f"then {loop.rounds} rounds x {cfg.refine.folds} fold models x {loop.round_steps} steps, and a "
+                        f"final {train.arch} training of {train.max_steps:,} steps at batch {train.batch_size}"
+                        + (f" over {dist.world} processes" if dist.world > 1 else ""))
+        # The lock before the plan: a second fit on a folder in use says only that.
         with dist.main_holds(exclusive(run.lock, str(run.root))):
+            if plan:
+                print("\n".join(plan), flush=True)
             dist.main_first(lambda: prepare_run_folder(run.root, cfg, **folder), others=False)
+            if ns.repair:
+                dist.main_first(lambda: _repair(run, cfg, not ns.no_progress), others=False)
             job = Job(cfg, run, dist, progress=not ns.no_progress, voc_root=ns.voc_root,
                       keep_checkpoints=ns.keep_checkpoints)
-            run_loop(job, after_round=report_writer(run))
+            try:
+                run_loop(job, after_round=report_writer(run))
+            except SampleError as err:
+                raise UserError(damage_hint(err, run)) from None
         if not dist.is_main:
             return 0
         print(f"done: {run.export.root} ({run.export.submission}), model sha256 {run.final.read_checksum()}")

@@ -41,9 +41,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Generation has no batch to split: any device count will do.
     dist = launch(cfg.train, split_batch=False)
     with watched(dist, PROG):
-        if dist.is_main:
-            print(preflight(cfg, cfg.generate.num_images), flush=True)
+        plan = preflight(cfg, cfg.generate.num_images) if dist.is_main else None
+        # The lock before the plan: a second generate on a folder in use says only that.
         with dist.main_holds(exclusive(run.lock, str(run.root))):
+            if plan:
+                print(plan, flush=True)
             dist.main_first(lambda: prepare_run_folder(run.root, cfg, FREE_KEYS, overwrite=ns.overwrite), others=False)
             # Prompts first: a language model writing them is freed before Stable Diffusion loads.
             records = dist.from_main(lambda: round_records(cfg, 0, cfg.generate.num_images, run=run))

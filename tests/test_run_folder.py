@@ -138,6 +138,7 @@ def test_a_second_command_on_a_folder_in_use_is_refused_and_a_dead_holder_blocks
             code, out, err = run_cli(main, argv, capsys)
             assert code == 2 and len(err.strip().splitlines()) == 1, err
             assert f"in use by pid {holder.pid} on " in err, err
+            assert out == "", out  # the refusal comes before the plan
     finally:
         holder.kill()
         holder.wait()
@@ -232,3 +233,43 @@ def test_an_out_in_an_unwritable_folder_is_one_line(capsys, tmp_path):
     locked.mkdir(mode=0o555)
     code, _, err = run_cli(fit_mod.main, ["--config", SMOKE, "--out", locked / "run"], capsys)
     assert code == 2 and "cannot write in" in err
+
+
+# ---------------------------------------------------------------- 12. a damaged pool file
+
+
+@pytest.mark.slow
+def test_a_damaged_pool_file_is_named_and_repair_regenerates_it_bit_identical(capsys, tmp_path, smoke_run):
+    import shutil
+
+    from conftest import SMALL
+
+    from syntagen_st.selftrain.runner import RunState
+
+    run = RunLayout(tmp_path / "run")
+    shutil.copytree(smoke_run.root, run.root)
+    sid = run.export.train_list.read_text().split()[0]  # exported: read by the last round's refine
+    image, mask = run.pool.image_path(sid), run.pool.mask_path(sid)
+    original = image.read_bytes(), mask.read_bytes()
+    image.write_bytes(original[0][: len(original[0]) // 2])
+    mask.unlink()
+    last = load_config_file(run.config).loop.rounds - 1
+    redo = {round_step(last, "refine"), final_step(last + 1, "export"), final_step(last + 1, "train")}
+    RunState(run).forget(lambda step: step in redo)
+    argv = [*SMALL, "--refine.relabel_confidence", "0.05", "--out", run.root]
+
+    code, _, err = run_cli(fit_mod.main, argv, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"{sid}.png" in err and "--repair" in err, err
+    code, out, err = run_cli(fit_mod.main, [*argv, "--repair"], capsys)
+    assert code == 0, err
+    assert f"repaired 1 pool samples from their seeds: {sid}" in out
+    assert (image.read_bytes(), mask.read_bytes()) == original
+    assert run.final.read_checksum() == RunLayout(smoke_run.root).final.read_checksum()
+
+
+def test_repair_is_refused_where_it_cannot_help(capsys, tmp_path):
+    code, _, err = run_cli(fit_mod.main, ["--config", SMOKE, "--out", tmp_path / "new", "--repair"], capsys)
+    assert code == 2 and "holds no run to repair" in err and not (tmp_path / "new").exists()
+    code, _, err = run_cli(fit_mod.main, ["--config", SMOKE, "--out", tmp_path / "new", "--repair", "--overwrite"], capsys)
+    assert code == 2 and "choose one" in err

@@ -46,7 +46,14 @@ class Sample(NamedTuple):
 
 
 class SampleError(UserError):
-    """One sample cannot be used; the message names its file."""
+    """One sample cannot be used; the message names its file, ``path``."""
+
+    def __init__(self, message: str, path: str | os.PathLike) -> None:
+        super().__init__(message)
+        self.path = Path(path)
+
+    def __reduce__(self) -> tuple:
+        return type(self), (str(self), self.path)
 
 
 # ---------------------------------------------------------------- discovery
@@ -172,14 +179,15 @@ def _plain_samples(root: Path) -> list[Sample]:
 # ---------------------------------------------------------------- loading
 
 
-def _load_image(path: Path) -> np.ndarray:
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of an image file; a SampleError naming it when it is broken or too large."""
     try:
         with open_image(path) as image:
             return np.asarray(image.convert("RGB"))
     except UserError as err:
-        raise SampleError(str(err)) from None
+        raise SampleError(str(err), path) from None
     except (OSError, ValueError, SyntaxError) as err:
-        raise SampleError(f"{path}: unreadable image ({err})") from None
+        raise SampleError(f"{path}: unreadable image ({err})", path) from None
 
 
 def _load_confidence(path: Path, size: tuple[int, int]) -> np.ndarray:
@@ -188,10 +196,10 @@ def _load_confidence(path: Path, size: tuple[int, int]) -> np.ndarray:
         with np.load(path) as npz:
             scores = np.asarray(npz["scores"], dtype=np.float32)
     except (OSError, ValueError, KeyError) as err:
-        raise SampleError(f"{path}: unreadable scores ({err})") from None
+        raise SampleError(f"{path}: unreadable scores ({err})", path) from None
     h, w = size
     if scores.ndim != 3:
-        raise SampleError(f"{path}: scores must have shape (K, h, w), got {scores.shape}")
+        raise SampleError(f"{path}: scores must have shape (K, h, w), got {scores.shape}", path)
     if scores.shape[0] == 0:
         return np.zeros((h, w), dtype=np.float32)
     # cv2 resizes up to 512 channels at once in (h, w, K) layout; it drops a K=1 axis.
@@ -202,23 +210,22 @@ def _load_confidence(path: Path, size: tuple[int, int]) -> np.ndarray:
 
 def load_sample(sample: Sample, confidence: bool = False) -> dict[str, np.ndarray]:
     """Image (H, W, 3) uint8, mask (H, W) uint8 and optionally weight (H, W) float32; SampleError if broken."""
-    image = _load_image(sample.image)
+    image = load_image(sample.image)
     try:
         mask = load_mask(sample.mask)
-    except SampleError:
-        raise
     except UserError as err:
-        raise SampleError(str(err)) from None
+        raise SampleError(str(err), sample.mask) from None
     except (OSError, ValueError, SyntaxError) as err:
-        raise SampleError(f"{sample.mask}: unreadable mask ({err})") from None
+        raise SampleError(f"{sample.mask}: unreadable mask ({err})", sample.mask) from None
     if mask.shape != image.shape[:2]:
         raise SampleError(
             f"{sample.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image {sample.image.name} "
-            f"is {image.shape[1]}x{image.shape[0]}"
+            f"is {image.shape[1]}x{image.shape[0]}", sample.mask,
         )
     if not VALID_LABEL[mask].all():
         bad = invalid_values(mask)
-        raise SampleError(f"{sample.mask}: mask values {bad[:5]} outside 0..{NUM_CLASSES - 1} and {IGNORE_INDEX}")
+        raise SampleError(f"{sample.mask}: mask values {bad[:5]} outside 0..{NUM_CLASSES - 1} and {IGNORE_INDEX}",
+                          sample.mask)
     item = {"image": image, "mask": mask}
     if confidence:
         item["weight"] = (
@@ -312,7 +319,7 @@ class SegDataset(Dataset):
                 item = self._item(j)
             except SampleError as err:
                 if not self.skip_corrupt:
-                    return {"error": str(err)}
+                    return {"error": str(err), "path": str(err.path)}
                 self.bad[j] = str(err)
                 skipped.append(j)
                 log.warning("skipping corrupt training sample: %s (%d skipped so far)", err, len(self.bad))
@@ -326,7 +333,7 @@ def collate(items: list[dict]) -> dict:
     """Stack a batch; a broken evaluation sample turns the batch into {"error": message}."""
     for item in items:
         if "error" in item:
-            return {"error": item["error"]}
+            return {"error": item["error"], "path": item["path"]}
     batch = {
         "image": torch.stack([it["image"] for it in items]),
         "mask": torch.stack([it["mask"] for it in items]),
@@ -340,7 +347,7 @@ def collate(items: list[dict]) -> dict:
 
 def raise_if_error(batch: dict) -> None:
     if "error" in batch:
-        raise SampleError(batch["error"])
+        raise SampleError(batch["error"], batch["path"])
 
 
 def eval_loader(samples: Sequence[Sample], num_workers: int = 0) -> DataLoader:

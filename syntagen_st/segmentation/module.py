@@ -80,6 +80,7 @@ class SegModule(pl.LightningModule):
         return self.model(images)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        raise_if_error(batch)
         self.corrupt.update(batch["bad"].tolist())
         outputs = self(batch["image"])
         weight = batch.get("weight") if self.cfg.confidence_weighting else None
@@ -156,11 +157,14 @@ def _seed_augmentation(worker_id: int) -> None:
 
 
 class SegDataModule(pl.LightningDataModule):
-    """Training batches (augmented, corrupt samples skipped) and full-resolution validation (batch 1)."""
+    """Training batches (augmented; corrupt samples skipped unless ``skip_corrupt`` is off, when the
+    first one stops training) and full-resolution validation (batch 1)."""
 
-    def __init__(self, train_samples: Sequence[Sample], cfg: TrainConfig, val_samples: Sequence[Sample] | None = None) -> None:
+    def __init__(self, train_samples: Sequence[Sample], cfg: TrainConfig, val_samples: Sequence[Sample] | None = None,
+                 skip_corrupt: bool = True) -> None:
         super().__init__()
         self.cfg = cfg
+        self.skip_corrupt = skip_corrupt
         self.train_samples = list(train_samples)
         self.val_samples = list(val_samples or [])
 
@@ -182,7 +186,7 @@ class SegDataModule(pl.LightningDataModule):
             self.train_samples, train_transform(cfg.crop_size, cfg.scale_min, cfg.scale_max),
             # Every rank's sampler takes 1 / world of the data: padded to a whole batch per rank,
             # a small pool still trains under DDP instead of dropping its only batch.
-            skip_corrupt=True, confidence=cfg.confidence_weighting,
+            skip_corrupt=self.skip_corrupt, confidence=cfg.confidence_weighting,
             min_length=cfg.batch_size * (self.trainer.world_size if self.trainer is not None else 1),
         )
         return self._loader(dataset, cfg.batch_size, train=True)

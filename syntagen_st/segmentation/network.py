@@ -19,8 +19,8 @@ from torch import nn
 
 from ..core.classes import NUM_CLASSES
 from ..core.errors import DAMAGED_FILE_ERRORS, UserError
-from ..core.store import atomic_write_bytes, atomic_write_text, open_image, sha256_file
-from .data import eval_transform
+from ..core.store import atomic_write_bytes, atomic_write_text, sha256_file
+from .data import eval_transform, load_image
 
 METADATA_KEY = "syntagen_st"
 AUX_ARCHS = ("deeplabv3_resnet50", "deeplabv3_resnet101", "deeplabv3_mobilenet_v3_large")
@@ -160,10 +160,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Modul
 
 
 def _as_array(image: str | Path | np.ndarray) -> np.ndarray:
-    if isinstance(image, np.ndarray):
-        return image
-    with open_image(image) as im:
-        return np.asarray(im.convert("RGB"))
+    return image if isinstance(image, np.ndarray) else load_image(image)
 
 
 @torch.no_grad()

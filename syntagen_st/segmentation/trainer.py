@@ -93,7 +93,7 @@ def export_weights(module_or_ckpt: SegModule | Path, out: TrainOutput) -> Path:
 def train(
     cfg: TrainConfig, data: Data, out: str | os.PathLike, val_data: Data | None = None,
     *, seed: int = 0, run_name: str | None = None, progress: bool = True, single_device: bool = False,
-    device: torch.device | None = None, dist: Dist = SINGLE,
+    device: torch.device | None = None, dist: Dist = SINGLE, skip_corrupt: bool = True,
 ) -> Path:
     """Train (or resume) into ``out`` for cfg.max_steps steps; return the final safetensors path.
 
@@ -103,19 +103,21 @@ def train(
     the protocol's learning rate and schedule hold for any device count. ``single_device``
     trains on this process's ``device`` alone, whatever ``train.devices`` says. ``dist``: the
     ranks of an already launched job that train together; rank 0 reads the checkpoint for all,
-    so they agree on whether to resume.
+    so they agree on whether to resume. ``skip_corrupt`` off: a broken training sample stops the
+    training with a SampleError naming its file instead of being skipped (a run's own files must
+    all be there for it to be reproducible).
     """
     if single_device:
         with acting_as_rank_zero():
             return _train(cfg, data, out, val_data, seed=seed, run_name=run_name, progress=progress,
-                          placement=_placement(cfg, True, device), dist=SINGLE)
+                          placement=_placement(cfg, True, device), dist=SINGLE, skip_corrupt=skip_corrupt)
     return _train(cfg, data, out, val_data, seed=seed, run_name=run_name, progress=progress,
-                  placement=_placement(cfg, False, None), dist=dist)
+                  placement=_placement(cfg, False, None), dist=dist, skip_corrupt=skip_corrupt)
 
 
 def _train(
     cfg: TrainConfig, data: Data, out: str | os.PathLike, val_data: Data | None,
-    *, seed: int, run_name: str | None, progress: bool, placement: dict, dist: Dist,
+    *, seed: int, run_name: str | None, progress: bool, placement: dict, dist: Dist, skip_corrupt: bool,
 ) -> Path:
     out = Path(out)
     layout = TrainOutput(out)
@@ -150,7 +152,7 @@ def _train(
             enable_model_summary=False, plugins=[AtomicCheckpointIO()],
         )
     per_device = dataclasses.replace(cfg, batch_size=per_device_batch(cfg, trainer.world_size))
-    datamodule = SegDataModule(train_samples, per_device, val_samples)
+    datamodule = SegDataModule(train_samples, per_device, val_samples, skip_corrupt=skip_corrupt)
     try:
         # Ctrl-C: Lightning shuts down and exits with status 1; rerunning resumes from last.ckpt.
         trainer.fit(module, datamodule=datamodule, ckpt_path=last if done is not None else None)

@@ -88,8 +88,10 @@ def train_fold(job: Job, r: int, k: int, active: list[Active]) -> None:
     settings.max_steps = cfg.loop.round_steps
     settings.checkpoint_every = settings.max_steps
     # On one device whatever the process count: the model depends only on the round and the fold.
+    # A damaged sample stops it: a model trained without it would not be the run's.
     train(settings, samples, job.run.fold(r, k).root, seed=derived_seed(cfg.seed, f"r{r}k{k}"),
-          run_name=f"{cfg.name}-round{r + 1}-fold{k + 1}", progress=job.show, single_device=True, device=job.dist.device)
+          run_name=f"{cfg.name}-round{r + 1}-fold{k + 1}", progress=job.show, single_device=True, device=job.dist.device,
+          skip_corrupt=False)
 
 
 def prune_fold_checkpoints(run: RunLayout, r: int, folds: int) -> None:
@@ -219,7 +221,7 @@ def train_final(job: Job) -> None:
     # Data-parallel over every rank, the total batch split between them, on rank 0's lists.
     samples, val_samples = dist.from_main(check_export)
     train(cfg.train, samples, run.final.root, val_data=val_samples, seed=derived_seed(cfg.seed, "final"),
-          run_name=f"{cfg.name}-final", progress=job.show, dist=dist)
+          run_name=f"{cfg.name}-final", progress=job.show, dist=dist, skip_corrupt=False)
     if not dist.is_main:
         return
     record_model(run.export.root, run.final.read_checksum())
