@@ -36,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_out(out.with_name(out.name + ".zip"), "--zip: the zip", file=True)
     cfg = load_config_file(run.config)
     check_finished(run, cfg)
-    with exclusive(run.lock, str(run.root)):
+    with exclusive(run.lock, str(run.root)), exclusive(EntryLayout(out).lock, str(out)):
         check_finished(run, cfg)  # again: a fit may have ended between the two
         return _export(run, cfg, out, ns.zip, not ns.no_progress)
 

@@ -7,8 +7,11 @@ after each round and at the end.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 from .core.cli import command_parser, run_main
+from .core.layout import RunLayout
+from .core.lock import exclusive
 
 PROG = "syntagen_st.report"
 
@@ -20,7 +23,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     # The stages load torch, diffusers and Lightning: only once the flags and the config are good.
     from .reporting.page import write_report
-    path = write_report(ns.run, ns.out, progress=not ns.no_progress)
+
+    run = RunLayout(ns.run)
+    # A run that fit is writing is read half-written: wait for it (fit writes the report itself).
+    with exclusive(run.lock, str(run.root)) if RunLayout.is_run(run.root) else nullcontext():
+        path = write_report(ns.run, ns.out, progress=not ns.no_progress)
     print(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0
 

@@ -17,10 +17,11 @@ from syntagen_st import evaluate as evaluate_mod
 from syntagen_st import export as export_mod
 from syntagen_st import fit as fit_mod
 from syntagen_st import generate as generate_mod
+from syntagen_st import report as report_mod
 from syntagen_st import train as train_mod
 from syntagen_st.core.cli import load_config_file, prepare_run_folder
 from syntagen_st.core.config import NEUTRAL_KEYS, LoopConfig
-from syntagen_st.core.layout import RunLayout, final_step, round_step, round_tasks
+from syntagen_st.core.layout import EntryLayout, RunLayout, final_step, round_step, round_tasks
 from syntagen_st.core.lock import exclusive
 from syntagen_st.core.store import atomic_write_bytes
 from syntagen_st.segmentation.checkpoints import AtomicCheckpointIO
@@ -134,7 +135,8 @@ def test_a_second_command_on_a_folder_in_use_is_refused_and_a_dead_holder_blocks
     try:
         for main, argv in ((fit_mod.main, ["--config", SMOKE, "--out", run.root]),
                            (generate_mod.main, ["--config", SMOKE, "--out", run.root]),
-                           (export_mod.main, [run.root, "--out", tmp_path / "entry"])):
+                           (export_mod.main, [run.root, "--out", tmp_path / "entry"]),
+                           (report_mod.main, [run.root])):
             code, out, err = run_cli(main, argv, capsys)
             assert code == 2 and len(err.strip().splitlines()) == 1, err
             assert f"in use by pid {holder.pid} on " in err, err
@@ -145,6 +147,18 @@ def test_a_second_command_on_a_folder_in_use_is_refused_and_a_dead_holder_blocks
     with exclusive(run.lock, "run"):  # the kernel released the killed holder's lock
         assert run.lock.read_text().split()[0] == str(os.getpid())
     assert run.lock.read_text() == ""
+
+
+def test_two_exports_into_one_entry_folder_are_one_at_a_time(capsys, tmp_path):
+    entry = EntryLayout(tmp_path / "entry")
+    holder = _holder(entry.lock)
+    try:
+        code, out, err = run_cli(export_mod.main, [_finished_run(tmp_path / "run").root, "--out", entry.root], capsys)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert code == 2 and f"entry is in use by pid {holder.pid} on " in err, err
+    assert not entry.root.exists() and entry.lock.parent == tmp_path  # beside the entry, never in it
 
 
 # ---------------------------------------------------------------- 3. files as the umask says

@@ -123,6 +123,8 @@ class EntryLayout:
         self.card = self.root / self.CARD
         self.train_list = self.root / self.TRAIN_LIST
         self.voc = self.root / self.VOC
+        # Beside the entry, not in it: an entry holds only what it uploads.
+        self.lock = self.root.with_name(f".{self.root.name}{LOCK}")
 
     @staticmethod
     def image_name(sid: str) -> str:

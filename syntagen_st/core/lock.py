@@ -31,7 +31,7 @@ def exclusive(lock_file: Path, what: str) -> Iterator[None]:
         holder = os.read(fd, 256).decode("utf-8", "replace").split()
         os.close(fd)
         who = f"pid {holder[0]} on {holder[1]}" if len(holder) >= 2 else "another process"
-        raise UserError(f"{what} is in use by {who} (one command at a time writes a run folder); "
+        raise UserError(f"{what} is in use by {who} (one command at a time writes it); "
                         "wait for it to finish or stop it") from None
     try:
         os.ftruncate(fd, 0)
