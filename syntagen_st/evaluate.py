@@ -21,7 +21,7 @@ PROG = "syntagen_st.evaluate"
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = config_parser(f"python -m {PROG}", "Per-class IoU and mIoU of a trained segmenter.", sections=(),
-                           shortcuts=("num_workers",))
+                           shortcuts=("num_workers",), images=True)
     parser.add_argument("target", help="weights (.safetensors / .ckpt), a training output folder, or a run folder")
     parser.add_argument("--voc-root", default=None, help="VOC tree (VOCdevkit's parent, VOCdevkit, or VOC2012): its val split")
     parser.add_argument("--data", default=None, help="any dataset folder (a VOC tree's val split, a pool, images/ + masks/)")

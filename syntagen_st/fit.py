@@ -61,7 +61,7 @@ def next_commands(cfg: Config, run: RunLayout) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = config_parser(
         f"python -m {PROG}", "Self-training active refinement: generate, train, refine, export.",
-        shortcuts=("rounds", "source", "devices", "num_nodes"), progress=True,
+        shortcuts=("rounds", "source", "devices", "num_nodes"), progress=True, images=True,
     )
     parser.add_argument("--out", help="run folder (default runs/<name>)")
     parser.add_argument("--voc-root", help="VOC tree to evaluate the final model on (val split)")

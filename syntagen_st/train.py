@@ -22,6 +22,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = config_parser(
         f"python -m {PROG}", "Train DeepLabv3 on a dataset with the fixed protocol.", sections=("train",),
         shortcuts=("steps", "arch", "crop_size", "batch_size", "logger", "backbone_weights"), progress=True,
+        images=True,
     )
     parser.add_argument("--data", required=True, help="a run, pool, VOC-style tree, or images/ + masks/ folder")
     parser.add_argument("--out", required=True, help="output folder (rerun the same command to resume)")

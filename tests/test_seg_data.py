@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 
 from syntagen_st.core.classes import IGNORE_INDEX
 from syntagen_st.core.errors import UserError
@@ -180,6 +181,35 @@ def test_an_image_too_large_to_decode_is_one_line_before_it_is_decoded(tmp_path,
             load_sample(image)
     finally:
         Image.MAX_IMAGE_PIXELS = saved
+
+
+def test_the_pixel_limit_has_a_flag_that_reaches_every_command_and_worker(tmp_path, make_seg_dataset, monkeypatch,
+                                                                          capsys):
+    from PIL import Image
+
+    from syntagen_st import train as train_cli
+    from syntagen_st.core.rules import MAX_IMAGE_PIXELS, PIXEL_LIMIT_ENV, pixel_limit
+
+    monkeypatch.setenv(PIXEL_LIMIT_ENV, str(MAX_IMAGE_PIXELS))  # whatever the flag sets is undone after the test
+    root = make_seg_dataset(tmp_path / "plain", "plain", n=2, size=32)
+    Image.new("RGB", (5000, 4000)).save(root / "images" / "s0000.png")
+    Image.new("L", (5000, 4000)).save(root / "masks" / "s0000.png")
+    big, small = find_samples(root)
+    with pytest.raises(SampleError, match="above the limit of 16,777,216"):
+        load_sample(big)
+    assert pixel_limit("5000x4000") == 20_000_000
+    assert load_sample(big)["mask"].shape == (4000, 5000)
+    pixel_limit("1000")
+    with pytest.raises(SampleError, match=r"s0001\.png: 32x32 pixels, above the limit of 1,000"):
+        load_sample(small)
+    # Through a command: the limit reaches the loader's worker processes (started after the flag is read).
+    (root / "images" / "s0000.png").unlink()
+    (root / "masks" / "s0000.png").unlink()
+    code, _, err = run_cli(train_cli.main, ["--data", root, "--out", tmp_path / "out", "--max-image-pixels", "31x31",
+                                            "--steps", "1", "--crop-size", "32", "--batch-size", "2", "--logger", "none",
+                                            "--backbone-weights", "none", "--arch", "lraspp_mobilenet_v3_large",
+                                            "--train.num_workers", "1", "--no-progress"], capsys)
+    assert code == 2 and "s0001.png: 32x32 pixels, above the limit of 961" in err, err
 
 
 def test_a_dataset_whose_files_lead_outside_it_is_refused(tmp_path, make_seg_dataset):

@@ -21,6 +21,7 @@ from .checks import validate
 from .config import Config, config_differences
 from .errors import UserError
 from .layout import LOCK, RunLayout
+from .rules import MAX_IMAGE_PIXELS, pixel_limit
 from .store import atomic_write_text
 
 SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if f.name not in ("seed", "name"))
@@ -47,17 +48,34 @@ def _field_type(dotted: str) -> type:
     return get_type_hints(type(getattr(Config(), section)))[name]
 
 
-def command_parser(prog: str, description: str, progress: bool = False) -> ArgumentParser:
-    """A command's parser: its errors are raised (``run_main`` prints them as one line), and
-    ``--no-progress`` when the command draws progress bars."""
+def command_parser(prog: str, description: str, progress: bool = False, images: bool = False) -> ArgumentParser:
+    """A command's parser: its errors are raised (``run_main`` prints them as one line),
+    ``--no-progress`` when the command draws progress bars, and ``--max-image-pixels`` when it
+    decodes images the user gives it."""
     parser = ArgumentParser(prog=prog, description=description, exit_on_error=False)
     if progress:
         parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs and CI)")
+    if images:
+        parser.add_argument(
+            "--max-image-pixels", action=_PixelLimit, metavar="N", default=None,
+            help=f"largest image or mask decoded, as a count or WxH (default {MAX_IMAGE_PIXELS:,} = 4096x4096); "
+                 "a larger one is refused from its header, so memory stays bounded")
     return parser
+
+
+class _PixelLimit(argparse.Action):
+    """``--max-image-pixels``: put in force as it is parsed (``core.rules.pixel_limit``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        try:
+            setattr(namespace, self.dest, pixel_limit(str(values)))
+        except ValueError as err:
+            raise ArgumentError(self, str(err)) from None
 
 
 def config_parser(
     prog: str, description: str, sections: Iterable[str] = SECTIONS, shortcuts: Iterable[str] = (), progress: bool = False,
+    images: bool = False,
 ) -> ArgumentParser:
     """``command_parser`` with ``--config FILE``, ``--seed``, ``--name`` and ``--section.field`` for
     each field of the given config sections, plus the named shortcut flags.
@@ -67,7 +85,7 @@ def config_parser(
     """
     # Each config field's help is the docstring under it in core/config.py.
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    parser = command_parser(prog, description, progress)
+    parser = command_parser(prog, description, progress, images)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML config file (later flags override it)")
     parser.add_class_arguments(Config, None)
     hidden = set(SECTIONS) - set(sections)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from .classes import IGNORE_INDEX, NUM_CLASSES
@@ -14,16 +16,43 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 """Image files a dataset folder may hold (an entry's images are JPEGs or PNGs)."""
 ENTRY_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 MAX_IMAGE_PIXELS = 4096 * 4096
-"""The largest image or mask any command decodes (a VOC image is ~0.2 Mpx, an entry's 0.26 Mpx): a
-larger one is refused from its header, before decoding, so memory stays bounded (a 121 Mpx PNG
-can be 117 KB on disk)."""
+"""The default largest image or mask any command decodes (a VOC image is ~0.2 Mpx, an entry's
+0.26 Mpx): a larger one is refused from its header, before decoding, so memory stays bounded (a
+121 Mpx PNG can be 117 KB on disk). ``--max-image-pixels`` changes it."""
+PIXEL_LIMIT_CEILING = 178_956_970
+"""The highest limit that can be set: PIL refuses to open anything larger (its decompression-bomb guard)."""
+PIXEL_LIMIT_ENV = "SYNTAGEN_MAX_IMAGE_PIXELS"
+"""Where ``--max-image-pixels`` puts the limit, so loader workers and ranks started later read it too."""
+
+
+def max_image_pixels() -> int:
+    """The pixel limit in force: ``--max-image-pixels`` of this command, else MAX_IMAGE_PIXELS."""
+    value = os.environ.get(PIXEL_LIMIT_ENV, "")
+    return int(value) if value.isdigit() and 0 < int(value) <= PIXEL_LIMIT_CEILING else MAX_IMAGE_PIXELS
+
+
+def pixel_limit(text: str) -> int:
+    """``--max-image-pixels``: a pixel count (``16777216`` or ``4096x4096``), put in force for this
+    command and the processes it starts; a ValueError (one line from the parser) if it is not one."""
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2) or min(parts) < 1:
+        raise ValueError(f"{text!r} is not a pixel count (e.g. 16777216 or 4096x4096)")
+    limit = parts[0] * (parts[1] if len(parts) == 2 else 1)
+    if limit > PIXEL_LIMIT_CEILING:
+        raise ValueError(f"{limit:,} pixels is above {PIXEL_LIMIT_CEILING:,}, the most PIL opens")
+    os.environ[PIXEL_LIMIT_ENV] = str(limit)
+    return limit
 
 
 def check_pixels(path: object, size: tuple[int, int]) -> None:
-    """A ValueError naming ``path`` when an image of ``size`` (width, height) exceeds MAX_IMAGE_PIXELS."""
-    if size[0] * size[1] > MAX_IMAGE_PIXELS:
-        raise ValueError(f"{path}: {size[0]}x{size[1]} pixels, above the limit of {MAX_IMAGE_PIXELS:,} "
-                         "(4096x4096); nothing larger is decoded")
+    """A ValueError naming ``path`` when an image of ``size`` (width, height) exceeds the pixel limit."""
+    limit = max_image_pixels()
+    if size[0] * size[1] > limit:
+        raise ValueError(f"{path}: {size[0]}x{size[1]} pixels, above the limit of {limit:,}; nothing larger is "
+                         "decoded (--max-image-pixels raises it)")
 
 VALID_LABEL = np.zeros(256, dtype=bool)
 """``VALID_LABEL[mask]``: True where a label value is allowed (0..20 and 255)."""
