@@ -407,3 +407,34 @@ def test_other_ranks_take_rank_zeros_reading_of_the_run_folder(tmp_path):
     done = json.loads((tmp_path / "run" / "state.json").read_text())["done"]
     assert done[-1] == "final1/train" and "round0/fold1" in done
     assert len(list((tmp_path / "run" / "export" / "mask").glob("*.png"))) >= 4
+
+
+def _small_disk(path: Path, size: str) -> bool:
+    """A tmpfs of ``size`` at ``path`` (remounted if there), where this user may mount one."""
+    path.mkdir(exist_ok=True)
+    options = f"remount,size={size}" if os.path.ismount(path) else f"size={size}"
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode == 0
+
+
+@pytest.mark.slow
+def test_a_full_disk_under_two_ranks_is_one_line_each_and_the_rerun_finishes(tmp_path):
+    disk = tmp_path / "disk"
+    if not _small_disk(disk, "3m"):
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        fit = [sys.executable, "-m", "syntagen_st.fit", *SMALL, "--devices", "2", "--out", str(disk / "run")]
+        full = subprocess.run(fit, capture_output=True, text=True, env=ENV)
+        # 3 MB hold the pool but not a fold model's checkpoint.
+        assert full.returncode == 2, full.stderr[-3000:]
+        assert "Traceback" not in full.stderr and "[rank" not in full.stderr, full.stderr[-3000:]
+        errors = [line for line in full.stderr.splitlines() if line.startswith("syntagen_st.fit: error:")]
+        assert len(errors) == 2 and all("No space left on device" in e or "rank 0 stopped" in e or "rank 1 stopped" in e
+                                        for e in errors), errors
+        # Nothing half-written stays behind: no temp files, no truncated last.ckpt.
+        assert not [p for p in (disk / "run").rglob("*") if p.name.endswith(".tmp") or p.name == "last.ckpt"]
+        assert _small_disk(disk, "200m")
+        done = subprocess.run(fit, capture_output=True, text=True, env=ENV)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert json.loads((disk / "run" / "state.json").read_text())["done"][-1] == "final2/train"
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)

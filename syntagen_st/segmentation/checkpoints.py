@@ -54,4 +54,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         with atomic_writer(path) as f:
-            torch.save(checkpoint, f)
+            try:
+                torch.save(checkpoint, f)
+            except RuntimeError as err:
+                # torch's zip writer turns a failed write (a full disk) into "unexpected pos": give the
+                # machine's error back, so the command ends in its one line.
+                if isinstance(err.__context__, OSError):
+                    raise OSError(err.__context__.errno, err.__context__.strerror, str(path)) from None
+                raise
