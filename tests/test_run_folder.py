@@ -207,7 +207,15 @@ def _generated_only(root: Path) -> Path:
     return root
 
 
+def _garbled_config(root: Path) -> Path:
+    run = _finished_run(root)
+    run.config.write_text("seed: [\n")
+    return run.root
+
+
 CASES = {
+    "a garbled config.yaml": (fit_mod.main, lambda t: ["--config", SMOKE, "--out", _garbled_config(t / "run")],
+                              "run/config.yaml: Problems parsing config"),
     "fit --out FILE": (fit_mod.main, lambda t: ["--config", SMOKE, "--out", t / "afile"], "is a file, not a folder"),
     "fit --out under a file": (fit_mod.main, lambda t: ["--config", SMOKE, "--out", t / "afile" / "run"],
                                "afile is a file, not a folder"),

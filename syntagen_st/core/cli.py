@@ -121,7 +121,10 @@ def config_from(parser: ArgumentParser, ns: Namespace) -> Config:
 def load_config_file(path: str | Path) -> Config:
     """A Config from a YAML file alone (e.g. a run's saved config.yaml), validated."""
     parser = config_parser("config", "")
-    return config_from(parser, parser.parse_args(["--config", str(path)]))
+    try:
+        return config_from(parser, parser.parse_args(["--config", str(path)]))
+    except (UserError, ArgumentError) as err:
+        raise UserError(f"{path}: {' '.join(str(err).split())}") from None
 
 
 def config_from_dict(values: dict) -> Config:
