@@ -138,8 +138,8 @@ def add_head_mean_probs(
         chunk = query[:, :, start : start + rows]
         total = torch.zeros(b, chunk.shape[2], nk, device=query.device)
         for h in range(heads):
-            scores = torch.bmm(chunk[:, h].float(), key[:, h].float().transpose(1, 2)) * attn.scale
-            total += scores.softmax(dim=-1)
+            scores = torch.bmm(chunk[:, h].float(), key[:, h].float().transpose(1, 2))
+            total += scores.mul_(attn.scale).softmax(dim=-1)  # in place: one allocation fewer, same bits
         target[:, start : start + rows] += total / heads
 
 
