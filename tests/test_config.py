@@ -37,6 +37,16 @@ def _fails(capsys, tmp_path, *extra: str) -> str:
         (["--generate.steps", "abc"], "generate.steps"),
         (["--generate.prompts_file", "missing.txt"], "does not exist"),
         (["--no-such-flag", "1"], "no-such-flag"),
+        (["--label.cross_factor", "3"], "must be powers of 2, got 3"),
+        (["--label.extra_cross_factors", "[8, 6]", "--label.cross_weights", "[1, 1, 1]"], "powers of 2, got 6"),
+        (["--label.extra_cross_factors", "[8]"], "label.cross_weights has 1 weights for 2 cross grids"),
+        (["--label.cross_weights", "[1, 1]"], "label.cross_weights has 2 weights for 1 cross grids"),
+        (["--label.extra_cross_factors", "[8]", "--label.cross_weights", "[0.7, 0]"], "positive and finite"),
+        (["--label.extra_cross_factors", "[4]", "--label.cross_weights", "[1, 1]"], "repeats a cross grid"),
+        (["--label.extra_self_factor", "2"], "extra_self_factor 2 repeats label.self_factor"),
+        (["--label.extra_self_factor", "8"], "self-attention at latent / 8 is coarser than the cross grid at latent / 4"),
+        (["--label.extra_cross_factors", "[8]", "--label.cross_weights", "[1, 1]", "--generate.height", "96"],
+         "generate.height must be a multiple of 64 (8 x the largest label factor)"),
     ],
 )
 def test_bad_values_are_refused(capsys, tmp_path, args, message):

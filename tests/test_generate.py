@@ -1,6 +1,7 @@
 """Generation end to end on the tiny pipelines: pool format, reproducibility, resume, loading."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,8 @@ from syntagen_st.generation import sampler
 from syntagen_st.generation.sampler import SampleGenerator, class_token_groups
 from syntagen_st.prompts.records import PromptRecord, append_classes
 from syntagen_st.prompts.rounds import round_records
+
+MULTIRES = str(Path(SMOKE).with_name("multires.yaml"))
 
 
 def _pool_arrays(pool: Pool):
@@ -179,6 +182,24 @@ def test_sd2_layout_yields_masks(tmp_path):
     assert_masks_hold_prompted_classes(pool)
 
 
+@pytest.mark.parametrize("variant", ["tiny", "tiny-sd2"])
+def test_multires_labels_on_both_layouts(variant, tiny_generator, tmp_path):
+    """configs/multires.yaml's grids on SD 1.x and 2.x layouts: scores at the finest self grid
+    (latent / 1), masks holding the prompted classes."""
+    cfg = smoke_config()
+    cfg.model.pretrained = variant
+    cfg.label = load_config_file(MULTIRES).label
+    assert (cfg.label.extra_cross_factors, cfg.label.cross_weights, cfg.label.extra_self_factor) == (
+        [8, 2], [0.7, 0.15, 0.15], 1)
+    generator = SampleGenerator(cfg, pipe=tiny_generator.pipe if variant == "tiny" else None)
+    pool = Pool(tmp_path / "pool")
+    generator.fill(pool, round_records(cfg, 0, 2), progress=False)
+    for row in pool.rows():
+        assert np.load(pool.scores_path(row["id"]))["scores"].shape == (len(row["classes"]), 8, 8)
+        assert load_mask(pool.mask_path(row["id"])).shape == (64, 64)
+    assert_masks_hold_prompted_classes(pool)
+
+
 def test_cli_writes_a_run_and_resumes(tmp_path, capsys):
     out = tmp_path / "demo"
     argv = ["--config", SMOKE, "--generate.height", "64", "--generate.width", "64",
@@ -235,12 +256,12 @@ def test_label_sample_snaps_the_attention_blob_to_the_image(monkeypatch):
     cross[..., 0] = 1.0 - cross[..., 1]
     self_attn = torch.eye(64)
     record = PromptRecord("s0", 0, 0, "p", ("cat",), "p; cat", 0)
-    store = SimpleNamespace(cross_hw=(4, 4))
+    store = SimpleNamespace(cross_grids=[(4, 4)])
 
     truth = image[..., 0] == 220
 
     def wrong(cfg):  # labelled pixels on the wrong side of the edge
-        mask = sampler.label_sample(record, image, cross.reshape(16, 3), self_attn, [[1]], store, cfg).mask
+        mask = sampler.label_sample(record, image, [cross.reshape(16, 3)], [self_attn], [[1]], store, cfg).mask
         return (((mask == class_index("cat")) != truth) & (mask != 255)).mean()
 
     assert wrong(dataclasses.replace(LabelConfig(), refine_image=False)) > 0.01

@@ -382,3 +382,14 @@ def test_an_entry_recorded_before_the_refinement_reproduces_without_it():
     assert resolve_config(Source("old", old, {}, None), None, None, None, False).label.refine_image is False
     new = Config().to_dict()
     assert resolve_config(Source("new", new, {}, None), None, None, None, False).label.refine_image is True
+
+
+def test_an_entry_recorded_before_multires_attention_reproduces_with_one_grid():
+    from syntagen_st.core.config import Config, cross_factors, self_factors
+    from syntagen_st.submission.reproduce import Source, resolve_config
+
+    old = Config().to_dict()
+    for key in ("extra_cross_factors", "cross_weights", "extra_self_factor"):
+        del old["label"][key]
+    label = resolve_config(Source("old", old, {}, None), None, None, None, False).label
+    assert (cross_factors(label), label.cross_weights, self_factors(label)) == ([4], [1.0], [2])

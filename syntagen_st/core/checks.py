@@ -3,6 +3,7 @@ the key. One function per section."""
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from typing import get_args, get_type_hints
@@ -18,8 +19,10 @@ from .config import (
     ModelConfig,
     RefineConfig,
     TrainConfig,
+    cross_factors,
     device_count,
     is_local_path,
+    self_factors,
 )
 from .errors import ConfigError
 from .rules import MAX_PAIRS
@@ -58,14 +61,14 @@ def validate_generate(cfg: GenerateConfig, label: LabelConfig) -> None:
     _check(cfg.batch_size >= 1, f"generate.batch_size must be >= 1, got {cfg.batch_size}")
     _check(cfg.steps >= 1, f"generate.steps must be >= 1, got {cfg.steps}")
     _check(cfg.guidance_scale >= 0, f"generate.guidance_scale must be >= 0, got {cfg.guidance_scale}")
-    # The captured layers sit at latent / (self_factor, cross_factor): sizes must divide down.
-    unit = 8 * max(label.cross_factor, label.self_factor)
+    # The captured layers sit at latent / factor for each label factor: sizes must divide down.
+    unit = 8 * max(cross_factors(label) + self_factors(label))
     for name in ("height", "width"):
         value = getattr(cfg, name)
         _check(value > 0 and value % 8 == 0, f"generate.{name} must be a positive multiple of 8, got {value}")
         _check(
             value % unit == 0,
-            f"generate.{name} must be a multiple of {unit} (8 x label.cross_factor), got {value}",
+            f"generate.{name} must be a multiple of {unit} (8 x the largest label factor), got {value}",
         )
     _check(len(cfg.classes) > 0, "generate.classes is empty")
     for name in cfg.classes:
@@ -111,13 +114,39 @@ def validate_label(cfg: LabelConfig) -> None:
         cfg.band_threshold <= cfg.fg_threshold,
         f"label.band_threshold ({cfg.band_threshold}) must not exceed label.fg_threshold ({cfg.fg_threshold})",
     )
-    for name in ("cross_factor", "self_factor"):
-        value = getattr(cfg, name)
-        _check(value >= 1 and value & (value - 1) == 0, f"label.{name} must be a power of 2, got {value}")
+    validate_grids(cfg)
     _check(0 < cfg.refine_kernel <= 1, f"label.refine_kernel must be in (0, 1], got {cfg.refine_kernel}")
     _check(cfg.refine_eps > 0, f"label.refine_eps must be > 0, got {cfg.refine_eps}")
     _check(cfg.refine_work_side >= 8, f"label.refine_work_side must be >= 8, got {cfg.refine_work_side}")
     _check(0.5 < cfg.prior_confidence <= 1, f"label.prior_confidence must be in (0.5, 1], got {cfg.prior_confidence}")
+
+
+def validate_grids(cfg: LabelConfig) -> None:
+    """The attention grids: powers of 2, no grid twice, one positive weight per cross grid, and
+    every self grid at least as fine as every cross grid (the cross maps are propagated onto it)."""
+    cross, selfs = cross_factors(cfg), self_factors(cfg)
+    for value in cross + selfs:
+        _check(
+            isinstance(value, int) and value >= 1 and value & (value - 1) == 0,
+            f"label: grid factors (cross_factor, extra_cross_factors, self_factor, extra_self_factor) must be "
+            f"powers of 2, got {value}",
+        )
+    _check(len(set(cross)) == len(cross), f"label.extra_cross_factors repeats a cross grid: {cross}")
+    _check(len(set(selfs)) == len(selfs), f"label.extra_self_factor {cfg.extra_self_factor} repeats label.self_factor")
+    _check(
+        len(cfg.cross_weights) == len(cross),
+        f"label.cross_weights has {len(cfg.cross_weights)} weights for {len(cross)} cross grids "
+        f"(cross_factor, then extra_cross_factors: {cross}); give one per grid",
+    )
+    _check(
+        all(0 < w < math.inf for w in cfg.cross_weights),
+        f"label.cross_weights must be positive and finite, got {cfg.cross_weights}",
+    )
+    _check(
+        max(selfs) <= min(cross),
+        f"label: self-attention at latent / {max(selfs)} is coarser than the cross grid at latent / {min(cross)}; "
+        "every self factor must be <= every cross factor",
+    )
 
 
 def validate_train(cfg: TrainConfig) -> None:

@@ -101,6 +101,12 @@ class LabelConfig:
     """Cross-attention is captured at latent / cross_factor (16x16 for 512 px)."""
     self_factor: int = 2
     """Self-attention is captured at latent / self_factor (32x32 for 512 px)."""
+    extra_cross_factors: list[int] = field(default_factory=list)
+    """More cross-attention grids (latent / factor) fused with cross_factor's; [] for one grid (docs/masks.md)."""
+    cross_weights: list[float] = field(default_factory=lambda: [1.0])
+    """One weight per cross grid: cross_factor's, then extra_cross_factors' in order (normalised to sum 1)."""
+    extra_self_factor: int | None = None
+    """A second self-attention grid (latent / factor): scores propagated at both are averaged; None: one grid."""
     refine_image: bool = True
     """Snap the class maps to the image's edges with a guided filter (``core/guided.py``)."""
     refine_kernel: float = 0.0625
@@ -273,6 +279,16 @@ def config_differences(old: dict, new: dict, free: set[str], prefix: str = "") -
         elif a != b:
             diffs.append(f"{dotted}: {a!r} -> {b!r}")
     return diffs
+
+
+def cross_factors(label: LabelConfig) -> list[int]:
+    """The cross-attention grids as latent factors, in ``cross_weights``' order: cross_factor's first."""
+    return [label.cross_factor, *label.extra_cross_factors]
+
+
+def self_factors(label: LabelConfig) -> list[int]:
+    """The self-attention grids as latent factors: self_factor's, then extra_self_factor's if set."""
+    return [label.self_factor] + ([] if label.extra_self_factor is None else [label.extra_self_factor])
 
 
 def device_count(devices: str) -> int | None:

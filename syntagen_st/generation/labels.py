@@ -1,10 +1,16 @@
-"""Attention maps -> label maps: the Dataset Diffusion method as pure tensor math.
+"""Attention maps -> label maps: the Dataset Diffusion method as pure tensor math, with
+multi-resolution fusion.
 
 Shapes for one sample: cross-attention (Nc, T) over Nc = hc*wc query pixels and T tokens;
-self-attention (Ns, Ns) over Ns = hs*ws pixels, rows summing to 1.
+self-attention (Ns, Ns) over Ns = hs*ws pixels, rows summing to 1. Several grids of each:
+the class maps of every cross grid are fused at the finest cross grid (``fuse_cross_maps``),
+propagated by each self grid and averaged at the finest self grid (``fuse_self_scores``), then
+normalised once.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -76,17 +82,58 @@ def upsample_scores(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     return F.interpolate(scores[None].float(), size=size, mode="bilinear", align_corners=False)[0]
 
 
+def _finest(sizes: Sequence[Sequence[int]]) -> tuple[int, int]:
+    h, w = max(sizes, key=lambda hw: hw[0] * hw[1])
+    return int(h), int(w)
+
+
+def _at(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return scores if tuple(scores.shape[-2:]) == size else upsample_scores(scores, size)
+
+
+def fuse_cross_maps(maps: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """Class maps from several cross grids, (K, h_i, w_i) each -> (K, h, w) at the finest grid:
+    sum_i (w_i / sum w) * bilinear(maps_i). Each grid's cross-attention rows sum to 1 over the
+    tokens, so the maps share one scale; one grid of any weight comes back unchanged."""
+    size = _finest([m.shape[-2:] for m in maps])
+    total = sum(weights)
+    terms = ((weight / total) * _at(m, size) for m, weight in zip(maps, weights, strict=True))
+    fused = next(terms)
+    for term in terms:
+        fused = fused + term
+    return fused
+
+
+def fuse_self_scores(self_attns: Sequence[torch.Tensor], maps: torch.Tensor, tau: int) -> torch.Tensor:
+    """(K, hc, wc) maps propagated by each self-attention grid (``propagate``), each result
+    upsampled to the finest self grid and averaged there: raw scores, before normalisation (the
+    propagation is row-stochastic, so every grid keeps the maps' scale). One grid: its scores."""
+    scores = [propagate(attn, maps, tau) for attn in self_attns]
+    size = _finest([s.shape[-2:] for s in scores])
+    fused = _at(scores[0], size)
+    for s in scores[1:]:
+        fused = fused + _at(s, size)
+    return fused / len(scores)
+
+
 def attention_to_scores(
-    cross: torch.Tensor,
-    self_attn: torch.Tensor,
+    cross: Sequence[torch.Tensor],
+    self_attn: Sequence[torch.Tensor],
     token_groups: list[list[int]],
-    cross_hw: tuple[int, int],
+    cross_grids: Sequence[tuple[int, int]],
+    cross_weights: Sequence[float],
     tau: int,
     presence_threshold: float,
 ) -> torch.Tensor:
-    """Captured attention of one sample -> (K, hs, ws) normalised class scores."""
-    maps = class_cross_maps(cross.float(), token_groups, cross_hw)
+    """Captured attention of one sample -> (K, hs, ws) normalised class scores at the finest self grid.
+
+    ``cross`` holds one (Nc, T) map per grid of ``cross_grids`` (weighted by ``cross_weights``),
+    ``self_attn`` one (Ns, Ns) map per self grid.
+    """
+    maps = fuse_cross_maps(
+        [class_cross_maps(c.float(), token_groups, hw) for c, hw in zip(cross, cross_grids, strict=True)], cross_weights
+    )
     if maps.shape[0] == 0:
-        hs, ws = _square_factors(self_attn.shape[0], maps.shape[-2:])
+        hs, ws = _finest([_square_factors(a.shape[0], maps.shape[-2:]) for a in self_attn])
         return maps.new_zeros((0, hs, ws))
-    return normalize_scores(propagate(self_attn, maps, tau), presence_threshold)
+    return normalize_scores(fuse_self_scores(self_attn, maps, tau), presence_threshold)

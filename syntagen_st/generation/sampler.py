@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..core.classes import VOC_CLASSES, class_index, display_name
-from ..core.config import Config, LabelConfig
+from ..core.config import Config, LabelConfig, cross_factors, self_factors
 from ..core.device import resolve_device
 from ..core.errors import UserError
 from ..core.guided import refine_scores, scores_to_labels
@@ -78,12 +78,15 @@ class LabelledImage:
 
 
 def label_sample(
-    record: PromptRecord, image: np.ndarray, cross: torch.Tensor, self_attn: torch.Tensor,
+    record: PromptRecord, image: np.ndarray, cross: list[torch.Tensor], self_attn: list[torch.Tensor],
     groups: list[list[int]], store: AttentionStore, cfg: LabelConfig,
 ) -> LabelledImage:
-    """One sample's averaged attention -> scores and mask; the full-resolution scores are snapped to
-    the image's edges (``label.refine_image``) on the device they live on, the GPU's in a GPU run."""
-    scores = attention_to_scores(cross, self_attn, groups, store.cross_hw, cfg.tau, cfg.presence_threshold)
+    """One sample's averaged attention (one map per grid of ``store``) -> scores and mask; the
+    full-resolution scores are snapped to the image's edges (``label.refine_image``) on the device
+    they live on, the GPU's in a GPU run."""
+    scores = attention_to_scores(
+        cross, self_attn, groups, store.cross_grids, cfg.cross_weights, cfg.tau, cfg.presence_threshold
+    )
     class_ids = [class_index(c) for c in record.classes]
     full = refine_scores(image, upsample_scores(scores, image.shape[:2]), cfg)
     mask = scores_to_labels(full, class_ids, cfg.fg_threshold, cfg.band_threshold)
@@ -117,9 +120,8 @@ class SampleGenerator:
                 guidance_scale=self.gen.guidance_scale, generator=generators, output_type="np",
             )
             images = (np.clip(out.images, 0, 1) * 255).round().astype(np.uint8)
-            cross, self_attn = store.means()
             return [
-                label_sample(r, images[i], cross[i], self_attn[i], groups[i], store, self.label)
+                label_sample(r, images[i], *store.sample_means(i), groups[i], store, self.label)
                 for i, r in enumerate(records)
             ]
 
@@ -152,8 +154,8 @@ class SampleGenerator:
         bar = tqdm(total=mine, desc="generate", unit="img", disable=not (progress and dist.is_main))
         start = time.perf_counter()
         with capture_attention(
-            self.pipe.unet, max(len(b) for b in todo), self.latent_hw, self.label.cross_factor,
-            self.label.self_factor, self.pipe.tokenizer.model_max_length,
+            self.pipe.unet, max(len(b) for b in todo), self.latent_hw, cross_factors(self.label),
+            self_factors(self.label), self.pipe.tokenizer.model_max_length,
         ) as store, BackgroundWriter(max_pending=2) as writer:
             for batch in loader:
                 writer.submit(partial(write_batch, pool, self.generate(batch, store)))
