@@ -5,9 +5,12 @@ generation.
 Every arm uses one pipeline: the real SD 1.5 architecture (UNet, VAE, CLIP ViT-L/14 text
 encoder) with random weights (weights do not change speed), or ``--model tiny``; the arms run
 alternately in one process; prints each one's ratio to plain generation and the capture's
-memory (running sums + the chunk transient bound). On a CPU use a reduced resolution and few
-steps; on CUDA, also images/s and each arm's peak memory.
+memory (running sums + the chunk transient bound). The refinement is also timed alone on the
+batch's full-resolution scores (on a CPU the difference of two long runs is within their noise),
+and printed as refinement on / off. On a CPU use a reduced resolution and few steps; on CUDA,
+also images/s and each arm's peak memory.
 
+    python scripts/bench_generate.py --model tiny --size 512 --steps 4 --batch 2 --reps 4 --threads 1  # CPU, ~1 min
     python scripts/bench_generate.py --size 256 --steps 4 --batch 1 --reps 3 --threads 1   # CPU
     python scripts/bench_generate.py --size 512 --steps 50 --batch 8 --reps 3              # GPU, fp16
     python scripts/bench_generate.py --size 512 --unet-only --reps 2 --threads 1          # one UNet step, CPU
@@ -30,7 +33,9 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from syntagen_st.core.cli import load_config_file
 from syntagen_st.core.config import Config, LabelConfig, cross_factors, self_factors
+from syntagen_st.core.guided import refine_scores
 from syntagen_st.generation.attention import CHUNK_BYTES, capture_attention, grid_of
+from syntagen_st.generation.labels import upsample_scores
 from syntagen_st.generation.sampler import SampleGenerator
 from syntagen_st.generation.tiny import build_tiny_pipeline, build_tokenizer
 from syntagen_st.prompts.rounds import round_records
@@ -159,16 +164,31 @@ def main() -> None:
     names = [name for name in ["plain", *labels] if not (args.unet_only and name == "refined")]
     for name in names:  # warm-up
         arm(name)
+    if not args.unet_only:
+        label = labels["capture"]
+        with capture_attention(pipe.unet, args.batch, latent_hw, cross_factors(label), self_factors(label), 77) as store:
+            samples = generators["capture"].generate(records, store)
+        # The refinement's inputs exactly as label_sample gives them: full-resolution scores on the device.
+        inputs = [(s.image, upsample_scores(torch.from_numpy(s.scores).float().to(device), s.image.shape[:2]))
+                  for s in samples]
+
+        def refine_alone() -> None:
+            for image, full in inputs:
+                refine_scores(image, full, cfg.label)
+
+        names.append("alone")
     timings: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(args.reps):
-        for name in names:
-            timings[name].append(arm(name))
+    for rep in range(args.reps):
+        # Each rep starts with another arm, so no arm always follows the same one (a fixed order made
+        # the third arm look up to 1.76x slower on a loaded machine).
+        for name in names[rep % len(names):] + names[: rep % len(names)]:
+            timings[name].append(timed(refine_alone) if name == "alone" else arm(name))
     best = {k: min(v) for k, v in timings.items()}
     what = "one UNet step" if args.unet_only else "generation"
     print(f"model={args.model} device={device.type} size={args.size} steps={args.steps} batch={args.batch} "
           f"reps={args.reps} threads={torch.get_num_threads()}; {what}, best of {args.reps}, "
           + ("wall seconds" if device.type == "cuda" else "CPU seconds of this process"))
-    print("  ".join(f"{name} {seconds:.3f}s" for name, seconds in best.items()))
+    print("  ".join(f"{name} {seconds:.3f}s" for name, seconds in best.items() if name != "alone"))
     if device.type == "cuda" and not args.unet_only:
         print(f"images/s with capture: {args.batch / best['capture']:.2f}, with refinement too: "
               f"{args.batch / best['refined']:.2f}, multires: {args.batch / best['multires']:.2f}")
@@ -178,8 +198,11 @@ def main() -> None:
           f"{best['multires'] / best['plain']:.3f}, multires cross grids only (one self grid) "
           f"{best['multires-cross'] / best['plain']:.3f}")
     if not args.unet_only:
-        print(f"refined/capture: {best['refined'] / best['capture']:.3f} "
-              f"({1000 * (best['refined'] - best['capture']) / args.batch:.0f} ms per image for the refinement)")
+        print(f"refinement on / off: {best['refined'] / best['capture']:.3f} measured end to end; "
+              f"{(best['capture'] + best['alone']) / best['capture']:.3f} from the refinement's own time "
+              f"({1000 * best['alone'] / args.batch:.1f} ms per image, timed alone)")
+        print(f"where it runs: inline in the generating thread, on {device.type} where the scores are "
+              "(label_sample); each batch waits for it before the next denoising starts")
     for name in ("capture", "multires", "multires-cross"):
         sums, transient = capture_mib(labels[name], latent_hw, args.batch, 77)
         print(f"{name} capture memory: running sums {sums:.1f} MiB, chunk transient <= {transient:.1f} MiB")

@@ -266,3 +266,29 @@ def test_label_sample_snaps_the_attention_blob_to_the_image(monkeypatch):
 
     assert wrong(dataclasses.replace(LabelConfig(), refine_image=False)) > 0.01
     assert wrong(LabelConfig()) == 0
+
+
+def test_the_attention_label_of_the_stored_scores_is_the_generation_s_label_before_the_snap():
+    import dataclasses
+    from types import SimpleNamespace
+
+    from syntagen_st.core.config import LabelConfig
+    from syntagen_st.core.guided import attention_label
+
+    # The report's "attention label" column: from the pool's float16 scores, without the image.
+    image = np.full((128, 128, 3), 30, np.uint8)
+    image[:, 56:] = 220
+    cross = torch.zeros(4, 4, 3)
+    cross[:, 1, 1], cross[:, 2:, 1] = 0.5, 1.0
+    cross[..., 0] = 1.0 - cross[..., 1]
+    record = PromptRecord("s0", 0, 0, "p", ("cat",), "p; cat", 0)
+    store = SimpleNamespace(cross_hw=(4, 4))
+
+    def sample(cfg):
+        return sampler.label_sample(record, image, cross.reshape(16, 3), torch.eye(64), [[1]], store, cfg)
+
+    on, off = sample(LabelConfig()), sample(dataclasses.replace(LabelConfig(), refine_image=False))
+    assert on.scores.dtype == np.float16 and np.array_equal(on.scores, off.scores)
+    before = attention_label(on.scores, list(on.class_ids), image.shape[:2], LabelConfig()).numpy()
+    assert np.array_equal(before, off.mask)
+    assert (before != on.mask).mean() > 0.01

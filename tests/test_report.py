@@ -303,3 +303,115 @@ def test_the_iou_chart_is_a_class_by_round_grid_that_grows_a_row_per_class():
     one = Image.open(io.BytesIO(figures.iou_over_rounds(["round 1", "round 2", "round 3"], {"cat": [0.1, None, 0.5]}, set())))
     # A row per class (20 rows, not 20 overlapping lines in a fixed frame).
     assert many.height > 2 * one.height
+
+
+# ---------------------------------------------------------------- contact sheets: attention, refined, relabelled
+
+
+def attention_label_by_hand(scores: np.ndarray, class_ids: np.ndarray, size: tuple[int, int], label: dict) -> np.ndarray:
+    """What a stored attention score file gives without the image: bilinear upsampling, the top class
+    at >= fg_threshold, 255 in the band below it (as docs/masks.md states the rule)."""
+    import torch
+    import torch.nn.functional as F
+
+    full = F.interpolate(torch.from_numpy(scores).float()[None], size=size, mode="bilinear", align_corners=False)[0]
+    top, arg = full.max(dim=0)
+    out = np.zeros(size, np.uint8)
+    out[top.numpy() >= label["fg_threshold"]] = class_ids[arg.numpy()][top.numpy() >= label["fg_threshold"]]
+    out[(top.numpy() >= label["band_threshold"]) & (top.numpy() < label["fg_threshold"])] = 255
+    return out
+
+
+def sheet_heads(markup: str) -> list[str]:
+    heads = re.findall(r'<div class="cols"[^>]*>(.*?)</div>', markup)
+    assert heads and len(set(heads)) == 1
+    return [text(h) for h in re.findall(r"<span>(.*?)</span>", heads[0])]
+
+
+def test_the_contact_sheets_show_the_attention_the_refined_and_the_relabelled_label(smoke_run):
+    from syntagen_st.core.store import load_mask
+    from syntagen_st.reporting import figures
+    from syntagen_st.reporting.facts import read_run
+    from syntagen_st.reporting.view import read_rgb, sheet_columns, sheet_masks
+
+    sheets_html = section((smoke_run.root / "report" / "index.html").read_text(), "sheets")
+    assert sheet_heads(sheets_html) == ["image", "attention label", "refined label", "relabelled label",
+                                        "held-out prediction"]
+    assert "snapped to the image's edges with the guided filter" in text(sheets_html)
+    facts = read_run(smoke_run.root)
+    label = yaml.safe_load((smoke_run.root / "config.yaml").read_text())["label"]
+    assert label["refine_image"] is True
+    pool, columns = facts.run.pool, sheet_columns(facts.config)
+    snapped = relabelled = 0
+    for sid in sorted(facts.pool_rows):
+        attention, refined, current, _ = sheet_masks(facts, sid, columns)
+        stored = np.load(pool.scores_path(sid))
+        assert np.array_equal(attention, attention_label_by_hand(stored["scores"], stored["class_ids"],
+                                                                 refined.shape, label)), sid
+        assert np.array_equal(refined, load_mask(pool.mask_path(sid)))
+        assert np.array_equal(current, load_mask(facts.label_path(sid)))
+        snapped += int((attention != refined).any())
+        relabelled += int((current != refined).any())
+    # The refinement changed pixels of most samples, and the rounds relabelled some.
+    assert snapped > len(facts.pool_rows) // 2 and relabelled > 0
+    # The page embeds exactly these panels for every sample it shows.
+    shown = re.findall(r'alt="sample ([^"]+)"', sheets_html)
+    assert shown
+    for sid in set(shown):
+        row = figures.panel_row(read_rgb(pool.image_path(sid)), sheet_masks(facts, sid, columns))
+        assert base64.b64encode(row).decode("ascii") in sheets_html, sid
+
+
+@pytest.mark.parametrize("recorded", ["off", "before the refinement existed"])
+def test_a_run_without_the_refinement_has_no_refined_column_and_says_so(smoke_run, tmp_path, recorded):
+    from syntagen_st.core.store import load_mask
+    from syntagen_st.reporting.facts import read_run
+    from syntagen_st.reporting.view import dataset_view, sheet_columns, sheet_masks
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run.root, run, ignore=shutil.ignore_patterns("report", "final", "fold*"))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    if recorded == "off":
+        config["label"]["refine_image"] = False
+    else:
+        del config["label"]["refine_image"]
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    facts = read_run(run)
+    markup = sections.sheets(facts, dataset_view(facts))
+    assert sheet_heads(markup) == ["image", "attention label", "relabelled label", "held-out prediction"]
+    assert "label.refine_image was off for this run" in text(markup) and "no refined-label column" in text(markup)
+    sid = sorted(facts.pool_rows)[0]
+    attention, current, _ = sheet_masks(facts, sid, sheet_columns(facts.config))
+    assert np.array_equal(attention, load_mask(facts.run.pool.mask_path(sid)))
+    assert np.array_equal(current, load_mask(facts.label_path(sid)))
+    assert "before: attention label" in sections.refinement(facts, dataset_view(facts))
+
+
+def test_an_imported_dataset_s_sheet_shows_its_mask_as_given_beside_the_refined_one(tmp_path):
+    from syntagen_st.core.config import LabelConfig
+    from syntagen_st.core.layout import RunLayout
+    from syntagen_st.core.store import load_mask, save_mask
+    from syntagen_st.reporting.facts import read_run
+    from syntagen_st.reporting.view import dataset_view, sheet_columns, sheet_masks
+    from syntagen_st.selftrain.pool import import_folder
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    image = np.full((256, 256, 3), 40, np.uint8)
+    image[64:192, 64:192] = 210
+    blob = np.zeros((256, 256), np.uint8)
+    blob[60:196, 60:196] = 8  # bleeds 4 px over every edge
+    Image.fromarray(image).save(data / "images" / "a.png")
+    save_mask(data / "masks" / "a.png", blob)
+    run = RunLayout(tmp_path / "run")
+    import_folder(str(data), run.pool, LabelConfig())
+    run.config.write_text(yaml.safe_dump({"loop": {"source": f"folder:{data}", "rounds": 1}, "label": {"refine_image": True}}))
+    facts = read_run(run.root)
+    columns = sheet_columns(facts.config)
+    given, refined, current, prediction = sheet_masks(facts, "r00_000000", columns)
+    assert np.array_equal(given, blob) and prediction is None
+    assert np.array_equal(refined, load_mask(run.pool.mask_path("r00_000000"))) and np.array_equal(current, refined)
+    assert ((refined == 8) != (blob == 8)).mean() > 0.02
+    markup = sections.sheets(facts, dataset_view(facts))
+    assert sheet_heads(markup) == ["image", "label as imported", "refined label", "relabelled label", "held-out prediction"]
+    assert "no round has finished: still the pool's" in text(markup)

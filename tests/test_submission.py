@@ -393,3 +393,45 @@ def test_an_entry_recorded_before_multires_attention_reproduces_with_one_grid():
         del old["label"][key]
     label = resolve_config(Source("old", old, {}, None), None, None, None, False).label
     assert (cross_factors(label), label.cross_weights, self_factors(label)) == ([4], [1.0], [2])
+
+
+def _card_of(config: dict) -> str:
+    """The card of a small hand-made entry with ``config``."""
+    from syntagen_st.submission.card import render_card
+
+    return render_card({
+        "name": "entry", "valid_entry": True, "not_an_entry": [], "pairs": 2, "seed": 0, "config": config,
+        "stable_diffusion": {"id": "sd", "family": "1.x", "kind": "hub"}, "classes": {}, "versions": {},
+    })
+
+
+def _labels_line(card: str) -> str:
+    return next(line for line in card.splitlines() if line.startswith("- **Labels**"))
+
+
+def test_the_card_names_the_image_guided_refinement_only_when_it_was_on():
+    from syntagen_st.core.config import Config
+
+    on = Config().to_dict()
+    on["label"].update(refine_kernel=0.05, refine_eps=0.002, refine_work_side=96, prior_confidence=0.8)
+    line = _labels_line(_card_of(on))
+    assert ("upsampled to the image and snapped to its edges with kornia's guided filter (window 0.05 of the shorter "
+            "side, eps 0.002, coefficients computed at about 96 px); a class where its score >= 0.6") in line
+    assert "prior" not in line
+    off = Config().to_dict()
+    off["label"]["refine_image"] = False
+    old = Config().to_dict()
+    del old["label"]["refine_image"]  # recorded before the refinement existed: made without it
+    for config in (off, old):
+        card = _card_of(config)
+        assert "guided" not in card and "snapped" not in card
+        assert _labels_line(card) == ("- **Labels**: cross-attention of the class tokens refined by self-attention "
+                                      "to the power 4; a class where its score >= 0.6, 255 in [0.5, 0.6), background "
+                                      "below; classes under 0.2 of the strongest peak are absent.")
+    # An imported dataset: its masks were refined as a prior with the stated confidence, or taken as given.
+    on["loop"]["source"] = off["loop"]["source"] = "folder:/data"
+    line = _labels_line(_card_of(on))
+    assert "imported, each mask refined as a prior (0.8 on its class" in line
+    assert "snapped to the image's edges with kornia's guided filter (window 0.05 of the shorter side, eps 0.002" in line
+    assert "attention" not in line
+    assert _labels_line(_card_of(off)) == "- **Labels**: imported as given."

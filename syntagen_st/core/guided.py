@@ -13,8 +13,12 @@ The filter is kornia's guided filter (He et al.), computed at a working resoluti
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import fields
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 from kornia.filters import guided_blur
 
 from .classes import BACKGROUND, IGNORE_INDEX
@@ -106,3 +110,29 @@ def refine_label(
     top, arg = probs.max(dim=0)
     unsure = (torch.as_tensor(label) == IGNORE_INDEX) & (top < cfg.fg_threshold)
     return probs, torch.where(unsure, torch.full_like(arg, IGNORE_INDEX, dtype=torch.uint8), allowed[arg])
+
+
+def recorded_label_config(section: Mapping | None) -> LabelConfig:
+    """The ``label`` section of a saved config (config.yaml, submission.json) as it was run:
+    defaults for keys it lacks, except ``refine_image``: a config recorded before the refinement
+    existed lacks it, and was made without it."""
+    known = {f.name for f in fields(LabelConfig)}
+    values = {k: v for k, v in (section or {}).items() if k in known}
+    values.setdefault("refine_image", False)
+    return LabelConfig(**values)
+
+
+def attention_label(
+    scores: np.ndarray | torch.Tensor, class_ids: list[int], size: tuple[int, int], cfg: LabelConfig
+) -> torch.Tensor:
+    """A sample's stored low-resolution class scores (K, h, w) -> (H, W) uint8: the label they
+    give without the image, upsampled bilinearly and thresholded as ``label_sample`` does.
+
+    With ``refine_image`` on, the pool keeps only the refined label; this is the label before
+    the snap, which the report shows beside it. The pool stores the scores in float16, so a
+    pixel within ~1e-3 of a threshold may come out otherwise than from the float32 scores.
+    """
+    t = torch.as_tensor(scores).float()
+    full = F.interpolate(t[None], size=size, mode="bilinear", align_corners=False)[0] if t.shape[0] \
+        else t.new_zeros((0, *size))
+    return scores_to_labels(full, class_ids, cfg.fg_threshold, cfg.band_threshold)

@@ -32,6 +32,8 @@ from .view import (
     read_mask,
     read_rgb,
     scaled_weights,
+    sheet_columns,
+    sheet_masks,
     source_line,
     step_times,
     weak_classes,
@@ -186,10 +188,10 @@ def balance(facts: RunFacts, view: DatasetView) -> str:
 # ---------------------------------------------------------------- 5. contact sheets
 
 
-def _panels(facts: RunFacts, sid: str, masks: Sequence[Path | None], extra: str, values: set[int]) -> str:
-    """One sample's row of panels (image, then each mask over it) and its caption; adds the label
-    values drawn to ``values`` for the sheet's legend."""
-    loaded = [read_mask(p) for p in masks]
+def _panels(facts: RunFacts, sid: str, masks: Sequence[Path | np.ndarray | None], extra: str, values: set[int]) -> str:
+    """One sample's row of panels (image, then each mask, a file or decoded, over it) and its
+    caption; adds the label values drawn to ``values`` for the sheet's legend."""
+    loaded = [m if isinstance(m, np.ndarray) else read_mask(m) for m in masks]
     for m in loaded:
         if m is not None:
             values.update(int(v) for v in np.unique(m))
@@ -222,11 +224,19 @@ def sheets(facts: RunFacts, view: DatasetView) -> str:
     if not view.ids:
         return note("No samples yet.")
     latest = facts.latest
-    pool = facts.run.pool
-    heads = ["image", "attention label", "refined label", "held-out prediction"]
+    columns = sheet_columns(facts.config)
     pred_round = round_title(latest.index) if latest else "no round finished"
+    first = ("the mask as imported" if columns.imported else
+             "the attention label (the one its attention scores give, before the image)")
+    if columns.refined:
+        refined = ("; the refined label: that label snapped to the image's edges with the guided filter "
+                   "(label.refine_image), as the pool holds it")
+    else:
+        refined = ("; label.refine_image was off for this run, so the pool holds the "
+                   + ("mask as imported" if columns.imported else "attention label") + " itself: no refined-label column")
+    current = "the current label after the rounds' relabelling" + ("" if latest else " (no round has finished: still the pool's)")
     intro = (f"<p>For each class, up to {SHEET_SAMPLES} of {esc(view.name)} whose label holds it — the best, median "
-             f"and worst by sample score — as image, attention label, current (refined) label, and the prediction of "
+             f"and worst by sample score — as image; {esc(first)}{esc(refined)}; {esc(current)}; and the prediction of "
              f"the {esc(pred_round)} model that did not train on the sample. Labels are drawn over the image in the "
              "VOC palette; grey panels are missing files.</p>")
     links, out = [], []
@@ -239,9 +249,8 @@ def sheets(facts: RunFacts, view: DatasetView) -> str:
             out.append(f"<div>{head}{note(f'No label among {view.name} holds any {c} pixels.')}</div>")
             continue
         values: set[int] = set()
-        rows = "".join(_panels(facts, sid, [pool.mask_path(sid), facts.label_path(sid), facts.pred_path(sid)], rank,
-                               values) for sid, rank in sheet.picks)
-        out.append(f"<div>{head}{_sheet(heads, rows, values)}</div>")
+        rows = "".join(_panels(facts, sid, sheet_masks(facts, sid, columns), rank, values) for sid, rank in sheet.picks)
+        out.append(f"<div>{head}{_sheet(columns.heads, rows, values)}</div>")
     index = '<p class="legend">Classes: ' + " · ".join(links) + "</p>"
     return intro + index + '<div class="sheets">' + "".join(out) + "</div>"
 
@@ -266,8 +275,9 @@ def refinement(facts: RunFacts, view: DatasetView) -> str:
 def _changes(facts: RunFacts, view: DatasetView) -> str:
     scan = view.scan
     order = most_changed(scan, SHOWN_CHANGES)
+    pool_label = sheet_columns(facts.config).pool_label
     if not order:
-        return note(f"No label of {view.name} differs from its attention label: no round model was reliable "
+        return note(f"No label of {view.name} differs from its {pool_label} in the pool: no round model was reliable "
                     "enough to relabel (as expected of short or early rounds).")
     values: set[int] = set()
     rows = "".join(
@@ -275,8 +285,8 @@ def _changes(facts: RunFacts, view: DatasetView) -> str:
                 f"{pct(scan.changed[n])}% of pixels changed, {pct(scan.to_ignore[n])}% became ignore", values)
         for n in order)
     return (f"<p>Among {esc(view.name)}, refinement changed {pct(mean_change(scan))}% of the pixels on average. The "
-            f"{len(order)} samples it changed most, before (attention label) and after:</p>"
-            + _sheet(["image", "before: attention label", "after: current label"], rows, values))
+            f"{len(order)} samples it changed most, before ({pool_label}, as the pool holds it) and after:</p>"
+            + _sheet(["image", f"before: {pool_label}", "after: current label"], rows, values))
 
 
 def _drops(facts: RunFacts) -> str:
@@ -299,7 +309,8 @@ def _drops(facts: RunFacts) -> str:
         if rest > 0 else ""
     return (f"<p>{len(dropped):,} samples were dropped. The {min(len(dropped), SHOWN_DROPS)} lowest scored, with the "
             "held-out prediction of the round that dropped them:</p>"
-            + _sheet(["image", "attention label", "held-out prediction"], rows, values) + listing + more)
+            + _sheet(["image", sheet_columns(facts.config).pool_label, "held-out prediction"], rows, values)
+            + listing + more)
 
 
 # ---------------------------------------------------------------- 7. final

@@ -17,6 +17,7 @@ from PIL import Image
 from ..core.classes import BACKGROUND, VOC_CLASSES
 from ..core.config import TINY_MODELS, RefineConfig, is_local_path
 from ..core.gate import gate_verdict
+from ..core.guided import attention_label, recorded_label_config
 from ..core.layout import round_title
 from ..core.rules import entry_problems
 from .facts import LabelScan, RunFacts, scan_labels
@@ -80,6 +81,64 @@ def read_mask(path: Path | None) -> np.ndarray | None:
             return np.asarray(image) if image.mode in ("P", "L") else None
     except (OSError, ValueError):
         return None
+
+
+# ---------------------------------------------------------------- the contact sheets' labels
+
+
+@dataclass(frozen=True)
+class SheetColumns:
+    """The panels of a contact-sheet row: the image, the label before the image-guided refinement,
+    the refined label (only when ``label.refine_image`` was on: the pool holds it), the relabelled
+    (current) label and the held-out prediction."""
+
+    refined: bool
+    imported: bool
+
+    @property
+    def first(self) -> str:
+        return "label as imported" if self.imported else "attention label"
+
+    @property
+    def pool_label(self) -> str:
+        """What the pool's label is: the refined one, or the first column's itself."""
+        return "refined label" if self.refined else self.first
+
+    @property
+    def heads(self) -> list[str]:
+        return ["image", self.first, *(["refined label"] if self.refined else []), "relabelled label",
+                "held-out prediction"]
+
+
+def sheet_columns(config: Mapping) -> SheetColumns:
+    """The columns a run's sheets have, from its config (a config without ``label.refine_image``
+    predates the refinement: off)."""
+    source = str(config.get("loop", {}).get("source", "sd"))
+    return SheetColumns(recorded_label_config(config.get("label")).refine_image, source.startswith("folder:"))
+
+
+def unrefined_label(facts: RunFacts, sid: str) -> np.ndarray | None:
+    """A sample's label before the image-guided refinement: an imported sample's mask as given (the
+    manifest's ``source_mask``), a generated one's from its stored attention scores
+    (``core/guided.py`` ``attention_label``); None when that is missing or unreadable."""
+    row = facts.pool_rows.get(sid, {})
+    if row.get("label_source") == "folder":
+        return read_mask(Path(row["source_mask"])) if row.get("source_mask") else None
+    pool = facts.run.pool
+    try:
+        with np.load(pool.scores_path(sid)) as stored, Image.open(pool.image_path(sid)) as image:
+            scores, class_ids, size = stored["scores"], stored["class_ids"], image.size[::-1]
+    except (OSError, KeyError, ValueError):
+        return None
+    cfg = recorded_label_config(facts.config.get("label"))
+    return attention_label(scores, [int(c) for c in class_ids], size, cfg).numpy()
+
+
+def sheet_masks(facts: RunFacts, sid: str, columns: SheetColumns) -> list[np.ndarray | None]:
+    """A sample's labels in the order of ``columns.heads`` after the image (None: a grey panel)."""
+    pool_label = read_mask(facts.run.pool.mask_path(sid))
+    before = [unrefined_label(facts, sid), pool_label] if columns.refined else [pool_label]
+    return [*before, read_mask(facts.label_path(sid)), read_mask(facts.pred_path(sid))]
 
 
 # ---------------------------------------------------------------- time per step

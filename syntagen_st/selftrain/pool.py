@@ -89,7 +89,8 @@ def import_folder(path: str | Path, pool: Pool, label: LabelConfig | None = None
 
     Without a class list, a sample's classes are those its mask contains. With ``label`` and its
     ``refine_image`` on, each mask is taken as a prior of ``label.prior_confidence`` and snapped
-    to its image's edges (``core/guided.py``): the pool holds the refined label.
+    to its image's edges (``core/guided.py``): the pool holds the refined label, and each row names
+    the mask as given (``source_mask``), which the report shows beside it.
     """
     root = Path(path)
     samples = find_samples(root)
@@ -117,7 +118,8 @@ def import_folder(path: str | Path, pool: Pool, label: LabelConfig | None = None
             mask = refine_label(rgb, mask, [class_index(c) for c in classes], label)[1].numpy()
         save_image(pool.image_path(sid), rgb)
         save_mask(pool.mask_path(sid), mask)
-        rows.append({"id": sid, "round": 0, "index": index, "source": str(sample.image), "classes": classes,
+        rows.append({"id": sid, "round": 0, "index": index, "source": str(sample.image),
+                     "source_mask": str(sample.mask), "classes": classes,
                      "prompt": None, "class_prompt": None, "seed": None, "label_source": "folder"})
     if degenerate:
         log.warning("%s: skipped %d degenerate images (under %d px a side, or one flat colour): %s", root,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..core.classes import VOC_CLASSES
 from ..core.gate import gate_rule, refine_config
+from ..core.guided import recorded_label_config
 
 OTHER_LICENCES = (
     ("DeepLabv3 / LR-ASPP code (torchvision)", "BSD-3-Clause"),
@@ -33,9 +34,26 @@ def _class_table(classes: dict) -> list[str]:
     return rows
 
 
+def _labels_line(cfg: dict) -> str:
+    """How the masks were made: from attention, or imported; with the image-guided refinement when
+    it was on (a config recorded before it existed lacks ``refine_image``: off)."""
+    label = recorded_label_config(cfg["label"])
+    snap = (f"kornia's guided filter (window {label.refine_kernel:g} of the shorter side, "
+            f"eps {label.refine_eps:g}, coefficients computed at about {label.refine_work_side} px)")
+    if str(cfg["loop"].get("source", "sd")).startswith("folder:"):
+        return ("- **Labels**: imported as given." if not label.refine_image else
+                f"- **Labels**: imported, each mask refined as a prior ({label.prior_confidence:g} on its class, the rest "
+                f"shared over background and its classes, uniform where it was 255), snapped to the image's edges with {snap}; a pixel takes its most "
+                f"probable class, and a 255 pixel stays 255 unless that reaches {label.fg_threshold}.")
+    return (f"- **Labels**: cross-attention of the class tokens refined by self-attention to the power {label.tau}"
+            + (f", upsampled to the image and snapped to its edges with {snap}" if label.refine_image else "") + "; "
+            f"a class where its score >= {label.fg_threshold}, 255 in [{label.band_threshold}, {label.fg_threshold}), "
+            f"background below; classes under {label.presence_threshold} of the strongest peak are absent.")
+
+
 def render_card(sub: dict) -> str:
     cfg = sub["config"]
-    gen, label, refine, loop, train = cfg["generate"], cfg["label"], cfg["refine"], cfg["loop"], cfg["train"]
+    gen, refine, loop, train = cfg["generate"], cfg["refine"], cfg["loop"], cfg["train"]
     sd = sub["stable_diffusion"]
     lines = [f"# {sub['name']}: a synthetic PASCAL VOC segmentation dataset", ""]
     if not sub["valid_entry"]:
@@ -57,9 +75,7 @@ def render_card(sub: dict) -> str:
         "- **Prompts**: " + (f"the prompts file (sha256 {sub['prompts_file_sha256']})" if sub.get("prompts_file_sha256")
                              else f"built-in caption templates over {len(gen['classes'])} classes, at most "
                              f"{gen['max_classes_per_prompt']} per prompt") + "; the class names are appended after `; `.",
-        f"- **Labels**: cross-attention of the class tokens refined by self-attention to the power {label['tau']}; "
-        f"a class where its score >= {label['fg_threshold']}, 255 in [{label['band_threshold']}, {label['fg_threshold']}), "
-        f"background below; classes under {label['presence_threshold']} of the strongest peak are absent.",
+        _labels_line(cfg),
         f"- **Self-training**: {loop['rounds']} rounds, {loop['generate_total']} images generated "
         f"(budget split `{loop['budget_split']}`), {refine['folds']} cross-fitted round models of {loop['round_steps']} steps.",
         f"- **Relabel**: where the held-out model is >= {refine['relabel_confidence']} confident, in the classes that "
