@@ -282,10 +282,10 @@ def test_the_attention_label_of_the_stored_scores_is_the_generation_s_label_befo
     cross[:, 1, 1], cross[:, 2:, 1] = 0.5, 1.0
     cross[..., 0] = 1.0 - cross[..., 1]
     record = PromptRecord("s0", 0, 0, "p", ("cat",), "p; cat", 0)
-    store = SimpleNamespace(cross_hw=(4, 4))
+    store = SimpleNamespace(cross_grids=[(4, 4)])
 
     def sample(cfg):
-        return sampler.label_sample(record, image, cross.reshape(16, 3), torch.eye(64), [[1]], store, cfg)
+        return sampler.label_sample(record, image, [cross.reshape(16, 3)], [torch.eye(64)], [[1]], store, cfg)
 
     on, off = sample(LabelConfig()), sample(dataclasses.replace(LabelConfig(), refine_image=False))
     assert on.scores.dtype == np.float16 and np.array_equal(on.scores, off.scores)

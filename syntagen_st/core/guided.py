@@ -27,6 +27,8 @@ from .config import LabelConfig
 
 def _as_image(image: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
     """(H, W, 3) uint8 -> (1, 3, H, W) float in [0, 1] on ``device``."""
+    if isinstance(image, np.ndarray) and not image.flags.writeable:
+        image = image.copy()  # a decoded PIL image is read-only; torch warns on wrapping one
     t = torch.as_tensor(image).to(device)
     return t.permute(2, 0, 1)[None].float() / 255.0
 
