@@ -382,3 +382,16 @@ def test_an_entry_recorded_before_the_refinement_reproduces_without_it():
     assert resolve_config(Source("old", old, {}, None), None, None, None, False).label.refine_image is False
     new = Config().to_dict()
     assert resolve_config(Source("new", new, {}, None), None, None, None, False).label.refine_image is True
+
+
+def test_an_entry_recorded_before_the_guided_relabel_and_the_flip_reproduces_without_them():
+    from syntagen_st.core.config import Config
+    from syntagen_st.submission.reproduce import Source, resolve_config
+
+    old = Config().to_dict()
+    del old["refine"]["relabel_image"], old["refine"]["flip_tta"]
+    refine = resolve_config(Source("old", old, {}, None), None, None, None, False).refine
+    assert (refine.relabel_image, refine.flip_tta) == (False, False)
+    new = Config().to_dict()
+    refine = resolve_config(Source("new", new, {}, None), None, None, None, False).refine
+    assert (refine.relabel_image, refine.flip_tta) == (Config().refine.relabel_image, Config().refine.flip_tta)
