@@ -272,15 +272,16 @@ def refine_flags(flags: list[str]) -> dict[str, object]:
     return out
 
 
-def refine_again(run: Path, flags: list[str]) -> None:
+def refine_again(run: Path, command: list[str]) -> None:
     """Forget everything after round 0's fold models, so the loop redoes refinement on, under the
-    ``--refine.*`` settings among ``flags`` (written into the run's saved config: only refinement
-    reads them, and the fold models it keeps do not depend on them)."""
+    refine section ``command`` (a fit command) resolves to: the smoke config's and its
+    ``--refine.*`` flags, written into the run's saved config (only refinement reads them, and
+    the fold models it keeps do not depend on them)."""
     layout = RunLayout(run)
     state = RunState(layout)
     atomic_write_json(state.path, {"done": [step for step in state.done() if round0_training(step)]})
     cfg = load_config_file(str(layout.config))
-    cfg.refine = replace(cfg.refine, **refine_flags(flags))
+    cfg.refine = replace(load_config_file(str(REPO / "configs" / "smoke.yaml")).refine, **refine_flags(command))
     atomic_write_text(layout.config, cfg.to_yaml())
 
 
@@ -295,14 +296,13 @@ def bench(work: Path, level: str, look: int, scene: str, budget: Budget, size: i
     passes = (["--refine.relabel_image", "false"], ["--refine.relabel_image", "true"])
     plain: list[np.ndarray] = []
     for n, variant in enumerate(passes):
-        flags = [*extra, *variant]
+        command = fit_command(work / "train", run, budget, size, seed, [*extra, *variant])
         if n or (again and RunLayout(run).state.exists()):
-            refine_again(run, flags)
+            refine_again(run, command)
         else:
             held = make_dataset(budget.held_images, size, seed + 1, noise, make_look(look), SCENES[scene])
             write_dataset(work / "train", data)
             write_dataset(work / "held", held | {"masks": held["gt"]})
-        command = fit_command(work / "train", run, budget, size, seed, flags)
         print("$ " + " ".join(command), flush=True)
         start = time.time()
         run_fit(command, work / "fit.log", threads)
