@@ -152,3 +152,20 @@ def test_the_relabel_refinement_settings_are_checked(field, value, message):
     validate_refine(RefineConfig())
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         validate_refine(dataclasses.replace(RefineConfig(), **{field: value}))
+
+
+def test_flip_tta_over_two_ranks_predicts_each_image_as_one_process_does(images):
+    from syntagen_st.scaleout.dist import Dist
+    from syntagen_st.selftrain.heldout import predict_shard
+
+    images = images + [im[::-1].copy() for im in images]
+    groups = [list(range(4)), list(range(4, 6))]
+    model = [Ramp(), Ramp()]
+    single = dict(predict_shard(model, groups, 2, image=lambda i: images[i], flip=True))
+    shards = [dict(predict_shard(model, groups, 2, Dist(rank, 2), lambda i: images[i], flip=True)) for rank in (0, 1)]
+    assert not shards[0].keys() & shards[1].keys() and shards[0].keys() | shards[1].keys() == set(range(6))
+    for shard in shards:
+        for i, p in shard.items():
+            assert np.array_equal(p, single[i])
+    plain = dict(predict_shard(model, groups, 2, image=lambda i: images[i]))
+    assert not np.allclose(plain[0], single[0])  # the flip reached the shards
