@@ -169,3 +169,11 @@ def test_flip_tta_over_two_ranks_predicts_each_image_as_one_process_does(images)
             assert np.array_equal(p, single[i])
     plain = dict(predict_shard(model, groups, 2, image=lambda i: images[i]))
     assert not np.allclose(plain[0], single[0])  # the flip reached the shards
+
+
+def test_the_relabel_filter_has_its_own_window_and_is_on_whatever_the_import_does():
+    from syntagen_st.core.config import RefineConfig
+    from syntagen_st.selftrain.combine import relabel_filter
+
+    cfg = relabel_filter(RefineConfig(relabel_kernel=0.3, relabel_eps=0.02), LabelConfig(refine_image=False, refine_work_side=64))
+    assert (cfg.refine_image, cfg.refine_kernel, cfg.refine_eps, cfg.refine_work_side) == (True, 0.3, 0.02, 64)
