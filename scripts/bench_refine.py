@@ -5,23 +5,28 @@
     python scripts/bench_refine.py --quick              # a ~2 minute sanity run; its figures mean nothing
     python scripts/bench_refine.py --work DIR -- --refine.min_reliability 0.4   # extra flags go to fit
     python scripts/bench_refine.py --work DIR --refine-again   # redo refinement with the current code
+    python scripts/bench_refine.py --work DIR --refine-again --no-arms -- --refine.relabel_kernel 0.125
 
-Builds a noisy-shapes training set with known truth (scripts/noisy_shapes.py: blobby 1/8-resolution
-labels, boundary errors, missing objects, swapped classes, failed images) and a clean held-out set
-(its truth as labels), runs ``python -m syntagen_st.fit --source folder:TRAIN`` on the training set,
-and prints, per noise level (clean, moderate, harsh; ``--noise`` picks some):
-1. label mIoU against the truth (255 counted as a miss) before and after refinement, for the
-   exported (kept) samples and for every sample's latest label, with coverage and the ignore-255
-   mIoU beside it; and how good each round's held-out fold models are against the truth;
-   per class: the labels against the truth before and after relabelling alone, and whether the
-   class passed the reliability gate;
+Builds a noisy-shapes training set with known truth (scripts/noisy_shapes.py, ``--scene rich`` by
+default: textured backgrounds, decoys, thin parts, holes, blobby 1/8-resolution labels that bleed
+across edges, missing objects, swapped classes, failed images) and a clean held-out set (its truth
+as labels), runs ``python -m syntagen_st.fit --source folder:TRAIN`` on the training set twice on
+the same fold models (the second a ``--refine-again``), once relabelling as before the image was
+used (``--refine.relabel_image false``) and once with it, and prints per noise level (clean,
+moderate, harsh; ``--noise`` picks some):
+1. label mIoU against the truth (255 counted as a miss), overall and per class, for: the labels as
+   given; refined by the image alone (the folder import's ``label.refine_image``); relabelled as
+   before (no image in the relabel); relabelled with the image; and, over the exported (kept)
+   samples, after the filter; with coverage and the ignore-255 mIoU beside them, the thin classes
+   (bicycle, chair) apart, and how good each round's held-out fold models are against the truth;
 2. the clean held-out mIoU of two models trained with the same arch, steps and seed, one on the
    unrefined labels of every sample, one on the refined labels of the kept samples.
 The loop's own final training is cut to one step: the two arms are trained here, on the same PNGs.
 A markdown table of every level ends the output.
 
 ``--refine-again`` keeps a work folder's data and round-0 fold models and reruns the loop from
-round 0's refinement on: a change to refinement code is measured without training the folds again.
+round 0's refinement on: a change to refinement code, or to ``--refine.*`` flags (written into the
+run's saved config), is measured without training the folds again.
 
 Torch runs with --threads (default 1): on a shared 2-core machine, two OpenMP threads made each
 training step 10-25x slower than one as soon as another process wanted a core.
@@ -49,12 +54,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from noisy_shapes import NOISE_LEVELS, label_quality, make_dataset, make_look, write_dataset  # noqa: E402
+import yaml  # noqa: E402
+from noisy_shapes import (  # noqa: E402
+    NOISE_LEVELS,
+    SCENES,
+    THIN_SHAPES,
+    label_quality,
+    make_dataset,
+    make_look,
+    scene_noise,
+    write_dataset,
+)
 
 from syntagen_st.core.classes import VOC_CLASSES, class_index  # noqa: E402
 from syntagen_st.core.cli import load_config_file  # noqa: E402
 from syntagen_st.core.layout import RunLayout, Step  # noqa: E402
-from syntagen_st.core.store import atomic_write_json, load_mask, read_jsonl  # noqa: E402
+from syntagen_st.core.store import atomic_write_json, atomic_write_text, load_mask, read_jsonl  # noqa: E402
 from syntagen_st.segmentation.data import Sample, find_samples  # noqa: E402
 from syntagen_st.segmentation.evaluate import evaluate  # noqa: E402
 from syntagen_st.segmentation.network import load_model, predict_proba  # noqa: E402
@@ -115,48 +130,69 @@ def quality_line(name: str, before: dict[str, float], after: dict[str, float]) -
     )
 
 
-def label_report(run: Path, data: dict) -> dict:
-    """Label quality before / after, over the exported samples and over every sample; per class
-    before and after relabelling alone. Returns the figures for the summary table."""
+STAGES = ("given", "image", "relabelled", "guided", "kept_given", "filtered")
+"""The label columns: as given, refined by the image alone, relabelled without / with the image
+(every sample's latest label), and over the exported samples: as given, and after the filter."""
+
+
+def latest_labels(run: Path, data: dict) -> tuple[list[int], list[np.ndarray]]:
+    """Every sample's training-set index and its latest label (a row's mask is its label's path
+    relative to the run folder, RunLayout.label_name)."""
+    layout = RunLayout(run)
+    index = {row["id"]: source_index(row) for row in layout.pool.rows()}
+    latest = read_jsonl(layout.latest_samples())
+    return [index[r["id"]] for r in latest], [load_mask(layout.root / r["mask"]) for r in latest]
+
+
+def label_report(run: Path, data: dict, plain: list[np.ndarray]) -> dict:
+    """Label quality of every column (``STAGES``), overall and per class; ``plain`` are the
+    latest labels of the run relabelled without the image (same samples, same order)."""
     layout = RunLayout(run)
     rows = {row["id"]: row for row in layout.pool.rows()}
     index = {sid: source_index(row) for sid, row in rows.items()}
-    latest = read_jsonl(layout.latest_samples())
+    every, guided = latest_labels(run, data)
     exported = layout.export.train_list.read_text().split()
+    kept = [index[sid] for sid in exported]
     gt, noisy = data["gt"], data["masks"]
-
-    every = [index[r["id"]] for r in latest]
-    before = label_quality(noisy[every], gt[every])
-    # A row's mask is its label's path relative to the run folder (RunLayout.label_name).
-    after = label_quality([load_mask(layout.root / r["mask"]) for r in latest], gt[every])
-    print(quality_line(f"label mIoU, all {len(every)} samples' latest labels (relabelling alone)", before, after))
+    q = {
+        "given": label_quality(noisy[every], gt[every]),
+        "image": label_quality([load_mask(layout.pool.mask_path(sid)) for sid in (r["id"] for r in read_jsonl(
+            layout.latest_samples()))], gt[every]),
+        "relabelled": label_quality(plain, gt[every]),
+        "guided": label_quality(guided, gt[every]),
+        "kept_given": label_quality(noisy[kept], gt[kept]),
+        "filtered": label_quality([load_mask(layout.export.mask(sid)) for sid in exported], gt[kept]),
+    }
+    given = q["given"]
+    print(quality_line(f"label mIoU, all {len(every)} samples, refined by the image alone", given, q["image"]))
+    print(quality_line("  relabelled as before (no image in the relabel)", given, q["relabelled"]))
+    print(quality_line("  relabelled with the image", given, q["guided"]))
+    print(quality_line(f"label mIoU, exported {len(kept)}, same samples as given", q["kept_given"], q["filtered"]))
     # What needs no model: pixels of classes the sample did not name become 255 (every gate shut).
     shut = np.zeros(len(VOC_CLASSES), dtype=bool)
     uniform = np.full((len(VOC_CLASSES), *gt[0].shape), 1 / len(VOC_CLASSES), np.float32)
     restricted = [rf.relabel(noisy[i], rf.restricted(uniform, data["classes"][i]), shut, 1.0, 0.0) for i in every]
     no_model = label_quality(restricted, gt[every])
-    print(quality_line("  of which the named-class restriction alone (every gate shut)", before, no_model))
+    print(quality_line("  the named-class restriction alone (every gate shut)", given, no_model))
 
-    kept = [index[sid] for sid in exported]
-    kept_before = label_quality(noisy[kept], gt[kept])
-    after_kept = label_quality([load_mask(layout.export.mask(sid)) for sid in exported], gt[kept])
-    print(quality_line(f"label mIoU, exported {len(kept)} vs all {len(every)} unrefined", before, after_kept))
-    print(quality_line(f"label mIoU, exported {len(kept)}, same samples unrefined", kept_before, after_kept))
-
-    dropped = [index[r["id"]] for r in latest if not r["kept"]]
+    dropped = [index[r["id"]] for r in read_jsonl(layout.latest_samples()) if not r["kept"]]
     failed = int(data["failed"].sum())
     print(f"dropped {len(dropped)} samples, {int(data['failed'][dropped].sum())} of the {failed} failed images among them")
     stats = [layout.stats(r) for r in layout.rounds_on_disk()]
     reliable = set().union(*(json.loads(p.read_text())["reliable"] for p in stats if p.is_file()))
-    print("  class         labels  relabelled  change  gate")
-    worst = 0.0
-    for c in np.flatnonzero(~np.isnan(before["per_class"])):
-        b, a = before["per_class"][c], after["per_class"][c]
-        worst = min(worst, a - b)
-        print(f"  {VOC_CLASSES[c]:<12} {b:7.3f} {a:10.3f} {a - b:+7.3f}  {'open' if VOC_CLASSES[c] in reliable else 'shut'}")
+    print("  class          given   image  relabelled  +image  kept given  filtered  gate")
+    for c in np.flatnonzero(~np.isnan(given["per_class"])):
+        cells = " ".join(f"{q[k]['per_class'][c]:>{w}.3f}" for k, w in zip(STAGES, (6, 7, 11, 7, 11, 9)))
+        print(f"  {VOC_CLASSES[c]:<12} {cells}  {'open' if VOC_CLASSES[c] in reliable else 'shut'}"
+              f"{'  (thin)' if c in THIN_SHAPES else ''}")
+    present = ~np.isnan(given["per_class"])
+    thin = [c for c in THIN_SHAPES if present[c]]
     return {
-        "labels": before["miou"], "relabelled": after["miou"], "restricted": no_model["miou"], "kept_unrefined": kept_before["miou"],
-        "exported": after_kept["miou"], "worst_class_change": worst,
+        **{k: v["miou"] for k, v in q.items()}, "restricted": no_model["miou"],
+        "worst_image": float(np.nanmin(q["image"]["per_class"][present] - given["per_class"][present])),
+        "worst_guided": float(np.nanmin(q["guided"]["per_class"][present] - given["per_class"][present])),
+        "thin": {VOC_CLASSES[c]: (given["per_class"][c], q["image"]["per_class"][c], q["relabelled"]["per_class"][c],
+                                  q["guided"]["per_class"][c]) for c in thin},
         "gate": sorted(reliable, key=VOC_CLASSES.index),
     }
 
@@ -221,32 +257,60 @@ def round0_training(name: str) -> bool:
     return (step.stage, step.number) == ("round", 0) and (step.task == "data" or step.fold is not None)
 
 
-def refine_again(run: Path) -> None:
-    """Forget everything after round 0's fold models, so the loop redoes refinement on."""
-    state = RunState(RunLayout(run))
+def refine_flags(flags: list[str]) -> dict[str, object]:
+    """The ``--refine.KEY VALUE`` (or ``=VALUE``) flags among fit flags, values read as YAML."""
+    out, i = {}, 0
+    while i < len(flags):
+        flag = flags[i]
+        if flag.startswith("--refine."):
+            key, _, value = flag[len("--refine."):].partition("=")
+            if not _:
+                i += 1
+                value = flags[i]
+            out[key] = yaml.safe_load(value)
+        i += 1
+    return out
+
+
+def refine_again(run: Path, command: list[str]) -> None:
+    """Forget everything after round 0's fold models, so the loop redoes refinement on, under the
+    refine section ``command`` (a fit command) resolves to: the smoke config's and its
+    ``--refine.*`` flags, written into the run's saved config (only refinement reads them, and
+    the fold models it keeps do not depend on them)."""
+    layout = RunLayout(run)
+    state = RunState(layout)
     atomic_write_json(state.path, {"done": [step for step in state.done() if round0_training(step)]})
+    cfg = load_config_file(str(layout.config))
+    cfg.refine = replace(load_config_file(str(REPO / "configs" / "smoke.yaml")).refine, **refine_flags(command))
+    atomic_write_text(layout.config, cfg.to_yaml())
 
 
-def bench(work: Path, level: str, look: int, budget: Budget, size: int, seed: int, threads: int,
+def bench(work: Path, level: str, look: int, scene: str, budget: Budget, size: int, seed: int, threads: int,
           extra: list[str], again: bool, arms: bool) -> dict:
-    noise = NOISE_LEVELS[level]
-    data = make_dataset(budget.train_images, size, seed, noise, make_look(look))
-    print(f"\n=== noise {level}, look {look}: {noise}", flush=True)
+    noise = scene_noise(level, scene)
+    data = make_dataset(budget.train_images, size, seed, noise, make_look(look), SCENES[scene])
+    print(f"\n=== noise {level}, look {look}, scene {scene}: {noise}", flush=True)
     print(f"budget: {budget}, {size} px, seed {seed}, extra fit flags: {' '.join(extra) or 'none'}")
     run = work / "run"
-    if again and RunLayout(run).state.exists():
-        refine_again(run)
-    else:
-        held = make_dataset(budget.held_images, size, seed + 1, noise, make_look(look))
-        write_dataset(work / "train", data)
-        write_dataset(work / "held", held | {"masks": held["gt"]})
-    command = fit_command(work / "train", run, budget, size, seed, extra)
-    print("$ " + " ".join(command), flush=True)
-    start = time.time()
-    run_fit(command, work / "fit.log", threads)
-    print(f"loop: {time.time() - start:.0f} s wall", flush=True)
-    round_report(run, data)
-    figures = label_report(run, data)
+    # Two passes on the same fold models: relabelled without the image, then with it.
+    passes = (["--refine.relabel_image", "false"], ["--refine.relabel_image", "true"])
+    plain: list[np.ndarray] = []
+    for n, variant in enumerate(passes):
+        command = fit_command(work / "train", run, budget, size, seed, [*extra, *variant])
+        if n or (again and RunLayout(run).state.exists()):
+            refine_again(run, command)
+        else:
+            held = make_dataset(budget.held_images, size, seed + 1, noise, make_look(look), SCENES[scene])
+            write_dataset(work / "train", data)
+            write_dataset(work / "held", held | {"masks": held["gt"]})
+        print("$ " + " ".join(command), flush=True)
+        start = time.time()
+        run_fit(command, work / "fit.log", threads)
+        print(f"loop: {time.time() - start:.0f} s wall", flush=True)
+        if not n:
+            round_report(run, data)
+            plain = latest_labels(run, data)[1]
+    figures = label_report(run, data, plain)
     if arms:
         figures |= arms_report(run, work / "train", work / "held", budget.arm_steps, seed)
     return figures
@@ -254,17 +318,20 @@ def bench(work: Path, level: str, look: int, budget: Budget, size: int, seed: in
 
 def summary(results: dict[str, dict]) -> str:
     lines = [
-        "| noise | labels | named-class restriction | relabelled (alone) | worst class change | kept, unrefined (filter alone) "
-        "| exported (relabel + filter) | gate open | model: unrefined | model: refined |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| noise | as given | image alone | relabelled as before | relabelled + image | kept: as given -> filtered "
+        "| worst class: image / relabel + image | thin: given -> image -> relabelled -> + image | gate open "
+        "| model: unrefined | model: refined |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for level, f in results.items():
         model = (f"{f['unrefined']:.3f} | {f['refined']:.3f} ({f['refined'] - f['unrefined']:+.3f})"
                  if "refined" in f else "- | -")
+        thin = "; ".join(f"{name} " + " -> ".join(f"{v:.3f}" for v in vals) for name, vals in f["thin"].items()) or "-"
+        g = f["given"]
         lines.append(
-            f"| {level} | {f['labels']:.3f} | {f['restricted']:.3f} | {f['relabelled']:.3f} ({f['relabelled'] - f['labels']:+.3f}) "
-            f"| {f['worst_class_change']:+.3f} | {f['kept_unrefined']:.3f} "
-            f"| {f['exported']:.3f} ({f['exported'] - f['kept_unrefined']:+.3f}) "
+            f"| {level} | {g:.3f} | {f['image']:.3f} ({f['image'] - g:+.3f}) | {f['relabelled']:.3f} ({f['relabelled'] - g:+.3f}) "
+            f"| {f['guided']:.3f} ({f['guided'] - g:+.3f}) | {f['kept_given']:.3f} -> {f['filtered']:.3f} "
+            f"| {f['worst_image']:+.3f} / {f['worst_guided']:+.3f} | {thin} "
             f"| {', '.join(f['gate']) or 'none'} | {model} |"
         )
     return "\n".join(lines)
@@ -283,6 +350,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads here and in fit")
     parser.add_argument("--noise", default=",".join(NOISE_LEVELS), help="comma-separated levels (default: all)")
     parser.add_argument("--look", type=int, default=0, help="shapes and colours: 0 fixed, N drawn from N")
+    parser.add_argument("--scene", choices=list(SCENES), default="rich", help="plain: the shapes of earlier versions")
     parser.add_argument("--refine-again", action="store_true", help="reuse --work's data and round-0 folds")
     parser.add_argument("--no-arms", action="store_true", help="skip the two held-out comparison models")
     args, extra = parser.parse_known_args()
@@ -308,8 +376,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_refine_") as tmp:
         root = Path(args.work or tmp)
         for level in levels:
-            results[level] = bench(root / level, level, args.look, budget, args.size, args.seed, args.threads,
-                                   extra, args.refine_again, not args.no_arms)
+            results[level] = bench(root / level, level, args.look, args.scene, budget, args.size, args.seed,
+                                   args.threads, extra, args.refine_again, not args.no_arms)
     print("\n" + summary(results))
     usage = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = sum(u.ru_utime + u.ru_stime for u in usage)

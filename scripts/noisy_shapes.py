@@ -15,6 +15,14 @@ pair partner (swapped), and some images get another image's label altogether (fa
 ``--noise`` picks the strength (``NOISE_LEVELS``: clean, moderate, harsh) and ``--look`` the
 appearance: look 0 is the fixed shape / colour / texture of each class, any other look draws
 them (and a wider colour jitter) from its own seed, so a method is not tuned to one picture.
+
+``--scene rich`` (``SCENES``) makes the pictures and the noise harder, closer to what attention
+labels of SD images get wrong: striped backgrounds of random period and angle; unlabelled decoy
+blobs, which the labels sometimes take for an object of the image; a third pair of classes with
+thin parts (bicycle: a rim with spokes, chair: a seat on thin legs), where refinement by the
+image can erase what is thinner than its window; holes in some objects; and label noise whose
+blobs bleed across the objects' edges by a smooth random amount (``Noise.bleed``, per level in
+``RICH_BLEED``). ``--scene plain`` (the default here) draws exactly the data of earlier versions.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import argparse
 import json
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +52,10 @@ COLOURS: dict[int, tuple[int, int, int]] = {
     13: (150, 20, 20), 7: (30, 90, 230), 6: (235, 220, 40),
 }
 TEXTURES: dict[int, str] = {8: "hstripes", 12: "vstripes", 15: "dots", 13: "checker", 7: "diagonal", 6: "plain"}
+THIN_PAIRS: tuple[tuple[int, int], ...] = ((2, 9),)  # bicycle-chair: the rich scene's thin classes
+THIN_SHAPES: dict[int, str] = {2: "wheel", 9: "chair"}
+THIN_COLOURS: dict[int, tuple[int, int, int]] = {2: (30, 200, 110), 9: (225, 225, 225)}
+THIN_TEXTURES: dict[int, str] = {2: "plain", 9: "plain"}
 SHAPE_KINDS = ("circle", "square", "triangle", "ellipse", "diamond", "cross", "ring", "bar")
 TEXTURE_KINDS = ("hstripes", "vstripes", "dots", "checker", "diagonal", "plain")
 MAX_OBJECTS = 3
@@ -61,9 +73,10 @@ class Look:
 
 def make_look(look: int) -> Look:
     """Look 0 is the fixed recipe; another look gives the six classes distinct shapes, random
-    colours at least 80 apart (so a small CNN can still tell them) and random textures."""
+    colours at least 80 apart (so a small CNN can still tell them) and random textures. The thin
+    classes keep their shapes; another look draws their colours after the six's."""
     if look == 0:
-        return Look(SHAPES, COLOURS, TEXTURES)
+        return Look(SHAPES | THIN_SHAPES, COLOURS | THIN_COLOURS, TEXTURES | THIN_TEXTURES)
     rng = np.random.default_rng([look, 1729])
     classes = list(SHAPES)
     shapes = [str(k) for k in rng.permutation(SHAPE_KINDS)[: len(classes)]]
@@ -73,7 +86,13 @@ def make_look(look: int) -> Look:
         if all(np.abs(c - np.array(o)).sum() >= 80 for o in colours):
             colours.append(tuple(int(v) for v in c))
     textures = [str(t) for t in rng.choice(TEXTURE_KINDS, size=len(classes))]
-    return Look(dict(zip(classes, shapes)), dict(zip(classes, colours)), dict(zip(classes, textures)), jitter=0.25)
+    while len(colours) < len(classes) + len(THIN_SHAPES):
+        c = rng.integers(20, 256, size=3)
+        if all(np.abs(c - np.array(o)).sum() >= 80 for o in colours):
+            colours.append(tuple(int(v) for v in c))
+    thin_colours = dict(zip(THIN_SHAPES, colours[len(classes):]))
+    return Look(dict(zip(classes, shapes)) | THIN_SHAPES, dict(zip(classes, colours)) | thin_colours,
+                dict(zip(classes, textures)) | THIN_TEXTURES, jitter=0.25)
 
 
 @dataclass(frozen=True)
@@ -90,6 +109,29 @@ class Noise:
     missing: float = 0.08
     swapped: float = 0.12
     failed: float = 0.06
+    bleed: float = 0.0
+    """Score added around each object, a smooth random field over a one-cell halo: its label
+    bleeds across the object's edges, more on one side than another (the rich scene's)."""
+    decoy: float = 0.0
+    """Chance that a decoy blob is labelled as one of the image's classes (the rich scene's)."""
+
+
+@dataclass(frozen=True)
+class Scene:
+    """What the pictures hold besides the objects (``SCENES``)."""
+
+    striped_background: bool = False
+    decoys: int = 0
+    """Up to this many unlabelled blobs of random shape and colour per image."""
+    thin: bool = False
+    """The bicycle-chair pair, with parts a few pixels wide, joins the pairs."""
+    holes: float = 0.0
+    """Chance that an object has a hole the background shows through."""
+
+
+SCENES: dict[str, Scene] = {"plain": Scene(), "rich": Scene(striped_background=True, decoys=2, thin=True, holes=0.3)}
+RICH_BLEED: dict[str, tuple[float, float]] = {"clean": (0.0, 0.0), "moderate": (0.3, 0.15), "harsh": (0.6, 0.3)}
+"""Per level, the rich scene's (``Noise.bleed``, ``Noise.decoy``)."""
 
 
 NOISE_LEVELS: dict[str, Noise] = {
@@ -121,6 +163,15 @@ def _shape(kind: str, dx: np.ndarray, dy: np.ndarray, r: np.ndarray) -> np.ndarr
         return (dx**2 + dy**2 <= r**2) & (dx**2 + dy**2 >= (0.5 * r) ** 2)
     if kind == "bar":
         return (ax <= 1.3 * r) & (ay <= 0.45 * r)
+    if kind == "wheel":  # a rim, a hub and four spokes about 0.1 r wide
+        d = np.sqrt(dx**2 + dy**2)
+        spoke = (ax <= 0.06 * r) | (ay <= 0.06 * r) | (np.abs(ax - ay) <= 0.085 * r)
+        return (np.abs(d - 0.88 * r) <= 0.12 * r) | (d <= 0.2 * r) | (spoke & (d <= r))
+    if kind == "chair":  # a back, a seat and two thin legs
+        seat = (np.abs(dy) <= 0.12 * r) & (ax <= 0.8 * r)
+        back = (np.abs(dx + 0.7 * r) <= 0.1 * r) & (dy >= -r) & (dy <= 0)
+        legs = (np.abs(ax - 0.7 * r) <= 0.08 * r) & (dy >= 0) & (dy <= r)
+        return seat | back | legs
     raise ValueError(kind)
 
 
@@ -145,15 +196,17 @@ def _upsample(low: np.ndarray, size: int) -> np.ndarray:
 
 
 def make_dataset(
-    n: int, size: int, seed: int, noise: Noise = Noise(), look: Look | None = None
+    n: int, size: int, seed: int, noise: Noise = Noise(), look: Look | None = None, scene: Scene = Scene()
 ) -> dict[str, np.ndarray | list]:
     """images (n, size, size, 3) uint8, gt and masks (n, size, size) uint8, classes (the named
-    VOC ids of each sample) and failed (bool (n,): the label belongs to another image)."""
+    VOC ids of each sample) and failed (bool (n,): the label belongs to another image).
+    The plain scene draws the same random numbers as before the rich one existed."""
     look = look or make_look(0)
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:size, 0:size].astype(np.float32)
 
-    pair = np.array(PAIRS)[rng.integers(len(PAIRS), size=n)]  # (n, 2)
+    pairs = PAIRS + THIN_PAIRS if scene.thin else PAIRS
+    pair = np.array(pairs)[rng.integers(len(pairs), size=n)]  # (n, 2)
     count = rng.integers(1, MAX_OBJECTS + 1, size=n)
     active = np.arange(MAX_OBJECTS)[None] < count[:, None]  # (n, K)
     which = rng.integers(2, size=(n, MAX_OBJECTS))
@@ -166,6 +219,14 @@ def make_dataset(
     # Background: smooth low-frequency colour noise around a random muted tint.
     tint = rng.uniform(60, 160, size=(n, 3, 1, 1))
     image = tint + _upsample(rng.normal(0, 30, size=(n, 3, 4, 4)), size) + rng.normal(0, 8, size=(n, 3, size, size))
+    decoys = np.zeros((n, 0, size, size), dtype=bool)
+    if scene.striped_background:
+        angle, period = rng.uniform(0, np.pi, size=(n, 1, 1)), rng.uniform(4, 12, size=(n, 1, 1))
+        phase = (x[None] * np.cos(angle) + y[None] * np.sin(angle)) * 2 * np.pi / period
+        image += rng.uniform(15, 35, size=(n, 1, 1, 1)) * np.sign(np.sin(phase))[:, None]
+    if scene.decoys:
+        decoys = _draw_decoys(rng, image, scene.decoys, x, y)
+    holes = rng.uniform(size=(n, MAX_OBJECTS)) < scene.holes if scene.holes else np.zeros((n, MAX_OBJECTS), bool)
 
     owner = np.full((n, size, size), -1, dtype=np.int64)  # painter's order: later objects on top
     for k in range(MAX_OBJECTS):
@@ -175,6 +236,11 @@ def make_dataset(
             sel = active[:, k] & (cls[:, k] == c)
             if sel.any():
                 inside[sel] = _shape(kind, dx[sel], dy[sel], r[sel, k, None, None])
+                # A hole off the centre (thin shapes have their own gaps).
+                cut = sel & holes[:, k] & (c not in THIN_SHAPES)
+                if cut.any():
+                    hx, hy = dx[cut] + 0.2 * r[cut, k, None, None], dy[cut] - 0.1 * r[cut, k, None, None]
+                    inside[cut] &= hx**2 + hy**2 > (0.35 * r[cut, k, None, None]) ** 2
                 shade = 0.6 + 0.4 * _texture(look.textures[c], x, y)
                 colour = np.array(look.colours[c], dtype=np.float32)[None, :, None, None]
                 jitter = rng.uniform(1 - look.jitter, 1 + look.jitter, size=(int(sel.sum()), 1, 1, 1))
@@ -187,13 +253,33 @@ def make_dataset(
 
     # Attention-like labels: each visible object's mask seen at 1/factor resolution.
     visible = (owner[:, None] == np.arange(MAX_OBJECTS)[None, :, None, None]).astype(np.float32)
-    low = visible.reshape(n, MAX_OBJECTS, size // noise.factor, noise.factor, size // noise.factor, noise.factor)
-    low = low.mean(axis=(3, 5)) + rng.normal(0, noise.score_noise, size=(n, MAX_OBJECTS, size // noise.factor, size // noise.factor))
+    if decoys.shape[1]:
+        # A decoy the labels take for an object is one more channel, of a class of the image.
+        fooled = rng.uniform(size=decoys.shape[:2]) < noise.decoy
+        seen = decoys & fooled[:, :, None, None] & (owner[:, None] < 0)
+        visible = np.concatenate([visible, seen.astype(np.float32)], axis=1)
+        decoy_cls = np.take_along_axis(cls, rng.integers(count[:, None], size=fooled.shape), 1)
+        cls, partner = np.concatenate([cls, decoy_cls], 1), np.concatenate([partner, decoy_cls], 1)
+    channels, cells = visible.shape[1], size // noise.factor
+    low = visible.reshape(n, channels, cells, noise.factor, cells, noise.factor)
+    jitter = rng.normal(0, noise.score_noise, size=(n, MAX_OBJECTS, cells, cells))
+    if channels > MAX_OBJECTS:
+        jitter = np.concatenate([jitter, rng.normal(0, noise.score_noise, size=(n, channels - MAX_OBJECTS, cells, cells))], 1)
+    low = low.mean(axis=(3, 5)) + jitter
+    if noise.bleed:
+        halo = F.max_pool2d(torch.from_numpy(low.astype(np.float32)), 3, 1, 1).numpy()
+        field = _upsample(rng.uniform(0, 1, size=(n, channels, 2, 2)), cells)
+        low = np.maximum(low, noise.bleed * halo * field)
     score = _upsample(low, size)
     roll = rng.uniform(size=(n, MAX_OBJECTS))
+    if channels > MAX_OBJECTS:
+        roll = np.concatenate([roll, np.full((n, channels - MAX_OBJECTS), 0.5)], 1)  # decoys: neither missing nor swapped
     score[roll < noise.missing] = 0.0
     label_cls = np.where(roll > 1 - noise.swapped, partner, cls)
-    ratio = score / rng.uniform(*noise.threshold, size=(n, MAX_OBJECTS, 1, 1))
+    threshold = rng.uniform(*noise.threshold, size=(n, MAX_OBJECTS, 1, 1))
+    if channels > MAX_OBJECTS:
+        threshold = np.concatenate([threshold, rng.uniform(*noise.threshold, size=(n, channels - MAX_OBJECTS, 1, 1))], 1)
+    ratio = score / threshold
     top = ratio.argmax(axis=1)
     best = np.take_along_axis(ratio, top[:, None], 1)[:, 0]
     masks = np.take_along_axis(label_cls, top.reshape(n, -1), 1).reshape(top.shape)
@@ -204,6 +290,32 @@ def make_dataset(
 
     classes = [sorted({int(c) for c in cls[i, : count[i]]}) for i in range(n)]
     return {"images": image, "gt": gt.astype(np.uint8), "masks": masks, "classes": classes, "failed": failed}
+
+
+def _draw_decoys(rng: np.random.Generator, image: np.ndarray, most: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Paint up to ``most`` blobs of a random shape and colour on each (n, 3, S, S) image, in
+    place, before the objects; returns where each is, bool (n, most, S, S)."""
+    n, size = image.shape[0], image.shape[-1]
+    drawn = np.zeros((n, most, size, size), dtype=bool)
+    for j in range(most):
+        on = rng.uniform(size=n) < 0.6
+        kinds = rng.choice(SHAPE_KINDS[:6], size=n)
+        r = rng.uniform(0.08, 0.16, size=n) * size
+        centre = rng.uniform(0.1, 0.9, size=(n, 2)) * size
+        colour = rng.uniform(20, 255, size=(n, 3))
+        for i in np.flatnonzero(on):
+            drawn[i, j] = _shape(str(kinds[i]), x - centre[i, 0], y - centre[i, 1], r[i])
+            image[i] = np.where(drawn[i, j][None], colour[i, :, None, None], image[i])
+    return drawn
+
+
+def scene_noise(level: str, scene: str) -> Noise:
+    """The noise of ``level`` in ``scene``: the rich scene adds its bleed and decoy labels."""
+    noise = NOISE_LEVELS[level]
+    if scene == "rich":
+        bleed, decoy = RICH_BLEED[level]
+        noise = replace(noise, bleed=bleed, decoy=decoy)
+    return noise
 
 
 def label_quality(labels: Iterable[np.ndarray], gts: Iterable[np.ndarray]) -> dict[str, float]:
@@ -254,15 +366,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--noise", choices=list(NOISE_LEVELS), default="harsh")
     parser.add_argument("--look", type=int, default=0, help="0: the fixed look; N: shapes and colours drawn from N")
+    parser.add_argument("--scene", choices=list(SCENES), default="plain", help="rich: textures, decoys, thin parts, holes, bleeding labels")
     args = parser.parse_args(argv)
-    noise = NOISE_LEVELS[args.noise]
+    noise = scene_noise(args.noise, args.scene)
     if args.size % noise.factor:
         parser.error(f"--size must be a multiple of {noise.factor}")
-    data = make_dataset(args.n, args.size, args.seed, noise, make_look(args.look))
+    data = make_dataset(args.n, args.size, args.seed, noise, make_look(args.look), SCENES[args.scene])
     write_dataset(args.out, data)
     q = label_quality(data["masks"], data["gt"])
     per_class = " ".join(f"{VOC_CLASSES[c]} {v:.2f}" for c, v in enumerate(q["per_class"]) if not np.isnan(v))
-    print(f"{args.n} samples in {args.out}, noise {args.noise}, look {args.look}: label mIoU {q['miou']:.3f} "
+    print(f"{args.n} samples in {args.out}, noise {args.noise}, look {args.look}, scene {args.scene}: label mIoU {q['miou']:.3f} "
           f"(255 as miss), {q['miou_ignore255']:.3f} (255 ignored), coverage {q['coverage']:.3f}; {per_class}")
 
 

@@ -435,3 +435,16 @@ def test_the_card_names_the_image_guided_refinement_only_when_it_was_on():
     assert "snapped to the image's edges with kornia's guided filter (window 0.05 of the shorter side, eps 0.002" in line
     assert "attention" not in line
     assert _labels_line(_card_of(off)) == "- **Labels**: imported as given."
+
+
+def test_an_entry_recorded_before_the_guided_relabel_and_the_flip_reproduces_without_them():
+    from syntagen_st.core.config import Config
+    from syntagen_st.submission.reproduce import Source, resolve_config
+
+    old = Config().to_dict()
+    del old["refine"]["relabel_image"], old["refine"]["flip_tta"]
+    refine = resolve_config(Source("old", old, {}, None), None, None, None, False).refine
+    assert (refine.relabel_image, refine.flip_tta) == (False, False)
+    new = Config().to_dict()
+    refine = resolve_config(Source("new", new, {}, None), None, None, None, False).refine
+    assert (refine.relabel_image, refine.flip_tta) == (Config().refine.relabel_image, Config().refine.flip_tta)

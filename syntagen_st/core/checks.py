@@ -182,6 +182,9 @@ def validate_refine(cfg: RefineConfig) -> None:
     _check(cfg.min_class_pixels >= 0, f"refine.min_class_pixels must be >= 0, got {cfg.min_class_pixels}")
     _check(cfg.drop_fraction < 1, "refine.drop_fraction must be < 1")
     _check(cfg.weakness_power >= 0, f"refine.weakness_power must be >= 0, got {cfg.weakness_power}")
+    _check(0 <= cfg.relabel_prior < 1, f"refine.relabel_prior must be in [0, 1), got {cfg.relabel_prior}")
+    _check(0 < cfg.relabel_kernel <= 1, f"refine.relabel_kernel must be in (0, 1], got {cfg.relabel_kernel}")
+    _check(cfg.relabel_eps > 0, f"refine.relabel_eps must be > 0, got {cfg.relabel_eps}")
 
 
 def validate_loop(cfg: LoopConfig) -> None:

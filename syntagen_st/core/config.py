@@ -203,6 +203,16 @@ class RefineConfig:
     least this probability (or attention is sure); otherwise the pixel becomes 255."""
     label_sure: float = 0.8
     """Attention confidence at or above which a label pixel is sure and survives disagreement."""
+    relabel_image: bool = True
+    """Relabel from the held-out softmax times the label prior, snapped to the image (``label.refine_*``)."""
+    relabel_prior: float = 0.7
+    """The label prior's confidence on its own class in that product; 0 refines the model alone."""
+    relabel_kernel: float = 0.25
+    """That refinement's window as a fraction of the image's shorter side (``label.refine_kernel``'s meaning)."""
+    relabel_eps: float = 0.001
+    """That refinement's regularisation on [0, 1] colours (``label.refine_eps``'s meaning)."""
+    flip_tta: bool = True
+    """Held-out predictions average the softmax of the image and of its horizontal flip."""
     min_class_pixels: int = 1000
     """A class needs this many held-out core label pixels (``core_margin``) before its reliability counts."""
     confidence_weight: float = 0.25

@@ -166,11 +166,13 @@ def _as_array(image: str | Path | np.ndarray) -> np.ndarray:
 @torch.no_grad()
 def predict_proba(
     model: nn.Module, images: Iterable[str | Path | np.ndarray], batch_size: int = 8,
-    device: str | torch.device | None = None,
+    device: str | torch.device | None = None, flip: bool = False,
 ) -> Iterator[np.ndarray]:
     """Softmax probabilities (21, H, W) float32 per image, at each image's own resolution.
 
     Consecutive images of equal size are batched; images are paths or (H, W, 3) uint8 arrays.
+    With ``flip`` each is the mean of the softmax of the image and, flipped back, of its
+    horizontal mirror (the batch is the same, so its results do not depend on the sharding).
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()
@@ -181,8 +183,10 @@ def predict_proba(
         x = torch.stack(pending).to(device)
         pending.clear()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(x)["out"]
-        yield from logits.float().softmax(1).cpu().numpy()
+            probs = model(x)["out"].float().softmax(1)
+            if flip:
+                probs = (probs + model(x.flip(-1))["out"].float().softmax(1).flip(-1)) / 2
+        yield from probs.cpu().numpy()
 
     for image in images:
         x = transform(image=_as_array(image))["image"]

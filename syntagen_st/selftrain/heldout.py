@@ -35,11 +35,14 @@ def chunks(groups: Sequence[Sequence[T]], batch_size: int) -> list[tuple[int, li
 def predict_shard(
     models: Sequence[nn.Module], groups: Sequence[Sequence[T]], batch_size: int, dist: Dist = SINGLE,
     image: Callable[[T], str | Path | np.ndarray] = lambda item: item,  # type: ignore[assignment,return-value]
+    flip: bool = False,
 ) -> Iterator[tuple[T, np.ndarray]]:
     """This rank's share of a pass: (item, softmax probabilities (21, H, W)) with
-    ``models[k]`` predicting ``groups[k]``; over all ranks, every item exactly once."""
+    ``models[k]`` predicting ``groups[k]``; over all ranks, every item exactly once. ``flip``
+    averages each with its mirror's (``network.predict_proba``), in the same batches."""
     for k, chunk in dist.mine(chunks(groups, batch_size)):
-        yield from zip(chunk, network.predict_proba(models[k], [image(item) for item in chunk], batch_size=batch_size))
+        yield from zip(chunk, network.predict_proba(models[k], [image(item) for item in chunk], batch_size=batch_size,
+                                                    flip=flip))
 
 
 def load_fold_models(run: RunLayout, r: int, folds: int, device: torch.device) -> list[nn.Module]:
@@ -49,13 +52,15 @@ def load_fold_models(run: RunLayout, r: int, folds: int, device: torch.device) -
 
 def held_out_pass(
     models: Sequence[nn.Module], groups: Sequence[Sequence[Active]], batch_size: int, dist: Dist = SINGLE,
+    flip: bool = False,
 ) -> Callable[[], Iterator[tuple[Active, Restricted]]]:
     """A pass over every sample with the prediction of the fold model that did not train on it,
-    restricted to the sample's classes; fold by fold, in batches. Each call is a new pass over
-    this rank's share; over all ranks, every sample once, in the single-process batches."""
+    restricted to the sample's classes; fold by fold, in batches, with flip test-time
+    augmentation if ``flip``. Each call is a new pass over this rank's share; over all ranks,
+    every sample once, in the single-process batches."""
 
     def one_pass() -> Iterator[tuple[Active, Restricted]]:
-        for a, p in predict_shard(models, groups, batch_size, dist, lambda a: a.sample.image):
+        for a, p in predict_shard(models, groups, batch_size, dist, lambda a: a.sample.image, flip):
             yield a, restricted(p, a.allowed)
 
     return one_pass

@@ -27,6 +27,7 @@ from ..segmentation.metrics import format_table
 from ..segmentation.trainer import train
 from ..submission.export import dataset_digest, export_run, record_model, verify_files
 from . import refine as rf
+from .combine import guided_view, relabel_filter
 from .dashboard import RoundLogger
 from .decide import RoundEvidence, decide_round, gate, round_stats, sample_rows
 from .heldout import held_out_pass, load_fold_models
@@ -122,7 +123,8 @@ def refine_round(job: Job, r: int, reporter: RoundLogger) -> None:
     judged = {i for i, row in earlier.items() if row.get("judged")}
     groups = fold_groups(active, cfg.folds, job.cfg.seed)
     device = dist.device or resolve_device(job.cfg.model.device, "model.device")
-    held_out = held_out_pass(load_fold_models(run, r, cfg.folds, device), groups, job.cfg.train.batch_size, dist)
+    held_out = held_out_pass(load_fold_models(run, r, cfg.folds, device), groups, job.cfg.train.batch_size, dist,
+                             cfg.flip_tta)
 
     # 1. The gate, on the cores of the original attention labels. Refined labels are a model's own
     # output, so in later rounds they would vouch for the model (harsh shapes, round 2: person
@@ -169,8 +171,11 @@ def _relabel(job: Job, r: int, held_out: Callable, reliable: np.ndarray, judged:
         # Like the filter, relabelling takes a sample once, in the first round that can judge it:
         # relabelling refined labels again compounds a model's errors (harsh shapes, round 2:
         # car 0.578 -> 0.500 against the truth).
+        # The gate, the scores and the statistics read the model alone; only what it writes is
+        # combined with the label prior and snapped to the image (selftrain/combine.py).
         refined = label if a.id in judged else rf.relabel(
-            label, model, reliable, cfg.relabel_confidence, cfg.keep_confidence, item.get("weight"), cfg.label_sure)
+            label, guided_view(model, label, item["image"], cfg.relabel_prior, relabel_filter(cfg, job.cfg.label))
+            if cfg.relabel_image else model, reliable, cfg.relabel_confidence, cfg.keep_confidence, item.get("weight"), cfg.label_sure)
         scores[a.id] = rf.sample_score(label, model.pred, model.top, a.allowed, cfg.confidence_weight)
         counted = rf.class_totals(label, refined, model.pred, model.top)
         totals, confidence[a.id] = totals + counted, counted.confidence_sum

@@ -123,6 +123,9 @@ def resolve_config(source: Source, model: str | None, device: str | None, batch_
         config["model"]["revision"] = recorded["commit"]
     # Entries recorded before the image-guided refinement existed made their masks without it.
     config.setdefault("label", {}).setdefault("refine_image", False)
+    # ...and those recorded before the relabel used the image or the flip predicted without them.
+    config.setdefault("refine", {}).setdefault("relabel_image", False)
+    config["refine"].setdefault("flip_tta", False)
     if not full:
         # The records carry each prompt: regenerating samples needs no prompts file.
         config["generate"]["prompts_file"] = None
