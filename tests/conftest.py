@@ -14,6 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from syntagen_st.core.config import Config  # noqa: E402
@@ -44,6 +45,24 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[o
         run_main(main, prog or main.__module__, [str(a) for a in argv])
     out = capsys.readouterr() if capsys is not None else None
     return done.value.code, (out.out if out else ""), (out.err if out else "")
+
+
+def bleeding_square(root: Path) -> tuple[Path, np.ndarray, np.ndarray]:
+    """A one-sample images/ + masks/ dataset at ``root``: a bright square on a dark 256 px image,
+    labelled as class 8 by a blob that bleeds 4 px over every edge (an image-guided refinement must
+    snap it); returns the folder, the image and the label."""
+    from PIL import Image
+
+    from syntagen_st.core.store import save_mask
+
+    (root / "images").mkdir(parents=True)
+    image = np.full((256, 256, 3), 40, np.uint8)
+    image[64:192, 64:192] = 210
+    blob = np.zeros((256, 256), np.uint8)
+    blob[60:196, 60:196] = 8
+    Image.fromarray(image).save(root / "images" / "a.png")
+    save_mask(root / "masks" / "a.png", blob)
+    return root, image, blob
 
 
 def run_tree(root: Path) -> dict[str, bytes]:

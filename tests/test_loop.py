@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SMALL, SMOKE, run_cli, run_tree
+from conftest import SMALL, SMOKE, bleeding_square, run_cli, run_tree
 from PIL import Image
 
 from syntagen_st import fit as fit_mod
@@ -374,14 +374,7 @@ def test_import_folder_snaps_its_labels_to_the_images_edges(tmp_path):
     from syntagen_st.core.store import Pool, load_mask
     from syntagen_st.selftrain.pool import import_folder
 
-    data = tmp_path / "data"
-    (data / "images").mkdir(parents=True)
-    image = np.full((256, 256, 3), 40, np.uint8)
-    image[64:192, 64:192] = 210
-    blob = np.zeros((256, 256), np.uint8)
-    blob[60:196, 60:196] = 8  # bleeds 4 px over every edge
-    Image.fromarray(image).save(data / "images" / "a.png")
-    save_mask(data / "masks" / "a.png", blob)
+    data, image, blob = bleeding_square(tmp_path / "data")
     on, off = Pool(tmp_path / "on"), Pool(tmp_path / "off")
     import_folder(str(data), on, LabelConfig())
     import_folder(str(data), off, dataclasses.replace(LabelConfig(), refine_image=False))

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import run_cli
+from conftest import bleeding_square, run_cli
 from PIL import Image
 
 from syntagen_st import report
@@ -390,19 +390,12 @@ def test_a_run_without_the_refinement_has_no_refined_column_and_says_so(smoke_ru
 def test_an_imported_dataset_s_sheet_shows_its_mask_as_given_beside_the_refined_one(tmp_path):
     from syntagen_st.core.config import LabelConfig
     from syntagen_st.core.layout import RunLayout
-    from syntagen_st.core.store import load_mask, save_mask
+    from syntagen_st.core.store import load_mask
     from syntagen_st.reporting.facts import read_run
     from syntagen_st.reporting.view import dataset_view, sheet_columns, sheet_masks
     from syntagen_st.selftrain.pool import import_folder
 
-    data = tmp_path / "data"
-    (data / "images").mkdir(parents=True)
-    image = np.full((256, 256, 3), 40, np.uint8)
-    image[64:192, 64:192] = 210
-    blob = np.zeros((256, 256), np.uint8)
-    blob[60:196, 60:196] = 8  # bleeds 4 px over every edge
-    Image.fromarray(image).save(data / "images" / "a.png")
-    save_mask(data / "masks" / "a.png", blob)
+    data, image, blob = bleeding_square(tmp_path / "data")
     run = RunLayout(tmp_path / "run")
     import_folder(str(data), run.pool, LabelConfig())
     run.config.write_text(yaml.safe_dump({"loop": {"source": f"folder:{data}", "rounds": 1}, "label": {"refine_image": True}}))
