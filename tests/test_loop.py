@@ -283,11 +283,15 @@ def test_existing_run_with_another_config_needs_resume_or_overwrite(capsys, tmp_
 @pytest.mark.slow
 def test_folder_source_refines_an_existing_dataset(tmp_path):
     """Labels change exactly where a held-out model of a reliable class is confident (it writes
-    its class) or where it doubts a label it is not sure of (255), and nowhere else."""
+    its class) or where it doubts a label it is not sure of (255), and nowhere else. The model's
+    view is its flip-averaged softmax times the label prior, snapped to the image (the defaults,
+    ``refine.flip_tta`` and ``refine.relabel_image``); the gate reads the model alone."""
     from syntagen_st.core.classes import VOC_CLASSES, class_index
+    from syntagen_st.core.config import Config
     from syntagen_st.core.store import load_mask
     from syntagen_st.segmentation.network import load_model, predict_proba
     from syntagen_st.selftrain import refine as rf
+    from syntagen_st.selftrain.combine import guided_view, relabel_filter
 
     data = tmp_path / "data"
     rng = np.random.default_rng(0)
@@ -314,16 +318,19 @@ def test_folder_source_refines_an_existing_dataset(tmp_path):
     reliable = np.array([name in stats["reliable"] for name in VOC_CLASSES])
     ids = sorted(rows)
     fold = assign_folds(ids, 2, 0)
+    defaults = Config().refine
     changed_total = confident_total = 0
     for k in range(2):
         model = load_model(out / "rounds" / "0" / f"fold{k}" / "model.safetensors")
         group = [i for i in ids if fold[i] == k]
-        probs = predict_proba(model, [out / "pool" / "images" / f"{i}.png" for i in group], batch_size=4)
+        probs = predict_proba(model, [out / "pool" / "images" / f"{i}.png" for i in group], batch_size=4, flip=True)
         for sid, p in zip(group, probs):
             label = load_mask(out / "pool" / "masks" / f"{sid}.png")
             refined = load_mask(out / "rounds" / "0" / "labels" / f"{sid}.png")
-            p = rf.restrict(p, [class_index(c) for c in rows[sid]["classes"]])
-            pred, top = p.argmax(0), p.max(0)
+            image = np.asarray(Image.open(out / "pool" / "images" / f"{sid}.png").convert("RGB"))
+            view = guided_view(rf.restricted(p, [class_index(c) for c in rows[sid]["classes"]]), label, image,
+                               defaults.relabel_prior, relabel_filter(defaults, Config().label))
+            p, pred, top = view.probs, view.pred, view.top
             p_label = np.take_along_axis(p, label.astype(np.intp)[None], 0)[0]
             confident = reliable[pred] & (top >= relabel_at) & reliable[label]
             doubted = ~confident & reliable[label] & reliable[pred] & (pred != label) & (p_label < keep_at)
