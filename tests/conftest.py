@@ -29,8 +29,8 @@ SMALL = [
     "--no-progress",
 ]
 """The smoke config, shrunk: 2 rounds of 6 images at 64 px, 4-step models. Every class passes the
-gate (min_reliability 0, max_core_agreement 1, min_core_persistence 0), so the relabel and drop paths run even with such
-weak models."""
+gate (min_reliability 0, max_core_agreement 1, min_core_persistence 0), so the relabel and drop
+paths run even with such weak models."""
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[object], capsys=None,
