@@ -126,7 +126,8 @@ def main() -> None:
             gates[f"core>=0.5 & all<={u}"] = rf.reliable_from(stats[args.margins[0]].core_iou(), stats[args.margins[0]].support(),
                                                               0.5, 1000) & (over_all | (np.arange(NUM_CLASSES) == 0))
         for u in (0.8, 0.85, 0.9):
-            gates[f"0.5<=core<={u}"] = rf.reliable_classes(stats[args.margins[0]], 0.5, u, 1000)
+            gates[f"0.5<=core<={u}"] = rf.reliable_classes(stats[args.margins[0]], 0.5, u, 1000, 0.0)
+        gates["0.5<=core<=0.85 & persists>=0.8"] = rf.reliable_classes(stats[args.margins[0]], 0.5, 0.85, 1000, 0.8)
         for t in (0.6, 0.7):
             gates[f"prec&rec>={t}"] = rf.reliable_from(np.minimum(prec, rec), first.sum(axis=1), t, 1000)
         for m in args.margins:

@@ -47,7 +47,8 @@ def refine_half(data: dict, probs: np.ndarray, cfg: RefineConfig, gate: bool) ->
     evidence = sum((refine.class_evidence(m, v.pred, cfg.core_margin) for m, v in zip(data["masks"], views)),
                    refine.ClassEvidence())
     reliable = (
-        refine.reliable_classes(evidence, cfg.min_reliability, cfg.max_core_agreement, cfg.min_class_pixels)
+        refine.reliable_classes(evidence, cfg.min_reliability, cfg.max_core_agreement, cfg.min_class_pixels,
+                                cfg.min_core_persistence)
         if gate else np.ones(len(evidence.confusion), dtype=bool)
     )
     refined = [

@@ -26,11 +26,12 @@ SMALL = [
     "--config", SMOKE, "--generate.height", "64", "--generate.width", "64", "--generate.steps", "2",
     "--loop.rounds", "2", "--loop.generate_total", "12", "--loop.round_steps", "4", "--train.max_steps", "4",
     "--train.crop_size", "32", "--refine.min_class_pixels", "0", "--refine.min_reliability", "0",
-    "--refine.max_core_agreement", "1", "--refine.drop_fraction", "0.2", "--no-progress",
+    "--refine.max_core_agreement", "1", "--refine.min_core_persistence", "0", "--refine.drop_fraction", "0.2",
+    "--no-progress",
 ]
 """The smoke config, shrunk: 2 rounds of 6 images at 64 px, 4-step models. Every class passes the
-gate (min_reliability 0, max_core_agreement 1), so the relabel and drop paths run even with such
-weak models."""
+gate (min_reliability 0, max_core_agreement 1, min_core_persistence 0), so the relabel and drop
+paths run even with such weak models."""
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[object], capsys=None,

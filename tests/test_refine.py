@@ -223,6 +223,7 @@ def test_reliable_from_needs_support_and_a_foreground_class():
 
 
 def test_gate_opens_only_where_the_model_is_sound_on_the_cores_but_not_perfect_there():
+    """The band alone (min_persistence 0; the next test has the persistence rule)."""
     truth = np.zeros((32, 32), np.uint8)
     truth[8:24, 8:24] = CAT
     noisy = np.zeros_like(truth)
@@ -230,8 +231,8 @@ def test_gate_opens_only_where_the_model_is_sound_on_the_cores_but_not_perfect_t
     # A model that is right, against noisy labels: it agrees with their cores at 256 / 400.
     ev = refine.class_evidence(noisy, truth, core_margin=2 / 32)
     assert ev.core_iou()[CAT] == pytest.approx(0.64)
-    assert np.flatnonzero(refine.reliable_classes(ev, 0.5, 0.85, 10)).tolist() == [0, CAT]
-    assert not refine.reliable_classes(ev, 0.7, 0.85, 10).any()  # below min_core
+    assert np.flatnonzero(refine.reliable_classes(ev, 0.5, 0.85, 10, 0.0)).tolist() == [0, CAT]
+    assert not refine.reliable_classes(ev, 0.7, 0.85, 10, 0.0).any()  # below min_core
     # The same model against labels whose cores it matches: nothing to fix, the gate stays shut,
     # even though a boundary error keeps agreement over every pixel low.
     blurred = truth.copy()
@@ -239,8 +240,49 @@ def test_gate_opens_only_where_the_model_is_sound_on_the_cores_but_not_perfect_t
     blurred[8:24, 7] = CAT
     ev = refine.class_evidence(blurred, truth, core_margin=2 / 32)
     assert ev.core_iou()[CAT] == pytest.approx(1.0) and refine.class_iou(ev.confusion)[CAT] < 0.9
-    assert not refine.reliable_classes(ev, 0.5, 0.85, 10).any()
-    assert refine.reliable_classes(ev, 0.5, 1.0, 10)[CAT]  # max_core 1: the lower bound alone
+    assert not refine.reliable_classes(ev, 0.5, 0.85, 10, 0.0).any()
+    assert refine.reliable_classes(ev, 0.5, 1.0, 10, 0.0)[CAT]  # max_core 1: the lower bound alone
     # A model that is wrong (calls the cat a dog) against the noisy labels: shut.
     ev = refine.class_evidence(noisy, np.where(truth == CAT, DOG, 0).astype(np.uint8), core_margin=2 / 32)
-    assert not refine.reliable_classes(ev, 0.5, 0.85, 10).any()
+    assert not refine.reliable_classes(ev, 0.5, 0.85, 10, 0.0).any()
+
+
+def test_gate_shuts_a_class_whose_core_disagreement_fades_inward():
+    """Core IoU in the band can be the model's own boundary error reaching past the margin (a
+    small object, a coarse model) on labels that are right; whole-object class errors are as
+    frequent on the deep core as on the core."""
+    label = np.zeros((48, 48), np.uint8)
+    label[16:32, 16:32] = CAT  # right: the truth
+    model = np.zeros_like(label)
+    model[19:29, 19:29] = CAT  # eroded by 3 px, one past the core's 2 px margin
+    ev = refine.class_evidence(label, model, core_margin=2 / 48)
+    assert ev.core_iou()[CAT] == pytest.approx(100 / 144)  # in the band
+    assert ev.deep_core_iou()[CAT] == pytest.approx(1.0)  # margin 4: the disagreement is gone
+    assert ev.persistence()[CAT] == pytest.approx(0.0)
+    assert not refine.reliable_classes(ev, 0.5, 0.85, 10, 0.8).any()
+    assert np.flatnonzero(refine.reliable_classes(ev, 0.5, 0.85, 10, 0.0)).tolist() == [0, CAT]  # the test off
+    # A decoy labelled cat beside the real one, which the model calls background: the error is
+    # the whole object, as frequent at every depth, and the gate opens.
+    truth = np.zeros((48, 48), np.uint8)
+    truth[4:20, 4:20] = CAT
+    noisy = truth.copy()
+    noisy[28:44, 28:44] = CAT
+    ev = refine.class_evidence(noisy, truth, core_margin=2 / 48)
+    assert ev.core_iou()[CAT] == pytest.approx(144 / 288) and ev.deep_core_iou()[CAT] == pytest.approx(64 / 128)
+    assert ev.persistence()[CAT] == pytest.approx(1.0)
+    assert np.flatnonzero(refine.reliable_classes(ev, 0.5, 0.85, 10, 0.8)).tolist() == [0, CAT]
+    # Labels that bleed past the margin, against a right model, fade inward the same way: the
+    # gate leaves such a class to the image-guided refinement.
+    bled = np.zeros((48, 48), np.uint8)
+    bled[12:36, 12:36] = CAT
+    ev = refine.class_evidence(bled, label, core_margin=2 / 48)  # label: the cat, 4 px inside
+    assert 0.5 <= ev.core_iou()[CAT] <= 0.85 and ev.persistence()[CAT] < 0.8
+    assert not refine.reliable_classes(ev, 0.5, 0.85, 10, 0.8).any()
+    # Margin 0 has no deeper core: the test reads the same pixels and never shuts a class.
+    assert refine.class_evidence(noisy, truth, 0.0).persistence()[CAT] == pytest.approx(1.0)
+    # A class with a core but no deep core gives no evidence that its disagreement persists.
+    thin = np.zeros((48, 48), np.uint8)
+    thin[10:17, :] = CAT  # 7 px: a 3 px core at margin 2, nothing at margin 4
+    ev = refine.class_evidence(thin, np.zeros_like(thin), core_margin=2 / 48)
+    assert ev.support()[CAT] > 0 and np.isnan(ev.persistence()[CAT])
+    assert not refine.reliable_classes(ev, 0.0, 0.85, 10, 0.8)[CAT]

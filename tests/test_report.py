@@ -195,6 +195,10 @@ def test_class_gate_gives_each_class_the_core_iou_it_was_judged_on_and_why():
     assert gate["car"] == (0.9, "above band")
     assert gate["sheep"] == (0.6, "too few pixels or no foreground")
     assert gate["bird"] == (None, "no evidence")
+    # In the band, shut because its disagreement faded on the deep core (runs before the rule lack it).
+    faded = ROUND0 | {"core_persistence": {"sheep": 0.5, "dog": 0.9}}
+    assert class_gate(faded, GATE)["sheep"] == (0.6, "fades inward: boundary errors")
+    assert class_gate(faded | {"core_persistence": {"sheep": 0.9}}, GATE)["sheep"][1] == "too few pixels or no foreground"
     # Background has no upper bound: shut above 0.85, it lacked pixels or an open foreground class.
     assert class_gate(ROUND0 | {"reliable": []}, GATE)["background"] == (0.95, "too few pixels or no foreground")
 

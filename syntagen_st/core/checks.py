@@ -174,8 +174,8 @@ def validate_train(cfg: TrainConfig) -> None:
 def validate_refine(cfg: RefineConfig) -> None:
     _check(cfg.folds >= 2, f"refine.folds must be >= 2, got {cfg.folds}")
     for name in (
-        "relabel_confidence", "min_reliability", "max_core_agreement", "keep_confidence", "drop_fraction", "min_weight",
-        "label_sure", "confidence_weight",
+        "relabel_confidence", "min_reliability", "max_core_agreement", "min_core_persistence", "keep_confidence",
+        "drop_fraction", "min_weight", "label_sure", "confidence_weight",
     ):
         _fraction(f"refine.{name}", getattr(cfg, name))
     _check(0 <= cfg.core_margin < 0.5, f"refine.core_margin must be in [0, 0.5), got {cfg.core_margin}")

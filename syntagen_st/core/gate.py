@@ -25,18 +25,27 @@ def gate_rule(cfg: RefineConfig) -> str:
     return (f"a class may be relabelled when the held-out model's IoU with the attention labels on their cores "
             f"(pixels {cfg.core_margin:.3g} of the side from a boundary or the 255 band) lies in "
             f"[{cfg.min_reliability:g}, {cfg.max_core_agreement:g}] over at least {cfg.min_class_pixels:,} core pixels "
+            f"and the disagreement (1 - that IoU) persists inward, as class errors do and boundary errors do not "
+            f"(on the cores at twice the margin, at least {cfg.min_core_persistence:g} of it) "
             f"(background: the lower bound only, and only once a foreground class passes)")
 
 
-def gate_verdict(core_iou: float | None, reliable: bool, cfg: RefineConfig, background: bool = False) -> str:
-    """Why a class was or was not opened: 'yes', or the side of the band it fell on. Background
-    has no upper bound: shut above it, it lacked pixels or a foreground class that passed."""
+def gate_verdict(core_iou: float | None, reliable: bool, cfg: RefineConfig, background: bool = False,
+                 persistence: float | None = None) -> str:
+    """Why a class was or was not opened: 'yes', the side of the band it fell on, or (in the band,
+    from stats.json's ``core_persistence``; None for runs from before it) a disagreement that fades
+    inward. Background has no upper bound: shut above it, it lacked pixels or a foreground class
+    that passed."""
     if reliable:
         return "yes"
     if core_iou is None:
         return "no evidence"
     if core_iou < cfg.min_reliability:
         return "below band"
-    if core_iou > cfg.max_core_agreement and not background:
+    if background:
+        return "too few pixels or no foreground"
+    if core_iou > cfg.max_core_agreement:
         return "above band"
+    if persistence is not None and persistence < cfg.min_core_persistence:
+        return "fades inward: boundary errors"
     return "too few pixels or no foreground"

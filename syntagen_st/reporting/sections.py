@@ -138,9 +138,11 @@ def iou(facts: RunFacts) -> str:
     refine = facts.refine
     shaded = ["weak" if c in weak else "" for c in names]
     return intro + plot + table(header, rows, shaded, text=[len(rounds) + 2]) + note(
-        f"The gate (refine.min_reliability, refine.max_core_agreement, refine.min_class_pixels): {gate_rule(refine)}. "
+        f"The gate (refine.min_reliability, refine.max_core_agreement, refine.min_class_pixels, "
+        f"refine.min_core_persistence): {gate_rule(refine)}. "
         f"'core IoU': that IoU in {round_title(last)}, which the gate decided on; 'IoU % (all pixels)': over every pixel, "
-        "which it does not use. 'relabel': the gate's verdict: yes; below band; above band; too few pixels or no "
+        "which it does not use. 'relabel': the gate's verdict: yes; below band; above band; fades inward: boundary "
+        "errors (in the band, but the disagreement fell on the cores at twice the margin); too few pixels or no "
         f"foreground (in the band, but on fewer than {refine.min_class_pixels:,} core pixels, or background while no "
         "foreground class passed); no evidence (neither labelled nor predicted on the cores). — : the class was "
         "neither labelled nor predicted.")

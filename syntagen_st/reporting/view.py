@@ -204,8 +204,10 @@ def class_gate(stats: Mapping, cfg: RefineConfig) -> dict[str, tuple[float | Non
     """Per VOC class of a round: the held-out IoU with the attention labels' cores that the gate
     decided on, and its verdict (the class is in stats.json's ``reliable``, or why not)."""
     core = stats.get("core_iou_model_vs_labels", {})
+    persistence = stats.get("core_persistence", {})
     reliable = set(stats.get("reliable", []))
-    return {c: (core.get(c), gate_verdict(core.get(c), c in reliable, cfg, background=c == VOC_CLASSES[BACKGROUND]))
+    return {c: (core.get(c), gate_verdict(core.get(c), c in reliable, cfg, background=c == VOC_CLASSES[BACKGROUND],
+                                          persistence=persistence.get(c)))
             for c in VOC_CLASSES}
 
 

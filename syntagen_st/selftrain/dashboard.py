@@ -43,7 +43,8 @@ class RoundLogger:
         core = stats.get("core_iou_model_vs_labels", {})
         rows = [
             [name, core.get(name), stats["iou_model_vs_labels"][name],
-             gate_verdict(core.get(name), name in stats["reliable"], self.cfg.refine),
+             gate_verdict(core.get(name), name in stats["reliable"], self.cfg.refine,
+                          persistence=stats.get("core_persistence", {}).get(name)),
              stats["weakness"][name], stats["weights"][name], name in stats["reliable"]]
             for name in FOREGROUND_CLASSES
         ]

@@ -17,7 +17,8 @@ from . import refine as rf
 def gate(evidence: rf.ClassEvidence, cfg: RefineConfig) -> np.ndarray:
     """Bool (21,): the classes the held-out model may relabel, by the band rule on the labels'
     cores (``refine.reliable_classes``)."""
-    return rf.reliable_classes(evidence, cfg.min_reliability, cfg.max_core_agreement, cfg.min_class_pixels)
+    return rf.reliable_classes(evidence, cfg.min_reliability, cfg.max_core_agreement, cfg.min_class_pixels,
+                               cfg.min_core_persistence)
 
 
 @dataclass
@@ -69,6 +70,8 @@ def round_stats(r: int, classes: Sequence[tuple[str, ...]], reliable: np.ndarray
         "classes_in_pool": sorted({c for names in classes for c in names}, key=class_index),
         "iou_model_vs_labels": named(measured.totals.iou()),
         "core_iou_model_vs_labels": named(evidence.core_iou()),
+        "deep_core_iou_model_vs_labels": named(evidence.deep_core_iou()),
+        "core_persistence": named(evidence.persistence()),
         "reliable": [VOC_CLASSES[c] for c in np.flatnonzero(reliable)],
         "weakness": named(decision.weakness),
         "weights": decision.weights,

@@ -49,6 +49,7 @@ def round_summary(stats: Mapping, drops: Mapping[str, str], rounds: int, cfg: Re
     in_pool = set(stats.get("classes_in_pool", []))
     iou = stats["iou_model_vs_labels"]
     core = stats.get("core_iou_model_vs_labels", {})
+    persistence = stats.get("core_persistence", {})
     weights = stats["weights"]
     reliable = set(stats["reliable"])
     label = "weight next round" if r + 1 < rounds else "weight in selection"
@@ -56,7 +57,8 @@ def round_summary(stats: Mapping, drops: Mapping[str, str], rounds: int, cfg: Re
     for name in VOC_CLASSES:
         if name not in in_pool and name != "background":
             continue
-        verdict = gate_verdict(core.get(name), name in reliable, cfg, background=name == "background")
+        verdict = gate_verdict(core.get(name), name in reliable, cfg, background=name == "background",
+                               persistence=persistence.get(name))
         weight = f"{weights[name]:.2f}" if name in weights else ""
         lines.append(f"  {name:<13}{_iou(core.get(name)):>9}{_iou(iou.get(name)):>15}  {verdict:<32}{weight}")
     absent = [name for name in weights if name not in in_pool]
