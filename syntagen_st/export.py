@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .core.cli import check_out, command_parser, load_config_file, run_main
+from .core.cli import check_out, command_parser, load_run_config, run_main
 from .core.config import Config
 from .core.errors import UserError
 from .core.layout import EntryLayout, RunLayout
@@ -34,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"{run.root}: not a run folder (no config.yaml and pool/)")
     if ns.zip:
         check_out(out.with_name(out.name + ".zip"), "--zip: the zip", file=True)
-    cfg = load_config_file(run.config)
+    cfg = load_run_config(run.config)
     check_finished(run, cfg)
     with exclusive(run.lock, str(run.root)), exclusive(EntryLayout(out).lock, str(out)):
         check_finished(run, cfg)  # again: a fit may have ended between the two

@@ -213,9 +213,24 @@ def _garbled_config(root: Path) -> Path:
     return run.root
 
 
+def _recorded_before_the_flip(root: Path) -> Path:
+    """A finished run whose config.yaml predates refine.flip_tta (and the keys added with it)."""
+    import yaml
+
+    run = _finished_run(root)
+    values = yaml.safe_load(run.config.read_text())
+    for key in ("relabel_image", "flip_tta", "min_core_persistence"):
+        del values["refine"][key]
+    run.config.write_text(yaml.safe_dump(values))
+    return run.root
+
+
 CASES = {
+    "a run made before today's defaults": (fit_mod.main, lambda t: ["--config", SMOKE, "--out",
+                                                                    _recorded_before_the_flip(t / "run")],
+                                           "refine.flip_tta: False -> True"),
     "a garbled config.yaml": (fit_mod.main, lambda t: ["--config", SMOKE, "--out", _garbled_config(t / "run")],
-                              "run/config.yaml: Problems parsing config"),
+                              "run/config.yaml: unreadable run config"),
     "fit --out FILE": (fit_mod.main, lambda t: ["--config", SMOKE, "--out", t / "afile"], "is a file, not a folder"),
     "fit --out under a file": (fit_mod.main, lambda t: ["--config", SMOKE, "--out", t / "afile" / "run"],
                                "afile is a file, not a folder"),

@@ -437,14 +437,17 @@ def test_the_card_names_the_image_guided_refinement_only_when_it_was_on():
     assert _labels_line(_card_of(off)) == "- **Labels**: imported as given."
 
 
-def test_an_entry_recorded_before_the_guided_relabel_and_the_flip_reproduces_without_them():
+def test_an_entry_recorded_before_the_guided_relabel_the_flip_and_the_persistence_rule_reproduces_without_them():
     from syntagen_st.core.config import Config
     from syntagen_st.submission.reproduce import Source, resolve_config
 
+    keys = ("relabel_image", "flip_tta", "min_core_persistence")
     old = Config().to_dict()
-    del old["refine"]["relabel_image"], old["refine"]["flip_tta"]
+    for key in keys:
+        del old["refine"][key]
     refine = resolve_config(Source("old", old, {}, None), None, None, None, False).refine
-    assert (refine.relabel_image, refine.flip_tta) == (False, False)
+    assert [getattr(refine, key) for key in keys] == [False, False, 0.0]
     new = Config().to_dict()
     refine = resolve_config(Source("new", new, {}, None), None, None, None, False).refine
-    assert (refine.relabel_image, refine.flip_tta) == (Config().refine.relabel_image, Config().refine.flip_tta)
+    assert [getattr(refine, key) for key in keys] == [getattr(Config().refine, key) for key in keys]
+    assert Config().refine.min_core_persistence > 0  # so the old entry's 0 is a real difference

@@ -15,10 +15,11 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Literal, get_args, get_origin, get_type_hints
 
+import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 
 from .checks import validate
-from .config import Config, config_differences
+from .config import Config, as_recorded, config_differences
 from .errors import UserError
 from .layout import LOCK, RunLayout
 from .rules import MAX_IMAGE_PIXELS, pixel_limit
@@ -127,6 +128,21 @@ def load_config_file(path: str | Path) -> Config:
         raise UserError(f"{path}: {' '.join(str(err).split())}") from None
 
 
+def load_run_config(path: str | Path) -> Config:
+    """A run's saved config.yaml as the run was made: settings it predates take the values it ran
+    with (``core.config.as_recorded``), not today's defaults; a UserError naming the file."""
+    try:
+        values = yaml.safe_load(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise UserError(f"{path}: unreadable run config ({' '.join(str(err).split())})") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{path}: unreadable run config (not a mapping)")
+    try:
+        return config_from_dict(as_recorded(values))
+    except (UserError, ArgumentError) as err:
+        raise UserError(f"{path}: {' '.join(str(err).split())}") from None
+
+
 def config_from_dict(values: dict) -> Config:
     """A Config from a dict such as ``Config.to_dict()`` or submission.json's ``config``, validated."""
     parser = config_parser("config", "")
@@ -175,7 +191,7 @@ def check_run_folder(
         if root.is_dir() and any(p.name not in (run.prompts_dir.name, LOCK) for p in root.iterdir()):
             raise UserError(f"{root} exists and is not a syntagen_st run; choose another --out or pass --overwrite")
         return None
-    previous = load_config_file(str(saved))
+    previous = load_run_config(saved)
     diffs = "; ".join(config_differences(previous.to_dict(), cfg.to_dict(), free)[:3])
     if not diffs:
         return None

@@ -280,6 +280,26 @@ def is_local_path(ref: str) -> bool:
     return ref.startswith(("/", "./", "../", "~")) or os.path.exists(os.path.expanduser(ref))
 
 
+ADDED_SINCE: dict[tuple[str, str], object] = {
+    ("label", "refine_image"): False,
+    ("refine", "relabel_image"): False,
+    ("refine", "flip_tta"): False,
+    ("refine", "min_core_persistence"): 0.0,
+}
+"""Settings added after runs were first made whose default changes the result, with the value a
+run recorded before them was made with (without the image-guided refinement, the guided relabel,
+the flip, the gate's persistence rule). A new such key belongs here."""
+
+
+def as_recorded(values: dict) -> dict:
+    """A saved config's dict (a run's config.yaml, an entry's submission.json) with the settings it
+    predates filled in as it was run (``ADDED_SINCE``); other missing keys take their defaults later."""
+    values = dict(values)
+    for (section, key), value in ADDED_SINCE.items():
+        values[section] = {key: value, **(values.get(section) or {})}
+    return values
+
+
 def config_differences(old: dict, new: dict, free: set[str], prefix: str = "") -> list[str]:
     """The dotted keys whose values differ between two config dicts, except those in ``free``
     (keys or whole sections that may change without changing the results)."""

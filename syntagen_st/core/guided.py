@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from kornia.filters import guided_blur
 
 from .classes import BACKGROUND, IGNORE_INDEX
-from .config import LabelConfig
+from .config import LabelConfig, as_recorded
 
 
 def _as_image(image: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -119,9 +119,7 @@ def recorded_label_config(section: Mapping | None) -> LabelConfig:
     defaults for keys it lacks, except ``refine_image``: a config recorded before the refinement
     existed lacks it, and was made without it."""
     known = {f.name for f in fields(LabelConfig)}
-    values = {k: v for k, v in (section or {}).items() if k in known}
-    values.setdefault("refine_image", False)
-    return LabelConfig(**values)
+    return LabelConfig(**{k: v for k, v in as_recorded({"label": section})["label"].items() if k in known})
 
 
 def attention_label(

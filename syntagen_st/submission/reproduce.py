@@ -21,7 +21,7 @@ import yaml
 from PIL import Image
 
 from ..core.cli import config_from_dict
-from ..core.config import Config
+from ..core.config import Config, as_recorded
 from ..core.errors import UserError
 from ..core.layout import EntryLayout, RunLayout
 from ..core.store import Pool, load_mask, sha256_file
@@ -121,11 +121,7 @@ def resolve_config(source: Source, model: str | None, device: str | None, batch_
     recorded = (source.submission or {}).get("stable_diffusion", {})
     if recorded.get("commit") and not config["model"].get("revision") and not model:
         config["model"]["revision"] = recorded["commit"]
-    # Entries recorded before the image-guided refinement existed made their masks without it.
-    config.setdefault("label", {}).setdefault("refine_image", False)
-    # ...and those recorded before the relabel used the image or the flip predicted without them.
-    config.setdefault("refine", {}).setdefault("relabel_image", False)
-    config["refine"].setdefault("flip_tta", False)
+    config = as_recorded(config)
     if not full:
         # The records carry each prompt: regenerating samples needs no prompts file.
         config["generate"]["prompts_file"] = None
