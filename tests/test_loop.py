@@ -17,6 +17,7 @@ from PIL import Image
 
 from syntagen_st import fit as fit_mod
 from syntagen_st import reproduce as reproduce_mod
+from syntagen_st.core.cli import load_config_file
 from syntagen_st.core.store import load_mask, save_mask
 from syntagen_st.selftrain import refine as refine_mod
 from syntagen_st.selftrain.pool import assign_folds, round_budgets
@@ -272,7 +273,7 @@ def test_folder_source_without_pairs_is_refused(capsys, tmp_path):
 def test_existing_run_with_another_config_needs_resume_or_overwrite(capsys, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "config.yaml").write_text(Path(SMOKE).read_text())
+    (out / "config.yaml").write_text(load_config_file(SMOKE).to_yaml())  # as fit saves it: every key
     err = _refused(capsys, "--config", SMOKE, "--out", str(out), "--seed", "3")
     # A seed change cannot continue the run: --resume is not offered.
     assert "another config (seed: 0 -> 3)" in err and "--resume" not in err and "--overwrite" in err
@@ -395,7 +396,7 @@ def test_import_folder_snaps_its_labels_to_the_images_edges(tmp_path):
 def test_corrupt_state_file_is_one_line(capsys, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    (out / "config.yaml").write_text(Path(SMOKE).read_text())
+    (out / "config.yaml").write_text(load_config_file(SMOKE).to_yaml())  # as fit saves it: every key
     (out / "state.json").write_text('{"done": ["round0/da')
     err = _refused(capsys, "--config", SMOKE, "--out", str(out))
     assert "state.json" in err and "--overwrite" in err
@@ -413,7 +414,7 @@ def test_overwrite_replaces_an_existing_run(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(export, "read_submission", lambda export: {"valid_entry": True})
     out = tmp_path / "run"
     out.mkdir()
-    (out / "config.yaml").write_text(Path(SMOKE).read_text())
+    (out / "config.yaml").write_text(load_config_file(SMOKE).to_yaml())  # as fit saves it: every key
     (out / "stale.txt").write_text("from the old run")
     code, printed, _ = run_cli(fit_mod.main, ["--config", SMOKE, "--out", out, "--seed", "3", "--overwrite"], capsys)
     assert code == 0 and "model sha256 abc" in printed
