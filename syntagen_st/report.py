@@ -25,7 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .reporting.page import write_report
 
     run = RunLayout(ns.run)
-    # A run that fit is writing is read half-written: wait for it (fit writes the report itself).
+    # A run that fit is writing would be read half-written: refused (fit writes the report itself).
     with exclusive(run.lock, str(run.root)) if RunLayout.is_run(run.root) else nullcontext():
         path = write_report(ns.run, ns.out, progress=not ns.no_progress)
     print(f"report: {path} ({path.stat().st_size / 1e6:.1f} MB)")

@@ -228,7 +228,8 @@ def _recorded_before_the_flip(root: Path) -> Path:
 CASES = {
     "a run made before today's defaults": (fit_mod.main, lambda t: ["--config", SMOKE, "--out",
                                                                     _recorded_before_the_flip(t / "run")],
-                                           "refine.flip_tta: False -> True"),
+                                           "continue it with --refine.flip_tta false --refine.min_core_persistence 0.0 "
+                                           "--refine.relabel_image false, or pass --overwrite"),
     "a garbled config.yaml": (fit_mod.main, lambda t: ["--config", SMOKE, "--out", _garbled_config(t / "run")],
                               "run/config.yaml: unreadable run config"),
     "fit --out FILE": (fit_mod.main, lambda t: ["--config", SMOKE, "--out", t / "afile"], "is a file, not a folder"),
@@ -298,6 +299,12 @@ def test_a_damaged_pool_file_is_named_and_repair_regenerates_it_bit_identical(ca
     code, _, err = run_cli(fit_mod.main, argv, capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert f"{sid}.png" in err and "--repair" in err, err
+    # A surviving file the regeneration does not match: this machine does not make the run's bits.
+    mask.write_bytes(run.pool.mask_path(run.export.train_list.read_text().split()[1]).read_bytes())
+    code, _, err = run_cli(fit_mod.main, [*argv, "--repair"], capsys)
+    assert code == 2 and f"sample {sid} comes out otherwise than the run made it (mask differs)" in err, err
+    assert len(image.read_bytes()) == len(original[0]) // 2  # nothing was replaced
+    mask.unlink()
     code, out, err = run_cli(fit_mod.main, [*argv, "--repair"], capsys)
     assert code == 0, err
     assert f"repaired 1 pool samples from their seeds: {sid}" in out

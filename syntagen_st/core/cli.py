@@ -19,7 +19,7 @@ import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 
 from .checks import validate
-from .config import Config, as_recorded, config_differences
+from .config import ADDED_SINCE, Config, as_recorded, config_differences
 from .errors import UserError
 from .layout import LOCK, RunLayout
 from .rules import MAX_IMAGE_PIXELS, pixel_limit
@@ -192,9 +192,15 @@ def check_run_folder(
             raise UserError(f"{root} exists and is not a syntagen_st run; choose another --out or pass --overwrite")
         return None
     previous = load_run_config(saved)
-    diffs = "; ".join(config_differences(previous.to_dict(), cfg.to_dict(), free)[:3])
+    changed = config_differences(previous.to_dict(), cfg.to_dict(), free)
+    diffs = "; ".join(changed[:3])
     if not diffs:
         return None
+    added = {f"{section}.{key}": value for (section, key), value in ADDED_SINCE.items()}
+    if all(d.split(":")[0] in added for d in changed):
+        flags = " ".join(f"--{d.split(':')[0]} {str(added[d.split(':')[0]]).lower()}" for d in changed)
+        raise UserError(f"{root} holds a run made before {', '.join(d.split(':')[0] for d in changed)} existed, "
+                        f"which it ran without; continue it with {flags}, or pass --overwrite to start again")
     if resumable is None:
         raise UserError(f"{root} holds a run with another config ({diffs}); "
                         "pass --overwrite to start again or choose another --out")

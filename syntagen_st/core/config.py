@@ -296,7 +296,9 @@ def as_recorded(values: dict) -> dict:
     predates filled in as it was run (``ADDED_SINCE``); other missing keys take their defaults later."""
     values = dict(values)
     for (section, key), value in ADDED_SINCE.items():
-        values[section] = {key: value, **(values.get(section) or {})}
+        given = values.get(section)
+        if given is None or isinstance(given, dict):  # anything else is refused when the config is checked
+            values[section] = {key: value, **(given or {})}
     return values
 
 

@@ -10,14 +10,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import fields
 
-from .config import RefineConfig
+from .config import RefineConfig, as_recorded
 
 
 def refine_config(section: Mapping | None) -> RefineConfig:
     """The ``refine`` section of a saved config (config.yaml, submission.json) as the loop reads
-    it: defaults for keys it lacks, unknown keys ignored."""
+    it: the settings it predates as it was run (``as_recorded``), defaults for other keys it lacks,
+    unknown keys ignored."""
     known = {f.name for f in fields(RefineConfig)}
-    return RefineConfig(**{k: v for k, v in (section or {}).items() if k in known})
+    return RefineConfig(**{k: v for k, v in as_recorded({"refine": section})["refine"].items() if k in known})
 
 
 def gate_rule(cfg: RefineConfig) -> str:
@@ -25,9 +26,10 @@ def gate_rule(cfg: RefineConfig) -> str:
     return (f"a class may be relabelled when the held-out model's IoU with the attention labels on their cores "
             f"(pixels {cfg.core_margin:.3g} of the side from a boundary or the 255 band) lies in "
             f"[{cfg.min_reliability:g}, {cfg.max_core_agreement:g}] over at least {cfg.min_class_pixels:,} core pixels "
-            f"and the disagreement (1 - that IoU) persists inward, as class errors do and boundary errors do not "
-            f"(on the cores at twice the margin, at least {cfg.min_core_persistence:g} of it) "
-            f"(background: the lower bound only, and only once a foreground class passes)")
+            + (f"and the disagreement (1 - that IoU) persists inward, as class errors do and boundary errors do not "
+               f"(on the cores at twice the margin, at least {cfg.min_core_persistence:g} of it) "
+               if cfg.min_core_persistence > 0 else "")
+            + "(background: the lower bound only, and only once a foreground class passes)")
 
 
 def gate_verdict(core_iou: float | None, reliable: bool, cfg: RefineConfig, background: bool = False,

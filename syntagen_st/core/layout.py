@@ -124,7 +124,8 @@ class EntryLayout:
         self.train_list = self.root / self.TRAIN_LIST
         self.voc = self.root / self.VOC
         # Beside the entry, not in it: an entry holds only what it uploads.
-        self.lock = self.root.with_name(f".{self.root.name}{LOCK}")
+        whole = Path(os.path.abspath(self.root))  # "." has no name of its own
+        self.lock = whole.with_name(f".{whole.name}{LOCK}")
 
     @staticmethod
     def image_name(sid: str) -> str:
