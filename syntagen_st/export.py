@@ -30,6 +30,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--zip", action="store_true", help="also write OUT.zip (deterministic, no links)")
     ns = parser.parse_args(argv)
     run, out = RunLayout(ns.run), check_out(ns.out)
+    if Path.cwd().is_relative_to(out.resolve()):
+        raise UserError(f"--out {ns.out} holds the current folder, and an export replaces its folder whole; "
+                        "choose a folder of its own, e.g. submission")
     if not run.config.is_file() or not run.pool.root.is_dir():
         raise UserError(f"{run.root}: not a run folder (no config.yaml and pool/)")
     if ns.zip:

@@ -242,6 +242,7 @@ CASES = {
                                       "no round of fit has run on it"),
     "export an interrupted run": (export_mod.main, lambda t: [_unfinished(t / "run"), "--out", t / "new"],
                                   "round 2 of 3 not finished; rerun fit to resume"),
+    "export --out .": (export_mod.main, lambda t: [_finished_run(t / "run").root, "--out", "."], "holds the current folder"),
     "export --out FILE": (export_mod.main, lambda t: [_finished_run(t / "run").root, "--out", t / "afile"], "is a file"),
     "evaluate --out FOLDER": (evaluate_mod.main, lambda t: [t / "nothing.safetensors", "--data", t / "adir", "--out",
                                                             t / "adir"], "is a folder; give a file name"),

@@ -71,7 +71,7 @@ def export_entry(samples: Sequence[Sample], out: str | os.PathLike, cfg: Config,
         raise UserError(f"{len(samples)} pairs exceed the competition's limit of {MAX_PAIRS}; lower loop.max_pairs")
     if not samples:
         raise UserError("no samples to export")
-    out = Path(out)
+    out = Path(os.path.abspath(out))  # "." has no name to stage beside
     _check_target(out)
     reasons = entry_problems(cfg)
     stage = out.with_name(f".{out.name}.partial")
