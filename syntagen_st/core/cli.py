@@ -128,15 +128,22 @@ def load_config_file(path: str | Path) -> Config:
         raise UserError(f"{path}: {' '.join(str(err).split())}") from None
 
 
-def load_run_config(path: str | Path) -> Config:
-    """A run's saved config.yaml as the run was made: settings it predates take the values it ran
-    with (``core.config.as_recorded``), not today's defaults; a UserError naming the file."""
+def read_run_config(path: str | Path) -> dict:
+    """The values of a run's saved config.yaml as written; a UserError naming the file when it is
+    not a readable YAML mapping."""
     try:
-        values = yaml.safe_load(Path(path).read_text())
+        values = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise UserError(f"{path}: unreadable run config ({' '.join(str(err).split())})") from None
     if not isinstance(values, dict):
         raise UserError(f"{path}: unreadable run config (not a mapping)")
+    return values
+
+
+def load_run_config(path: str | Path) -> Config:
+    """A run's saved config.yaml as the run was made: settings it predates take the values it ran
+    with (``core.config.as_recorded``), not today's defaults; a UserError naming the file."""
+    values = read_run_config(path)
     try:
         return config_from_dict(as_recorded(values))
     except (UserError, ArgumentError) as err:
@@ -197,9 +204,10 @@ def check_run_folder(
     if not diffs:
         return None
     added = {f"{section}.{key}": value for (section, key), value in ADDED_SINCE.items()}
-    if all(d.split(":")[0] in added for d in changed):
-        flags = " ".join(f"--{d.split(':')[0]} {str(added[d.split(':')[0]]).lower()}" for d in changed)
-        raise UserError(f"{root} holds a run made before {', '.join(d.split(':')[0] for d in changed)} existed, "
+    keys = [d.split(":")[0] for d in changed]
+    if all(key in added for key in keys):
+        flags = " ".join(f"--{key} {str(added[key]).lower()}" for key in keys)
+        raise UserError(f"{root} holds a run made before {', '.join(keys)} existed, "
                         f"which it ran without; continue it with {flags}, or pass --overwrite to start again")
     if resumable is None:
         raise UserError(f"{root} holds a run with another config ({diffs}); "

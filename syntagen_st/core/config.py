@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from typing import Literal
 
 import yaml
@@ -300,6 +301,15 @@ def as_recorded(values: dict) -> dict:
         if given is None or isinstance(given, dict):  # anything else is refused when the config is checked
             values[section] = {key: value, **(given or {})}
     return values
+
+
+def recorded_section(name: str, values: Mapping | None) -> object:
+    """Section ``name`` of a saved config (config.yaml, submission.json) as it was run: the
+    settings it predates as ``as_recorded`` says, defaults for other keys it lacks, unknown keys
+    ignored."""
+    cls = type(getattr(Config(), name))
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in as_recorded({name: values})[name].items() if k in known})
 
 
 def config_differences(old: dict, new: dict, free: set[str], prefix: str = "") -> list[str]:

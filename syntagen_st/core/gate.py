@@ -8,17 +8,15 @@ the same band with the same thresholds.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import fields
 
-from .config import RefineConfig, as_recorded
+from .config import RefineConfig, recorded_section
 
 
 def refine_config(section: Mapping | None) -> RefineConfig:
     """The ``refine`` section of a saved config (config.yaml, submission.json) as the loop reads
     it: the settings it predates as it was run (``as_recorded``), defaults for other keys it lacks,
     unknown keys ignored."""
-    known = {f.name for f in fields(RefineConfig)}
-    return RefineConfig(**{k: v for k, v in as_recorded({"refine": section})["refine"].items() if k in known})
+    return recorded_section("refine", section)  # type: ignore[return-value]
 
 
 def gate_rule(cfg: RefineConfig) -> str:

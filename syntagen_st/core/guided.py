@@ -14,7 +14,6 @@ The filter is kornia's guided filter (He et al.), computed at a working resoluti
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import fields
 
 import numpy as np
 import torch
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from kornia.filters import guided_blur
 
 from .classes import BACKGROUND, IGNORE_INDEX
-from .config import LabelConfig, as_recorded
+from .config import LabelConfig, recorded_section
 
 
 def _as_image(image: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -118,8 +117,7 @@ def recorded_label_config(section: Mapping | None) -> LabelConfig:
     """The ``label`` section of a saved config (config.yaml, submission.json) as it was run:
     defaults for keys it lacks, except ``refine_image``: a config recorded before the refinement
     existed lacks it, and was made without it."""
-    known = {f.name for f in fields(LabelConfig)}
-    return LabelConfig(**{k: v for k, v in as_recorded({"label": section})["label"].items() if k in known})
+    return recorded_section("label", section)  # type: ignore[return-value]
 
 
 def attention_label(

@@ -16,11 +16,11 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-import yaml
 from PIL import Image
 from tqdm import tqdm
 
 from ..core.classes import FOREGROUND_CLASSES, IGNORE_INDEX, NUM_CLASSES, canonical
+from ..core.cli import read_run_config
 from ..core.config import RefineConfig
 from ..core.errors import UserError
 from ..core.gate import refine_config
@@ -165,13 +165,7 @@ def _read_config(run: RunLayout) -> dict:
     path = run.config
     if not path.is_file():
         raise UserError(f"{run.root} is not a syntagen_st run folder (no config.yaml); pass the folder fit wrote")
-    try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: unreadable run config ({' '.join(str(err).split())})") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path}: unreadable run config (not a mapping)")
-    return config
+    return read_run_config(path)
 
 
 def _read_json(path: Path) -> dict | None:

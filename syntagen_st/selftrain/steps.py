@@ -173,9 +173,13 @@ def _relabel(job: Job, r: int, held_out: Callable, reliable: np.ndarray, judged:
         # car 0.578 -> 0.500 against the truth).
         # The gate, the scores and the statistics read the model alone; only what it writes is
         # combined with the label prior and snapped to the image (selftrain/combine.py).
-        refined = label if a.id in judged else rf.relabel(
-            label, guided_view(model, label, item["image"], cfg.relabel_prior, relabel_filter(cfg, job.cfg.label))
-            if cfg.relabel_image else model, reliable, cfg.relabel_confidence, cfg.keep_confidence, item.get("weight"), cfg.label_sure)
+        if a.id in judged:
+            refined = label
+        else:
+            view = guided_view(model, label, item["image"], cfg.relabel_prior, relabel_filter(cfg, job.cfg.label)) \
+                if cfg.relabel_image else model
+            refined = rf.relabel(label, view, reliable, cfg.relabel_confidence, cfg.keep_confidence, item.get("weight"),
+                                 cfg.label_sure)
         scores[a.id] = rf.sample_score(label, model.pred, model.top, a.allowed, cfg.confidence_weight)
         counted = rf.class_totals(label, refined, model.pred, model.top)
         totals, confidence[a.id] = totals + counted, counted.confidence_sum

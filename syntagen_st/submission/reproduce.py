@@ -17,10 +17,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import yaml
 from PIL import Image
 
-from ..core.cli import config_from_dict
+from ..core.cli import config_from_dict, read_run_config
 from ..core.config import Config, as_recorded
 from ..core.errors import UserError
 from ..core.layout import EntryLayout, RunLayout
@@ -90,7 +89,7 @@ def open_source(path: str) -> Source:
     root = Path(path).expanduser()
     run = RunLayout(root)
     if run.config.is_file() and RunLayout.is_run(root):
-        config = yaml.safe_load(run.config.read_text())
+        config = read_run_config(run.config)
         submission_file = run.export.submission
         submission = json.loads(submission_file.read_text()) if submission_file.is_file() else None
         rows = {row["id"]: row for row in run.pool.rows()}
