@@ -123,3 +123,20 @@ def test_prior_puts_the_confidence_on_the_labelled_class():
     assert torch.allclose(prior[:, 0, 0], torch.tensor([0.7, 0.3]))
     assert torch.allclose(prior[:, 1, 0], torch.tensor([0.5, 0.5]))
     assert torch.allclose(prior[:, 1, 1], torch.tensor([0.5, 0.5]))  # a class not named: uniform
+
+
+def test_a_label_bleeding_past_the_edge_is_cut_back_over_passes_of_the_prior_window():
+    # A hard label 8 px too wide all round, over a flat background: each pass takes back part of
+    # the bleed, so three passes of the import's window beat one, and beat attention's window.
+    image, truth = _square_scene(128, 40, 88)
+    label = np.zeros((128, 128), np.uint8)
+    label[32:96, 32:96] = CAT
+
+    def iou(**settings):
+        cfg = dataclasses.replace(CFG, **settings)
+        return _iou(refine_label(image, label, [CAT], cfg)[1].numpy() == CAT, truth)
+
+    assert _iou(label == CAT, truth) < 0.57
+    assert iou(prior_passes=3, prior_kernel=0.125) > 0.72
+    assert iou(prior_passes=1, prior_kernel=0.125) < 0.62
+    assert iou(prior_passes=3, prior_kernel=None, refine_kernel=0.0625) < 0.6

@@ -75,6 +75,22 @@ def test_unreliable_class_is_left_alone():
     assert (relabel(label, weak_model, [CAT, DOG], cat_unreliable) == CAT).all()  # not doubted
 
 
+def test_a_model_blind_to_a_named_class_writes_no_background():
+    # The model cannot tell horse (shut) and calls it background: on a sample naming horse its
+    # background replaces neither a 255 nor a reliable label; a named reliable class still is written.
+    label = np.array([[255, CAT], [255, 255]], np.uint8)
+    model = np.array([[0, 0], [CAT, 0]], np.uint8)
+    horse_shut = ALL_RELIABLE.copy()
+    horse_shut[HORSE] = False
+    out = relabel(label, probs_for(model, 0.95), [CAT, HORSE], horse_shut)
+    np.testing.assert_array_equal(out, [[255, 255], [CAT, 255]])  # the cat pixel: doubted, not overwritten
+    # Where every named class is reliable, the model's background is evidence.
+    np.testing.assert_array_equal(relabel(label, probs_for(model, 0.95), [CAT], horse_shut), [[0, 0], [CAT, 0]])
+    # Runs recorded before the rule relabel as they did (refine.background_when_blind).
+    old = relabel(label, probs_for(model, 0.95), [CAT, HORSE], horse_shut, background_when_blind=True)
+    np.testing.assert_array_equal(old, [[0, 0], [CAT, 0]])
+
+
 def test_model_is_restricted_to_named_classes():
     probs = np.zeros((NUM_CLASSES, 1, 1), np.float32)
     probs[HORSE], probs[CAT], probs[0] = 0.6, 0.3, 0.1
@@ -119,6 +135,20 @@ def test_sample_score_counts_unsure_label_as_miss():
     assert full.agreement == 1.0 and half.agreement == 0.5
     mixed = refine.sample_score(np.full((2, 2), CAT, np.uint8), pred, top, [CAT], confidence_weight=0.5)
     assert mixed.score == pytest.approx(0.9) and mixed.confidence == pytest.approx(0.8)
+
+
+def test_sample_score_leaves_out_a_class_that_failed_the_gate():
+    # Right labels of cat, background and horse; the model cannot tell horse and calls it background.
+    label = np.array([[CAT, CAT, 0, 0], [HORSE, HORSE, 0, 0]], np.uint8)
+    pred = np.array([[CAT, CAT, 0, 0], [0, 0, 0, 0]], np.uint8)
+    top = np.ones((2, 4), np.float32)
+    blind = refine.sample_score(label, pred, top, [CAT, HORSE], 0.0)
+    assert blind.agreement == pytest.approx((4 / 6 + 1 + 0) / 3)  # background 4/6, cat 1, horse 0
+    horse_shut = ALL_RELIABLE.copy()
+    horse_shut[HORSE] = False
+    assert refine.sample_score(label, pred, top, [CAT, HORSE], 0.0, horse_shut).agreement == 1.0
+    # A wrong label of a class that passed the gate still counts against the sample.
+    assert refine.sample_score(label, np.full_like(pred, 0), top, [CAT, HORSE], 0.0, horse_shut).agreement == pytest.approx(1 / 3)
 
 
 def test_drop_selection_picks_the_worst_and_says_why():

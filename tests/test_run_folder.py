@@ -225,11 +225,31 @@ def _recorded_before_the_flip(root: Path) -> Path:
     return run.root
 
 
+def _made_with_earlier_defaults(root: Path) -> Path:
+    """A finished run whose config.yaml holds the import's earlier default confidence and
+    predates its window and passes."""
+    import yaml
+
+    run = _finished_run(root)
+    values = yaml.safe_load(run.config.read_text())
+    values["label"]["prior_confidence"] = 0.7
+    for key in ("prior_kernel", "prior_passes"):
+        del values["label"][key]
+    run.config.write_text(yaml.safe_dump(values))
+    return run.root
+
+
 CASES = {
     "a run made before today's defaults": (fit_mod.main, lambda t: ["--config", SMOKE, "--out",
                                                                     _recorded_before_the_flip(t / "run")],
                                            "continue it with --refine.flip_tta false --refine.min_core_persistence 0.0 "
                                            "--refine.relabel_image false, or pass --overwrite"),
+    "a run made with earlier defaults": (fit_mod.main, lambda t: ["--config", SMOKE, "--out",
+                                                                  _made_with_earlier_defaults(t / "run")],
+                                         "holds a run made with earlier defaults of label.prior_confidence, "
+                                         "label.prior_kernel, label.prior_passes; continue it with "
+                                         "--label.prior_confidence 0.7 --label.prior_kernel null "
+                                         "--label.prior_passes 1, or pass --overwrite"),
     "a garbled config.yaml": (fit_mod.main, lambda t: ["--config", SMOKE, "--out", _garbled_config(t / "run")],
                               "run/config.yaml: unreadable run config"),
     "fit --out FILE": (fit_mod.main, lambda t: ["--config", SMOKE, "--out", t / "afile"], "is a file, not a folder"),
@@ -251,6 +271,18 @@ CASES = {
     "fit --voc-root FILE": (fit_mod.main, lambda t: ["--config", SMOKE, "--voc-root", t / "afile", "--out", t / "new"],
                             "afile"),
 }
+
+
+@pytest.mark.parametrize("made", [_made_with_earlier_defaults, _recorded_before_the_flip])
+def test_the_flags_a_refusal_names_continue_the_run(tmp_path, made):
+    from syntagen_st.core.cli import check_run_folder
+    from syntagen_st.core.errors import UserError
+
+    root = made(tmp_path / "run")
+    with pytest.raises(UserError) as refused:
+        check_run_folder(root, fit_config(), set(NEUTRAL_KEYS), overwrite=False)
+    flags = str(refused.value).split("continue it with ")[1].split(", or pass")[0].split()
+    assert check_run_folder(root, fit_config(*flags), set(NEUTRAL_KEYS), overwrite=False) is None
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -413,7 +413,8 @@ def test_the_card_names_the_image_guided_refinement_only_when_it_was_on():
     from syntagen_st.core.config import Config
 
     on = Config().to_dict()
-    on["label"].update(refine_kernel=0.05, refine_eps=0.002, refine_work_side=96, prior_confidence=0.8)
+    on["label"].update(refine_kernel=0.05, refine_eps=0.002, refine_work_side=96, prior_confidence=0.9,
+                       prior_kernel=0.1, prior_passes=2)
     line = _labels_line(_card_of(on))
     assert ("upsampled to the image and snapped to its edges with kornia's guided filter (window 0.05 of the shorter "
             "side, eps 0.002, coefficients computed at about 96 px); a class where its score >= 0.6") in line
@@ -431,10 +432,26 @@ def test_the_card_names_the_image_guided_refinement_only_when_it_was_on():
     # An imported dataset: its masks were refined as a prior with the stated confidence, or taken as given.
     on["loop"]["source"] = off["loop"]["source"] = "folder:/data"
     line = _labels_line(_card_of(on))
-    assert "imported, each mask refined as a prior (0.8 on its class" in line
-    assert "snapped to the image's edges with kornia's guided filter (window 0.05 of the shorter side, eps 0.002" in line
+    assert "imported, each mask refined as a prior (0.9 on its class" in line
+    assert ("snapped to the image's edges with kornia's guided filter (window 0.1 of the shorter side, eps 0.002, "
+            "coefficients computed at about 96 px) in 2 passes, each from the last one's label") in line
+    # Recorded before the import had its own window and passes: the attention's window, one pass.
+    older = {**on, "label": {k: v for k, v in on["label"].items() if k not in ("prior_kernel", "prior_passes")}}
+    assert "(window 0.05 of the shorter side, eps 0.002, coefficients computed at about 96 px) once;" in _labels_line(
+        _card_of(older))
     assert "attention" not in line
     assert _labels_line(_card_of(off)) == "- **Labels**: imported as given."
+
+
+def test_the_card_states_the_blind_background_rule_only_where_it_ran():
+    from syntagen_st.core.config import Config
+
+    now = Config().to_dict()
+    relabel = next(line for line in _card_of(now).splitlines() if line.startswith("- **Relabel**"))
+    assert relabel.endswith("become 255; on a sample naming a class that fails the gate, the model writes no background.")
+    del now["refine"]["background_when_blind"]  # recorded before the rule: the model wrote background anywhere
+    relabel = next(line for line in _card_of(now).splitlines() if line.startswith("- **Relabel**"))
+    assert relabel.endswith("become 255.")
 
 
 def test_an_entry_recorded_before_the_guided_relabel_the_flip_and_the_persistence_rule_reproduces_without_them():

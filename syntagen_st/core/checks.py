@@ -119,6 +119,10 @@ def validate_label(cfg: LabelConfig) -> None:
     _check(cfg.refine_eps > 0, f"label.refine_eps must be > 0, got {cfg.refine_eps}")
     _check(cfg.refine_work_side >= 8, f"label.refine_work_side must be >= 8, got {cfg.refine_work_side}")
     _check(0.5 < cfg.prior_confidence <= 1, f"label.prior_confidence must be in (0.5, 1], got {cfg.prior_confidence}")
+    _check(cfg.prior_kernel is None or 0 < cfg.prior_kernel <= 1,
+           f"label.prior_kernel must be in (0, 1] or null, got {cfg.prior_kernel}")
+    _check(isinstance(cfg.prior_passes, int) and cfg.prior_passes >= 1,
+           f"label.prior_passes must be an integer >= 1, got {cfg.prior_passes}")
 
 
 def validate_grids(cfg: LabelConfig) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import json
 import logging
 import os
 import shutil
@@ -203,12 +204,15 @@ def check_run_folder(
     diffs = "; ".join(changed[:3])
     if not diffs:
         return None
-    added = {f"{section}.{key}": value for (section, key), value in ADDED_SINCE.items()}
     keys = [d.split(":")[0] for d in changed]
-    if all(key in added for key in keys):
-        flags = " ".join(f"--{key} {str(added[key]).lower()}" for key in keys)
-        raise UserError(f"{root} holds a run made before {', '.join(keys)} existed, "
-                        f"which it ran without; continue it with {flags}, or pass --overwrite to start again")
+    saved_values, defaults, given = previous.to_dict(), Config().to_dict(), cfg.to_dict()
+    if all(_dotted(given, key) == _dotted(defaults, key) for key in keys):
+        # Only today's defaults differ from the run's: the flags giving back its values continue it.
+        flags = " ".join(f"--{key} {json.dumps(_dotted(saved_values, key))}" for key in keys)
+        added = {f"{section}.{key}" for section, key in ADDED_SINCE}
+        made = (f"made before {', '.join(keys)} existed, which it ran without" if set(keys) <= added
+                else f"made with earlier defaults of {', '.join(keys)}")
+        raise UserError(f"{root} holds a run {made}; continue it with {flags}, or pass --overwrite to start again")
     if resumable is None:
         raise UserError(f"{root} holds a run with another config ({diffs}); "
                         "pass --overwrite to start again or choose another --out")
@@ -224,6 +228,13 @@ def check_run_folder(
         raise UserError(f"{root} holds a run with another config ({diffs}); "
                         "pass --resume to continue it with this config or --overwrite to start again")
     return redo
+
+
+def _dotted(values: dict, key: str) -> object:
+    """``values["a"]["b"]`` for the dotted key "a.b"; None where a part is missing."""
+    for part in key.split("."):
+        values = values.get(part) if isinstance(values, dict) else None
+    return values
 
 
 def prepare_run_folder(

@@ -116,8 +116,14 @@ class LabelConfig:
     """The filter's regularisation on [0, 1] colours: smaller follows weaker edges."""
     refine_work_side: int = 128
     """The filter's coefficients are computed at about this side (subsample 4 at 512 px)."""
-    prior_confidence: float = 0.7
+    prior_confidence: float = 0.8
     """A hard label's probability on its own class when refined as a prior (imported datasets)."""
+    prior_kernel: float | None = 0.125
+    """The window for such a label (fraction of the shorter side): one cell of a 1/8-resolution
+    label; an imported label's blur is unknown, unlike attention's. None: ``refine_kernel``."""
+    prior_passes: int = 3
+    """Passes of that refinement, each taking the last one's label as its prior: a blob bleeding
+    further than one window is cut back over several, as a CRF's iterations cut it."""
 
 
 @dataclass
@@ -209,6 +215,9 @@ class RefineConfig:
     least this probability (or attention is sure); otherwise the pixel becomes 255."""
     label_sure: float = 0.8
     """Attention confidence at or above which a label pixel is sure and survives disagreement."""
+    background_when_blind: bool = False
+    """Let the model write background on a sample naming a class that failed the gate. Off: a
+    model that cannot tell a class calls it background (docs/loop-and-gate.md)."""
     relabel_image: bool = True
     """Relabel from the held-out softmax times the label prior, snapped to the image (``label.refine_*``)."""
     relabel_prior: float = 0.7
@@ -221,6 +230,9 @@ class RefineConfig:
     """Held-out predictions average the softmax of the image and of its horizontal flip."""
     min_class_pixels: int = 1000
     """A class needs this many held-out core label pixels (``core_margin``) before its reliability counts."""
+    score_shut_classes: bool = False
+    """Count a class that failed the gate in the sample scores. Off: its labelled pixels are left
+    out, since a model that cannot tell the class disagrees with its labels, right or wrong."""
     confidence_weight: float = 0.25
     """Sample score = (1 - w) * model-label agreement + w * mean model confidence."""
     drop_fraction: float = 0.1
@@ -283,9 +295,13 @@ def is_local_path(ref: str) -> bool:
 
 ADDED_SINCE: dict[tuple[str, str], object] = {
     ("label", "refine_image"): False,
+    ("label", "prior_kernel"): None,
+    ("label", "prior_passes"): 1,
     ("refine", "relabel_image"): False,
     ("refine", "flip_tta"): False,
     ("refine", "min_core_persistence"): 0.0,
+    ("refine", "background_when_blind"): True,
+    ("refine", "score_shut_classes"): True,
 }
 """Settings added after runs were first made whose default changes the result, with the value a
 run recorded before them was made with (without the image-guided refinement, the guided relabel,

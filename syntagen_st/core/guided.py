@@ -14,6 +14,7 @@ The filter is kornia's guided filter (He et al.), computed at a working resoluti
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -100,17 +101,23 @@ def refine_label(
     """A hard label (255 unsure) as a prior of ``cfg.prior_confidence`` -> (refined probabilities
     over background + ``class_ids``, the label they give).
 
-    Every pixel takes its most probable class, except that a 255 pixel stays 255 unless its top
+    The window is ``prior_kernel`` (``refine_kernel`` when None), and the refinement runs
+    ``prior_passes`` times, each pass taking the last one's label as its prior. Every pixel takes
+    its most probable class, except that a 255 pixel stays 255 unless its top
     probability reaches ``fg_threshold``: the band can only shrink. (Turning every pixel below
     ``fg_threshold`` into 255 blurred clean labels' edges into a band: 3 points lost on clean
     shapes with 255 counted as a miss, docs/masks.md.)
     """
     allowed = torch.tensor([BACKGROUND] + [c for c in class_ids if c != BACKGROUND], dtype=torch.uint8)
-    probs = refine_scores(image, label_prior(label, class_ids, cfg.prior_confidence), cfg)
-    probs = probs / probs.sum(0, keepdim=True).clamp_min(1e-6)
-    top, arg = probs.max(dim=0)
-    unsure = (torch.as_tensor(label) == IGNORE_INDEX) & (top < cfg.fg_threshold)
-    return probs, torch.where(unsure, torch.full_like(arg, IGNORE_INDEX, dtype=torch.uint8), allowed[arg])
+    window = replace(cfg, refine_kernel=cfg.prior_kernel or cfg.refine_kernel)
+    current = torch.as_tensor(label)
+    for _ in range(cfg.prior_passes):
+        probs = refine_scores(image, label_prior(current, class_ids, cfg.prior_confidence), window)
+        probs = probs / probs.sum(0, keepdim=True).clamp_min(1e-6)
+        top, arg = probs.max(dim=0)
+        unsure = (current == IGNORE_INDEX) & (top < cfg.fg_threshold)
+        current = torch.where(unsure, torch.full_like(arg, IGNORE_INDEX, dtype=torch.uint8), allowed[arg])
+    return probs, current
 
 
 def recorded_label_config(section: Mapping | None) -> LabelConfig:

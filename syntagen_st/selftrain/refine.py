@@ -95,6 +95,7 @@ def relabel(
     keep_confidence: float,
     confidence: np.ndarray | None = None,
     sure_threshold: float = 0.8,
+    background_when_blind: bool = False,
 ) -> np.ndarray:
     """Refine one attention label with a held-out model's probabilities.
 
@@ -105,7 +106,8 @@ def relabel(
       ``confidence`` map, when given, is < ``sure_threshold``), the pixel becomes 255: neither
       side is confident;
     - where ``m`` is reliable and ``p >= relabel_confidence``, ``m`` replaces the label, 255 and
-      unnamed pixels included, unless the label's class is unreliable.
+      unnamed pixels included, unless the label's class is unreliable, and unless ``m`` is
+      background on a sample naming an unreliable class (``background_when_blind`` allows it).
     An unreliable class (``reliable[c]`` False) is never written by the model and its labels
     are never touched by it; the named-class restriction needs no model and always applies.
     """
@@ -135,6 +137,11 @@ def relabel(
 
     overridable = (label == IGNORE_INDEX) | ~is_named | label_reliable
     confident = reliable[pred] & (top >= relabel_confidence) & overridable
+    if not background_when_blind and (named & ~reliable).any():
+        # A model that cannot tell one of the named classes sees its pixels as background: its
+        # background is no evidence on this sample (on rich shapes it turned a tenth of the
+        # person and bicycle pixels into background, and the downstream model lost them).
+        confident &= pred != BACKGROUND
     out[confident] = pred[confident]
     return out
 
@@ -330,18 +337,27 @@ class SampleScore:
 
 
 def sample_score(
-    label: np.ndarray, pred: np.ndarray, top: np.ndarray, allowed: Iterable[int], confidence_weight: float
+    label: np.ndarray, pred: np.ndarray, top: np.ndarray, allowed: Iterable[int], confidence_weight: float,
+    reliable: np.ndarray | None = None,
 ) -> SampleScore:
     """Score a sample by how well its label agrees with the held-out model, and how sure the
     model is: ``(1 - w) * agreement + w * confidence``.
 
     A label pixel of 255 where the model sees a class counts against agreement, so a label that
-    is mostly 'unsure' cannot score well by abstaining.
+    is mostly 'unsure' cannot score well by abstaining. With ``reliable`` (bool (21,), the gate),
+    the pixels labelled with a foreground class that failed the gate, and that class, are left
+    out: a model that cannot tell the class disagrees with its labels, right or wrong.
     """
     _check_label(label)
+    classes = np.flatnonzero(named_classes(allowed))
+    scored = np.ones(label.shape, dtype=bool)
+    if reliable is not None:
+        shut = [c for c in classes if c != BACKGROUND and not reliable[c]]
+        scored = ~np.isin(label, shut)
+        classes = np.array([c for c in classes if c not in shut])
     ious = []
-    for c in np.flatnonzero(named_classes(allowed)):
-        in_label, in_pred = label == c, pred == c
+    for c in classes:
+        in_label, in_pred = (label == c) & scored, (pred == c) & scored
         union = np.count_nonzero(in_label | in_pred)
         if union:
             ious.append(np.count_nonzero(in_label & in_pred) / union)

@@ -179,8 +179,9 @@ def _relabel(job: Job, r: int, held_out: Callable, reliable: np.ndarray, judged:
             view = guided_view(model, label, item["image"], cfg.relabel_prior, relabel_filter(cfg, job.cfg.label)) \
                 if cfg.relabel_image else model
             refined = rf.relabel(label, view, reliable, cfg.relabel_confidence, cfg.keep_confidence, item.get("weight"),
-                                 cfg.label_sure)
-        scores[a.id] = rf.sample_score(label, model.pred, model.top, a.allowed, cfg.confidence_weight)
+                                 cfg.label_sure, cfg.background_when_blind)
+        scores[a.id] = rf.sample_score(label, model.pred, model.top, a.allowed, cfg.confidence_weight,
+                                       None if cfg.score_shut_classes else reliable)
         counted = rf.class_totals(label, refined, model.pred, model.top)
         totals, confidence[a.id] = totals + counted, counted.confidence_sum
         relabelled += int((refined != label).sum())

@@ -38,15 +38,20 @@ def _labels_line(cfg: dict) -> str:
     """How the masks were made: from attention, or imported; with the image-guided refinement when
     it was on (a config recorded before it existed lacks ``refine_image``: off)."""
     label = recorded_label_config(cfg["label"])
-    snap = (f"kornia's guided filter (window {label.refine_kernel:g} of the shorter side, "
-            f"eps {label.refine_eps:g}, coefficients computed at about {label.refine_work_side} px)")
+
+    def snap(kernel: float) -> str:
+        return (f"kornia's guided filter (window {kernel:g} of the shorter side, "
+                f"eps {label.refine_eps:g}, coefficients computed at about {label.refine_work_side} px)")
+
     if str(cfg["loop"].get("source", "sd")).startswith("folder:"):
+        passes = "once" if label.prior_passes == 1 else f"in {label.prior_passes} passes, each from the last one's label"
         return ("- **Labels**: imported as given." if not label.refine_image else
                 f"- **Labels**: imported, each mask refined as a prior ({label.prior_confidence:g} on its class, the rest "
-                f"shared over background and its classes, uniform where it was 255), snapped to the image's edges with {snap}; a pixel takes its most "
+                f"shared over background and its classes, uniform where it was 255), snapped to the image's edges with "
+                f"{snap(label.prior_kernel or label.refine_kernel)} {passes}; a pixel takes its most "
                 f"probable class, and a 255 pixel stays 255 unless that reaches {label.fg_threshold}.")
     return (f"- **Labels**: cross-attention of the class tokens refined by self-attention to the power {label.tau}"
-            + (f", upsampled to the image and snapped to its edges with {snap}" if label.refine_image else "") + "; "
+            + (f", upsampled to the image and snapped to its edges with {snap(label.refine_kernel)}" if label.refine_image else "") + "; "
             f"a class where its score >= {label.fg_threshold}, 255 in [{label.band_threshold}, {label.fg_threshold}), "
             f"background below; classes under {label.presence_threshold} of the strongest peak are absent.")
 
@@ -79,7 +84,9 @@ def render_card(sub: dict) -> str:
         f"- **Self-training**: {loop['rounds']} rounds, {loop['generate_total']} images generated "
         f"(budget split `{loop['budget_split']}`), {refine['folds']} cross-fitted round models of {loop['round_steps']} steps.",
         f"- **Relabel**: where the held-out model is >= {refine['relabel_confidence']} confident, in the classes that "
-        f"pass the gate: {gate_rule(refine_config(refine))}. Disagreements where neither is sure become 255.",
+        f"pass the gate: {gate_rule(refine_config(refine))}. Disagreements where neither is sure become 255"
+        + ("." if refine_config(refine).background_when_blind else
+           "; on a sample naming a class that fails the gate, the model writes no background."),
         f"- **Filter**: each sample judged once; the worst {refine['drop_fraction']:.0%} by model-label agreement dropped.",
         f"- **Steer**: weak classes get more of the next round's prompts (weakness power {refine['weakness_power']}, "
         f"floor {refine['min_weight']}).",
