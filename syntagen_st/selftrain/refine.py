@@ -101,13 +101,12 @@ def relabel(
 
     With the model restricted to the named classes + background (top class ``m``, probability ``p``):
     - a label pixel of a class the prompt did not name becomes 255;
-    - where ``m`` differs from a reliable label class, ``m`` is reliable too, and the label is
-      not sure (the model gives the label's class < ``keep_confidence`` and the attention
-      ``confidence`` map, when given, is < ``sure_threshold``), the pixel becomes 255: neither
-      side is confident;
+    - where ``m`` differs from a reliable label class, ``m`` is reliable too, and neither side is
+      sure (the model gives the label's class < ``keep_confidence``; attention's ``confidence``,
+      when given, is < ``sure_threshold``), the pixel becomes 255;
     - where ``m`` is reliable and ``p >= relabel_confidence``, ``m`` replaces the label, 255 and
-      unnamed pixels included, unless the label's class is unreliable, and unless ``m`` is
-      background on a sample naming an unreliable class (``background_when_blind`` allows it).
+      unnamed pixels included, unless the label's class is unreliable or ``m`` is background on
+      a sample naming an unreliable class (unless ``background_when_blind``).
     An unreliable class (``reliable[c]`` False) is never written by the model and its labels
     are never touched by it; the named-class restriction needs no model and always applies.
     """
@@ -138,9 +137,7 @@ def relabel(
     overridable = (label == IGNORE_INDEX) | ~is_named | label_reliable
     confident = reliable[pred] & (top >= relabel_confidence) & overridable
     if not background_when_blind and (named & ~reliable).any():
-        # A model that cannot tell one of the named classes sees its pixels as background: its
-        # background is no evidence on this sample (on rich shapes it turned a tenth of the
-        # person and bicycle pixels into background, and the downstream model lost them).
+        # A model blind to a named class calls it background: no evidence here (docs/loop-and-gate.md).
         confident &= pred != BACKGROUND
     out[confident] = pred[confident]
     return out
@@ -343,28 +340,23 @@ def sample_score(
     """Score a sample by how well its label agrees with the held-out model, and how sure the
     model is: ``(1 - w) * agreement + w * confidence``.
 
-    A label pixel of 255 where the model sees a class counts against agreement, so a label that
-    is mostly 'unsure' cannot score well by abstaining. With ``reliable`` (bool (21,), the gate),
-    the pixels labelled with a foreground class that failed the gate, and that class, are left
-    out: a model that cannot tell the class disagrees with its labels, right or wrong.
+    A label pixel of 255 where the model sees a class counts against agreement: a label cannot
+    score well by abstaining. With ``reliable`` (the gate), a foreground class that failed it and
+    its labelled pixels are left out: a model blind to a class disagrees with its labels anyway.
     """
     _check_label(label)
     classes = np.flatnonzero(named_classes(allowed))
-    scored = np.ones(label.shape, dtype=bool)
-    if reliable is not None:
-        shut = [c for c in classes if c != BACKGROUND and not reliable[c]]
-        scored = ~np.isin(label, shut)
-        classes = np.array([c for c in classes if c not in shut])
+    shut = [c for c in classes if c != BACKGROUND and reliable is not None and not reliable[c]]
+    scored = ~np.isin(label, shut)
     ious = []
-    for c in classes:
+    for c in (c for c in classes if c not in shut):
         in_label, in_pred = (label == c) & scored, (pred == c) & scored
         union = np.count_nonzero(in_label | in_pred)
         if union:
             ious.append(np.count_nonzero(in_label & in_pred) / union)
     agreement = float(np.mean(ious)) if ious else 0.0
     mean_top = float(top.mean())
-    score = (1.0 - confidence_weight) * agreement + confidence_weight * mean_top
-    return SampleScore(agreement, mean_top, score)
+    return SampleScore(agreement, mean_top, (1.0 - confidence_weight) * agreement + confidence_weight * mean_top)
 
 
 def select_drops(scores: Mapping[str, SampleScore], drop_fraction: float) -> dict[str, str]:
@@ -385,11 +377,8 @@ def select_drops(scores: Mapping[str, SampleScore], drop_fraction: float) -> dic
 
 
 def class_weakness(iou: np.ndarray, confidence: np.ndarray, kept_share: np.ndarray) -> np.ndarray:
-    """Weakness in [0, 1] per class: 1 - mean(agreement IoU, confidence, kept share).
-
-    A class with no evidence (NaN: never labelled or predicted) is maximally weak, so the next
-    round generates it.
-    """
+    """Weakness in [0, 1] per class: 1 - mean(agreement IoU, confidence, kept share). A class
+    with no evidence (NaN: never labelled or predicted) is maximally weak: the next round makes it."""
     stats = np.stack([np.asarray(a, dtype=np.float64) for a in (iou, confidence, kept_share)])
     strength = np.clip(np.nan_to_num(stats, nan=0.0), 0.0, 1.0).mean(axis=0)
     return 1.0 - strength
