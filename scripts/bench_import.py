@@ -50,6 +50,8 @@ def main() -> None:
     parser.add_argument("--confidences", type=floats, default=[0.7, 0.8], help="prior_confidence values")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    if any(int(p) < 1 for p in args.passes.split(",")):
+        parser.error("--passes: every value must be >= 1")
     torch.set_num_threads(args.threads)
     levels = args.levels.split(",")
     print("| look | window | passes | confidence | " + " | ".join(levels) + " | ms/img |")

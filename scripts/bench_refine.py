@@ -202,7 +202,7 @@ def label_report(run: Path, data: dict, plain: list[np.ndarray]) -> dict:
 def round_report(run: Path, data: dict) -> None:
     """Each round's fold models on the samples they did not train on, against the truth."""
     layout = RunLayout(run)
-    cfg = load_config_file(str(layout.config))
+    cfg = load_run_config(layout.config)
     pool = layout.pool
     rows = {row["id"]: row for row in pool.rows()}
     for r in range(cfg.loop.rounds):
@@ -237,7 +237,7 @@ def fmt_named(values: dict[str, float | None]) -> str:
 def arms_report(run: Path, train_dir: Path, held_dir: Path, steps: int, seeds: list[int]) -> dict[str, float]:
     """Two models per seed, same arch / steps: unrefined labels of all samples vs refined kept ones.
     One seed is not enough: at 1,000 steps from scratch the same labels gave 0.46-0.53 over seeds."""
-    cfg = replace(load_config_file(str(RunLayout(run).config)).train, max_steps=steps, checkpoint_every=steps,
+    cfg = replace(load_run_config(RunLayout(run).config).train, max_steps=steps, checkpoint_every=steps,
                   logger="none")
     arms: dict[str, list[Sample]] = {"unrefined": find_samples(train_dir), "refined": find_samples(run)}
     held = find_samples(held_dir)
@@ -369,12 +369,14 @@ def main() -> None:
     unknown = [lv for lv in levels if lv not in NOISE_LEVELS]
     if unknown:
         parser.error(f"unknown noise level {unknown[0]!r}; choose from {', '.join(NOISE_LEVELS)}")
+    if args.arm_seeds is not None and args.arm_seeds < 1:
+        parser.error("--arm-seeds must be >= 1 (--no-arms skips the comparison models)")
     if args.refine_again and not args.work:
         parser.error("--refine-again needs --work")
     base = QUICK if args.quick else FULL
     budget = replace(
         base, train_images=args.images or base.train_images, rounds=args.rounds or base.rounds, round_steps=args.round_steps or base.round_steps,
-        arm_steps=args.arm_steps or base.arm_steps, arm_seeds=args.arm_seeds or base.arm_seeds,
+        arm_steps=args.arm_steps or base.arm_steps, arm_seeds=base.arm_seeds if args.arm_seeds is None else args.arm_seeds,
     )
     torch.set_num_threads(args.threads)
     for name in ("pytorch_lightning", "lightning_fabric"):

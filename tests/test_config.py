@@ -201,3 +201,13 @@ def test_a_wrong_flag_or_value_answers_before_torch_is_loaded():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_every_setting_recorded_as_added_or_changed_is_a_real_key_whose_default_differs():
+    # A recorded run is read with these values: one equal to today's default, or naming no key,
+    # would silently read an older run as made with today's settings.
+    from syntagen_st.core.config import ADDED_SINCE, CHANGED_DEFAULTS, Config
+
+    for (section, key), earlier in {**ADDED_SINCE, **CHANGED_DEFAULTS}.items():
+        now = getattr(getattr(Config(), section), key)
+        assert now != earlier, f"{section}.{key}"

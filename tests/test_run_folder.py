@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import stat
 import subprocess
 import sys
@@ -273,16 +274,40 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("made", [_made_with_earlier_defaults, _recorded_before_the_flip])
-def test_the_flags_a_refusal_names_continue_the_run(tmp_path, made):
+def _made_with_a_list_default(root: Path, monkeypatch) -> Path:
+    """A finished run saved with an earlier default that is a list of strings (quoting)."""
+    import yaml
+
+    from syntagen_st.core import config
+
+    monkeypatch.setitem(config.CHANGED_DEFAULTS, ("generate", "classes"), ["cat", "dining table"])
+    run = _finished_run(root)
+    values = yaml.safe_load(run.config.read_text())
+    values["generate"]["classes"] = ["cat", "dining table"]
+    run.config.write_text(yaml.safe_dump(values))
+    return run.root
+
+
+@pytest.mark.parametrize("made", [_made_with_earlier_defaults, _recorded_before_the_flip, _made_with_a_list_default])
+def test_the_flags_a_refusal_names_continue_the_run(tmp_path, monkeypatch, made):
     from syntagen_st.core.cli import check_run_folder
     from syntagen_st.core.errors import UserError
 
-    root = made(tmp_path / "run")
+    root = made(tmp_path / "run", monkeypatch) if made is _made_with_a_list_default else made(tmp_path / "run")
     with pytest.raises(UserError) as refused:
         check_run_folder(root, fit_config(), set(NEUTRAL_KEYS), overwrite=False)
-    flags = str(refused.value).split("continue it with ")[1].split(", or pass")[0].split()
+    flags = shlex.split(str(refused.value).split("continue it with ")[1].split(", or pass")[0])
     assert check_run_folder(root, fit_config(*flags), set(NEUTRAL_KEYS), overwrite=False) is None
+
+
+def test_a_value_the_user_chose_is_not_taken_for_an_earlier_default(tmp_path):
+    from syntagen_st.core.cli import check_run_folder
+    from syntagen_st.core.errors import UserError
+
+    root = _finished_run(tmp_path / "run", "--loop.rounds", "5").root
+    with pytest.raises(UserError) as refused:
+        check_run_folder(root, fit_config(), set(NEUTRAL_KEYS), overwrite=False)
+    assert "another config (loop.rounds: 5 -> 3)" in str(refused.value) and "earlier defaults" not in str(refused.value)
 
 
 @pytest.mark.parametrize("case", list(CASES))

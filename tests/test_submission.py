@@ -443,15 +443,20 @@ def test_the_card_names_the_image_guided_refinement_only_when_it_was_on():
     assert _labels_line(_card_of(off)) == "- **Labels**: imported as given."
 
 
-def test_the_card_states_the_blind_background_rule_only_where_it_ran():
+def test_the_card_states_the_blind_model_rules_only_where_they_ran():
     from syntagen_st.core.config import Config
 
+    def line(config, start):
+        return next(x for x in _card_of(config).splitlines() if x.startswith(start))
+
     now = Config().to_dict()
-    relabel = next(line for line in _card_of(now).splitlines() if line.startswith("- **Relabel**"))
-    assert relabel.endswith("become 255; on a sample naming a class that fails the gate, the model writes no background.")
-    del now["refine"]["background_when_blind"]  # recorded before the rule: the model wrote background anywhere
-    relabel = next(line for line in _card_of(now).splitlines() if line.startswith("- **Relabel**"))
-    assert relabel.endswith("become 255.")
+    assert line(now, "- **Relabel**").endswith(
+        "become 255; on a sample naming a class the model has not learnt, the model writes no background.")
+    assert line(now, "- **Filter**").endswith("dropped, classes the model has not learnt left out of the agreement.")
+    for key in ("background_when_blind", "score_blind_classes"):
+        del now["refine"][key]  # recorded before the rules: the model wrote and scored every class
+    assert line(now, "- **Relabel**").endswith("become 255.")
+    assert line(now, "- **Filter**").endswith("by model-label agreement dropped.")
 
 
 def test_an_entry_recorded_before_the_guided_relabel_the_flip_and_the_persistence_rule_reproduces_without_them():

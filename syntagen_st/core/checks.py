@@ -121,7 +121,7 @@ def validate_label(cfg: LabelConfig) -> None:
     _check(0.5 < cfg.prior_confidence <= 1, f"label.prior_confidence must be in (0.5, 1], got {cfg.prior_confidence}")
     _check(cfg.prior_kernel is None or 0 < cfg.prior_kernel <= 1,
            f"label.prior_kernel must be in (0, 1] or null, got {cfg.prior_kernel}")
-    _check(isinstance(cfg.prior_passes, int) and cfg.prior_passes >= 1,
+    _check(type(cfg.prior_passes) is int and cfg.prior_passes >= 1,
            f"label.prior_passes must be an integer >= 1, got {cfg.prior_passes}")
 
 

@@ -9,6 +9,7 @@ import errno
 import json
 import logging
 import os
+import shlex
 import shutil
 import sys
 from argparse import ArgumentError
@@ -20,7 +21,7 @@ import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace, set_parsing_settings
 
 from .checks import validate
-from .config import ADDED_SINCE, Config, as_recorded, config_differences
+from .config import ADDED_SINCE, CHANGED_DEFAULTS, Config, as_recorded, config_differences
 from .errors import UserError
 from .layout import LOCK, RunLayout
 from .rules import MAX_IMAGE_PIXELS, pixel_limit
@@ -205,12 +206,14 @@ def check_run_folder(
     if not diffs:
         return None
     keys = [d.split(":")[0] for d in changed]
+    added = {f"{section}.{key}": value for (section, key), value in ADDED_SINCE.items()}
+    earlier = added | {f"{section}.{key}": value for (section, key), value in CHANGED_DEFAULTS.items()}
     saved_values, defaults, given = previous.to_dict(), Config().to_dict(), cfg.to_dict()
-    if all(_dotted(given, key) == _dotted(defaults, key) for key in keys):
-        # Only today's defaults differ from the run's: the flags giving back its values continue it.
-        flags = " ".join(f"--{key} {json.dumps(_dotted(saved_values, key))}" for key in keys)
-        added = {f"{section}.{key}" for section, key in ADDED_SINCE}
-        made = (f"made before {', '.join(keys)} existed, which it ran without" if set(keys) <= added
+    if all(key in earlier and _dotted(saved_values, key) == earlier[key] and _dotted(given, key) == _dotted(defaults, key)
+           for key in keys):
+        # Only a setting added or a default changed since the run differs: its values continue it.
+        flags = " ".join(f"--{key} {shlex.quote(json.dumps(earlier[key], separators=(',', ':')))}" for key in keys)
+        made = (f"made before {', '.join(keys)} existed, which it ran without" if set(keys) <= set(added)
                 else f"made with earlier defaults of {', '.join(keys)}")
         raise UserError(f"{root} holds a run {made}; continue it with {flags}, or pass --overwrite to start again")
     if resumable is None:

@@ -216,8 +216,8 @@ class RefineConfig:
     label_sure: float = 0.8
     """Attention confidence at or above which a label pixel is sure and survives disagreement."""
     background_when_blind: bool = False
-    """Let the model write background on a sample naming a class that failed the gate. Off: a
-    model that cannot tell a class calls it background (docs/loop-and-gate.md)."""
+    """Let the model write background on a sample naming a class it has not learnt (core IoU below
+    ``min_reliability``). Off: such a model calls that class background (docs/loop-and-gate.md)."""
     relabel_image: bool = True
     """Relabel from the held-out softmax times the label prior, snapped to the image (``label.refine_*``)."""
     relabel_prior: float = 0.7
@@ -230,9 +230,9 @@ class RefineConfig:
     """Held-out predictions average the softmax of the image and of its horizontal flip."""
     min_class_pixels: int = 1000
     """A class needs this many held-out core label pixels (``core_margin``) before its reliability counts."""
-    score_shut_classes: bool = False
-    """Count a class that failed the gate in the sample scores. Off: its labelled pixels are left
-    out, since a model that cannot tell the class disagrees with its labels, right or wrong."""
+    score_blind_classes: bool = False
+    """Count a class the model has not learnt in the sample scores. Off: it and its labelled pixels
+    are left out, since the model disagrees with its labels, right or wrong."""
     confidence_weight: float = 0.25
     """Sample score = (1 - w) * model-label agreement + w * mean model confidence."""
     drop_fraction: float = 0.1
@@ -301,11 +301,18 @@ ADDED_SINCE: dict[tuple[str, str], object] = {
     ("refine", "flip_tta"): False,
     ("refine", "min_core_persistence"): 0.0,
     ("refine", "background_when_blind"): True,
-    ("refine", "score_shut_classes"): True,
+    ("refine", "score_blind_classes"): True,
 }
 """Settings added after runs were first made whose default changes the result, with the value a
 run recorded before them was made with (without the image-guided refinement, the guided relabel,
 the flip, the gate's persistence rule). A new such key belongs here."""
+
+
+CHANGED_DEFAULTS: dict[tuple[str, str], object] = {
+    ("label", "prior_confidence"): 0.7,
+}
+"""Settings whose default changed, with the earlier default: a run saved with it is told the flag
+that continues it. (Saved configs hold every key, so the run's identity never changed.)"""
 
 
 def as_recorded(values: dict) -> dict:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..core.classes import VOC_CLASSES, class_index
+from ..core.classes import BACKGROUND, VOC_CLASSES, class_index
 from ..core.config import RefineConfig
 from . import refine as rf
 
@@ -19,6 +19,17 @@ def gate(evidence: rf.ClassEvidence, cfg: RefineConfig) -> np.ndarray:
     cores (``refine.reliable_classes``)."""
     return rf.reliable_classes(evidence, cfg.min_reliability, cfg.max_core_agreement, cfg.min_class_pixels,
                                cfg.min_core_persistence)
+
+
+def blind(evidence: rf.ClassEvidence, cfg: RefineConfig) -> np.ndarray:
+    """Bool (21,): the foreground classes the held-out model has not learnt: IoU with the labels'
+    cores below ``min_reliability``, or too few core pixels to tell. It calls their pixels
+    background, so its background and its disagreement with their labels are no evidence on a
+    sample naming one. (A class the gate shuts for agreeing above ``max_core_agreement`` or for
+    fading inward is seen.)"""
+    out = ~rf.reliable_from(evidence.core_iou(), evidence.support(), cfg.min_reliability, cfg.min_class_pixels)
+    out[BACKGROUND] = False
+    return out
 
 
 @dataclass

@@ -95,7 +95,7 @@ def relabel(
     keep_confidence: float,
     confidence: np.ndarray | None = None,
     sure_threshold: float = 0.8,
-    background_when_blind: bool = False,
+    blind: np.ndarray | None = None,
 ) -> np.ndarray:
     """Refine one attention label with a held-out model's probabilities.
 
@@ -106,7 +106,7 @@ def relabel(
       when given, is < ``sure_threshold``), the pixel becomes 255;
     - where ``m`` is reliable and ``p >= relabel_confidence``, ``m`` replaces the label, 255 and
       unnamed pixels included, unless the label's class is unreliable or ``m`` is background on
-      a sample naming an unreliable class (unless ``background_when_blind``).
+      a sample naming a class the model is ``blind`` to (``decide.blind``; None: no such rule).
     An unreliable class (``reliable[c]`` False) is never written by the model and its labels
     are never touched by it; the named-class restriction needs no model and always applies.
     """
@@ -136,7 +136,7 @@ def relabel(
 
     overridable = (label == IGNORE_INDEX) | ~is_named | label_reliable
     confident = reliable[pred] & (top >= relabel_confidence) & overridable
-    if not background_when_blind and (named & ~reliable).any():
+    if blind is not None and (named & blind).any():
         # A model blind to a named class calls it background: no evidence here (docs/loop-and-gate.md).
         confident &= pred != BACKGROUND
     out[confident] = pred[confident]
@@ -335,18 +335,18 @@ class SampleScore:
 
 def sample_score(
     label: np.ndarray, pred: np.ndarray, top: np.ndarray, allowed: Iterable[int], confidence_weight: float,
-    reliable: np.ndarray | None = None,
+    blind: np.ndarray | None = None,
 ) -> SampleScore:
     """Score a sample by how well its label agrees with the held-out model, and how sure the
     model is: ``(1 - w) * agreement + w * confidence``.
 
     A label pixel of 255 where the model sees a class counts against agreement: a label cannot
-    score well by abstaining. With ``reliable`` (the gate), a foreground class that failed it and
-    its labelled pixels are left out: a model blind to a class disagrees with its labels anyway.
+    score well by abstaining. A class the model is ``blind`` to (``decide.blind``) and its
+    labelled pixels are left out: the model disagrees with its labels, right or wrong.
     """
     _check_label(label)
     classes = np.flatnonzero(named_classes(allowed))
-    shut = [c for c in classes if c != BACKGROUND and reliable is not None and not reliable[c]]
+    shut = [c for c in classes if blind is not None and blind[c]]
     scored = ~np.isin(label, shut)
     ious = []
     for c in (c for c in classes if c not in shut):

@@ -29,7 +29,7 @@ from ..submission.export import dataset_digest, export_run, record_model, verify
 from . import refine as rf
 from .combine import guided_view, relabel_filter
 from .dashboard import RoundLogger
-from .decide import RoundEvidence, decide_round, gate, round_stats, sample_rows
+from .decide import RoundEvidence, blind, decide_round, gate, round_stats, sample_rows
 from .heldout import held_out_pass, load_fold_models
 from .pool import Active, active_samples, fold_groups, fold_of, import_folder, round_budgets
 from .runner import RunState
@@ -134,9 +134,10 @@ def refine_round(job: Job, r: int, reporter: RoundLogger) -> None:
         evidence = evidence + rf.class_evidence(load_mask(run.pool.mask_path(a.id)), model.pred, cfg.core_margin)
     evidence = rf.ClassEvidence(*(dist.all_reduce_sum(getattr(evidence, f.name)) for f in fields(rf.ClassEvidence)))
     reliable = gate(evidence, cfg)
+    unseen = blind(evidence, cfg)
 
     # 2. Relabel and score each sample, gathering the class statistics.
-    measured = _relabel(job, r, held_out, reliable, judged, groups)
+    measured = _relabel(job, r, held_out, reliable, unseen, judged, groups)
     dist.barrier()  # every rank's label files are written
     if not dist.is_main:
         return
@@ -155,7 +156,7 @@ def refine_round(job: Job, r: int, reporter: RoundLogger) -> None:
     print(round_summary(stats, decision.drops, job.cfg.loop.rounds, cfg), flush=True)
 
 
-def _relabel(job: Job, r: int, held_out: Callable, reliable: np.ndarray, judged: set[str],
+def _relabel(job: Job, r: int, held_out: Callable, reliable: np.ndarray, unseen: np.ndarray, judged: set[str],
              groups: list[list[Active]]) -> RoundEvidence:
     """This rank's relabelling pass (refined labels and held-out predictions written), with its
     counts merged over every rank."""
@@ -179,9 +180,9 @@ def _relabel(job: Job, r: int, held_out: Callable, reliable: np.ndarray, judged:
             view = guided_view(model, label, item["image"], cfg.relabel_prior, relabel_filter(cfg, job.cfg.label)) \
                 if cfg.relabel_image else model
             refined = rf.relabel(label, view, reliable, cfg.relabel_confidence, cfg.keep_confidence, item.get("weight"),
-                                 cfg.label_sure, cfg.background_when_blind)
+                                 cfg.label_sure, None if cfg.background_when_blind else unseen)
         scores[a.id] = rf.sample_score(label, model.pred, model.top, a.allowed, cfg.confidence_weight,
-                                       None if cfg.score_shut_classes else reliable)
+                                       None if cfg.score_blind_classes else unseen)
         counted = rf.class_totals(label, refined, model.pred, model.top)
         totals, confidence[a.id] = totals + counted, counted.confidence_sum
         relabelled += int((refined != label).sum())

@@ -59,6 +59,7 @@ def _labels_line(cfg: dict) -> str:
 def render_card(sub: dict) -> str:
     cfg = sub["config"]
     gen, refine, loop, train = cfg["generate"], cfg["refine"], cfg["loop"], cfg["train"]
+    recorded = refine_config(refine)  # the refine section as it ran, settings it predates included
     sd = sub["stable_diffusion"]
     lines = [f"# {sub['name']}: a synthetic PASCAL VOC segmentation dataset", ""]
     if not sub["valid_entry"]:
@@ -84,10 +85,11 @@ def render_card(sub: dict) -> str:
         f"- **Self-training**: {loop['rounds']} rounds, {loop['generate_total']} images generated "
         f"(budget split `{loop['budget_split']}`), {refine['folds']} cross-fitted round models of {loop['round_steps']} steps.",
         f"- **Relabel**: where the held-out model is >= {refine['relabel_confidence']} confident, in the classes that "
-        f"pass the gate: {gate_rule(refine_config(refine))}. Disagreements where neither is sure become 255"
-        + ("." if refine_config(refine).background_when_blind else
-           "; on a sample naming a class that fails the gate, the model writes no background."),
-        f"- **Filter**: each sample judged once; the worst {refine['drop_fraction']:.0%} by model-label agreement dropped.",
+        f"pass the gate: {gate_rule(recorded)}. Disagreements where neither is sure become 255"
+        + ("." if recorded.background_when_blind else
+           "; on a sample naming a class the model has not learnt, the model writes no background."),
+        f"- **Filter**: each sample judged once; the worst {refine['drop_fraction']:.0%} by model-label agreement dropped"
+        + ("." if recorded.score_blind_classes else ", classes the model has not learnt left out of the agreement."),
         f"- **Steer**: weak classes get more of the next round's prompts (weakness power {refine['weakness_power']}, "
         f"floor {refine['min_weight']}).",
         f"- **Selection**: the best <= {loop['max_pairs']} kept samples.",
