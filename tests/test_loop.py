@@ -74,16 +74,32 @@ def test_smoke_loop_end_to_end_and_no_sample_is_relabelled_by_its_own_model(tmp_
         evidence_labels.append(label.tobytes())
         return real_evidence(label, *args, **kwargs)
 
+    blind_given: list[tuple[str, object]] = []
+    real_relabel, real_score = refine_mod.relabel, refine_mod.sample_score
+
+    def spy_relabel(*args, **kwargs):
+        blind_given.append(("relabel", args[7]))
+        return real_relabel(*args, **kwargs)
+
+    def spy_score(*args, **kwargs):
+        blind_given.append(("score", args[5]))
+        return real_score(*args, **kwargs)
+
     monkeypatch.setattr(steps, "train", spy_train)
     monkeypatch.setattr(network, "load_model", spy_load)
     monkeypatch.setattr(network, "predict_proba", spy_predict)
     monkeypatch.setattr(refine_mod, "class_evidence", spy_evidence)
+    monkeypatch.setattr(refine_mod, "relabel", spy_relabel)
+    monkeypatch.setattr(refine_mod, "sample_score", spy_score)
 
     out = tmp_path / "run"
     # relabel_confidence 0: even these weak models rewrite labels, so a refined label differs from its original.
     assert run_cli(fit_mod.main, [*SMALL, "--refine.relabel_confidence", "0", "--out", out])[0] == 0
     folds = {model for model in trained_on if f"{os.sep}rounds{os.sep}" in model}
     assert len(folds) == 4 and len(trained_on) == 5  # and the final model
+    # The blind-model rules are on by default: relabel and the scores get the round's blind classes.
+    kinds = {kind for kind, _ in blind_given}
+    assert kinds == {"relabel", "score"} and all(isinstance(b, np.ndarray) and b.shape == (21,) for _, b in blind_given)
     # Every prediction came from a fold model, and none of them had trained on what it predicted.
     for model, ids in calls:
         assert model in folds, (model, sorted(trained_on))
