@@ -305,7 +305,8 @@ ADDED_SINCE: dict[tuple[str, str], object] = {
 }
 """Settings added after runs were first made whose default changes the result, with the value a
 run recorded before them was made with (without the image-guided refinement, the guided relabel,
-the flip, the gate's persistence rule). A new such key belongs here."""
+the flip, the gate's persistence rule, the blind-model rules; with one import pass at
+``refine_kernel``). A new such key belongs here; a changed default goes in ``CHANGED_DEFAULTS``."""
 
 
 CHANGED_DEFAULTS: dict[tuple[str, str], object] = {

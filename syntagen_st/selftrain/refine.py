@@ -346,10 +346,10 @@ def sample_score(
     """
     _check_label(label)
     classes = np.flatnonzero(named_classes(allowed))
-    shut = [c for c in classes if blind is not None and blind[c]]
-    scored = ~np.isin(label, shut)
+    unseen = [c for c in classes if blind is not None and blind[c]]
+    scored = ~np.isin(label, unseen)
     ious = []
-    for c in (c for c in classes if c not in shut):
+    for c in (c for c in classes if c not in unseen):
         in_label, in_pred = (label == c) & scored, (pred == c) & scored
         union = np.count_nonzero(in_label | in_pred)
         if union:
