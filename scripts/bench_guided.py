@@ -2,18 +2,21 @@
 
     python scripts/bench_guided.py --n 8 --size 512                 # the table in docs/masks.md
     python scripts/bench_guided.py --n 8 --candidates guided,densecrf --threads 1
+    python scripts/bench_guided.py --n 8 --size 512 --scene rich    # textures, decoys, thin parts, bleeding labels
 
 Each noisy label (scripts/noisy_shapes.py) becomes a prior (``label.prior_confidence`` on its
 class, uniform on 255, over background plus the classes the sample names) and is refined by
 each candidate with the image alone; the label is the argmax (full coverage), so every
 candidate is compared on the same footing. ``prior`` is that argmax without the image (255 ->
 the first allowed class, background). For the shipped method (``guided``, core/guided.py) the
-label with its 255 band (``refine_label``) is reported too. Label mIoU is against the truth
-with 255 counted as a miss; the worst per-class change shows what a clean label can lose.
+label with its 255 band (``refine_label``, the CRF and the doubt rule of an import) is
+reported too. Label mIoU is against the truth with 255 counted as a miss; the worst per-class
+change shows what a clean label can lose.
 
-Candidates beside the shipped one are optional and not dependencies of the package:
-``densecrf`` needs the pydensecrf2 distribution (an sdist: it compiles), ``cv_guided`` and
-``cv_jbf`` need OpenCV's contrib build (``cv2.ximgproc``), which conflicts with the
+``guided`` is the guided filter at generation's window; ``densecrf`` the shipped dense CRF
+(``core/guided.dense_crf``, the ``label.crf_*`` settings); ``densecrf_deeplab`` the same library
+with DeepLab's public post-processing settings (60 px, 10 RGB levels, weight 5). ``cv_guided``
+and ``cv_jbf`` need OpenCV's contrib build (``cv2.ximgproc``), which conflicts with the
 opencv-python-headless wheel the project depends on; a missing one is reported and skipped.
 Not a test: the figures depend on the seed and the budget.
 """
@@ -22,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import sys
 import time
 from collections.abc import Callable
@@ -35,11 +37,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from noisy_shapes import NOISE_LEVELS, Noise, label_quality, make_dataset, make_look  # noqa: E402
+import pydensecrf.densecrf as dcrf  # noqa: E402
+from noisy_shapes import NOISE_LEVELS, SCENES, Noise, label_quality, make_dataset, make_look, scene_noise  # noqa: E402
 
 from syntagen_st.core.classes import VOC_CLASSES  # noqa: E402
 from syntagen_st.core.config import LabelConfig  # noqa: E402
-from syntagen_st.core.guided import label_prior, refine_label, refine_scores  # noqa: E402
+from syntagen_st.core.guided import dense_crf, label_prior, refine_label, refine_scores  # noqa: E402
 
 CFG = LabelConfig()
 LEVELS: dict[str, Noise] = {
@@ -55,8 +58,11 @@ def _guided(image: np.ndarray, prior: np.ndarray) -> np.ndarray:
 
 
 def _densecrf(image: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    return dense_crf(image, torch.from_numpy(prior), CFG).numpy()
+
+
+def _densecrf_deeplab(image: np.ndarray, prior: np.ndarray) -> np.ndarray:
     # The public dense CRF settings of DeepLab's post-processing, with the issue's 10 iterations.
-    dcrf = importlib.import_module("pydensecrf.densecrf")  # optional: not a dependency
     k, h, w = prior.shape
     crf = dcrf.DenseCRF2D(w, h, k)
     crf.setUnaryEnergy(np.ascontiguousarray(-np.log(np.clip(prior, 1e-6, 1)).reshape(k, -1)))
@@ -78,14 +84,13 @@ CANDIDATES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     "prior": lambda image, prior: prior,
     "guided": _guided,
     "densecrf": _densecrf,
+    "densecrf_deeplab": _densecrf_deeplab,
     "cv_guided": _cv_guided,
     "cv_jbf": _cv_jbf,
 }
 
 
 def available(name: str) -> bool:
-    if name == "densecrf":
-        return importlib.util.find_spec("pydensecrf") is not None
     if name.startswith("cv_"):
         return hasattr(cv2, "ximgproc")
     return True
@@ -98,16 +103,20 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--looks", default="0,1")
     parser.add_argument("--candidates", default=",".join(CANDIDATES))
+    parser.add_argument("--scene", choices=list(SCENES), default="plain", help="rich: noisy_shapes' harder scene")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(args.threads)
     names = [c for c in args.candidates.split(",") if available(c) or print(f"{c}: not installed, skipped")]
-    print("| look | labels | as given | " + " | ".join(names) + " | guided with its 255 band (coverage) |")
+    print("| look | labels | as given | " + " | ".join(names) + " | shipped import with its 255 band (coverage) |")
     print("|---" * (len(names) + 4) + "|")
     for look in (int(v) for v in args.looks.split(",")):
         for level, noise in LEVELS.items():
-            data = make_dataset(args.n, args.size, args.seed + look, noise, make_look(look))
+            if args.scene == "rich":  # the rich scene's bleed and decoys, at the level's grid
+                rich = scene_noise(level.split("-")[0], "rich")
+                noise = dataclasses.replace(noise, bleed=rich.bleed, decoy=rich.decoy)
+            data = make_dataset(args.n, args.size, args.seed + look, noise, make_look(look), SCENES[args.scene])
             given = label_quality(data["masks"], data["gt"])
             cells = []
             for name in names:

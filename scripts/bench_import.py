@@ -1,12 +1,14 @@
-"""An imported dataset's labels refined by the image alone: which window, passes and confidence.
+"""An imported dataset's labels refined by the image alone: which method, reach and confidence.
 
-    python scripts/bench_import.py                          # the table in docs/masks.md (~2 CPU minutes)
-    python scripts/bench_import.py --looks 0 --windows 0.125,0.25 --passes 1,2,3,4
+    python scripts/bench_import.py                          # the tables in docs/masks.md (~3 CPU minutes)
+    python scripts/bench_import.py --looks 0 --methods guided --windows 0.125,0.25 --passes 1,2,3,4
+    python scripts/bench_import.py --methods crf --crf-spatial 0.125,0.25,0.5 --crf-weights 5,10,20
 
 Each noisy label of the rich noisy shapes (scripts/noisy_shapes.py: 1/8-resolution blobs that bleed
 across edges, decoys, thin parts) is refined as ``--source folder:`` refines it
-(``core/guided.refine_label``: the label a prior of ``prior_confidence``, the guided filter at
-``prior_kernel`` of the side, ``prior_passes`` times) at every combination given, and scored
+(``core/guided.refine_label``: the label a prior of ``prior_confidence``, then the dense CRF of
+``crf_spatial`` of the side and weight ``crf_weight``, or the guided filter at ``prior_kernel`` of
+the side, ``prior_passes`` times; with and without the doubt rule) at every combination given, and scored
 against the truth with 255 counted as a miss, at every noise level and look: the gain, the worst
 class's change (what a clean label must not lose) and the thin classes' (bicycle, chair), which a
 wide window can erase. Not a test: the figures depend on the seed and the size.
@@ -45,26 +47,40 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--looks", default="0,1,2")
     parser.add_argument("--levels", default=",".join(NOISE_LEVELS))
-    parser.add_argument("--windows", type=floats, default=[0.0625, 0.125, 0.25], help="prior_kernel values")
-    parser.add_argument("--passes", default="1,3", help="prior_passes values")
+    parser.add_argument("--methods", default="crf,guided", help="prior_method values")
+    parser.add_argument("--windows", type=floats, default=[0.0625, 0.125, 0.25], help="prior_kernel values (guided)")
+    parser.add_argument("--passes", default="1,3", help="prior_passes values (guided)")
+    parser.add_argument("--crf-spatial", type=floats, default=[0.125, 0.25, 0.5], help="crf_spatial values")
+    parser.add_argument("--crf-weights", type=floats, default=[5.0, 10.0], help="crf_weight values")
+    parser.add_argument("--doubt", default="on,off", help="prior_doubt values")
     parser.add_argument("--confidences", type=floats, default=[0.7, 0.8], help="prior_confidence values")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     if any(int(p) < 1 for p in args.passes.split(",")):
         parser.error("--passes: every value must be >= 1")
+    if not set(args.doubt.split(",")) <= {"on", "off"}:
+        parser.error("--doubt: choose from on, off")
     torch.set_num_threads(args.threads)
     levels = args.levels.split(",")
-    print("| look | window | passes | confidence | " + " | ".join(levels) + " | ms/img |")
-    print("|---" * (len(levels) + 5) + "|")
+    methods = args.methods.split(",")
+    if not set(methods) <= {"crf", "guided"}:
+        parser.error("--methods: choose from crf, guided")
+    settings = [dict(prior_method="guided", prior_kernel=w, prior_passes=int(n)) for w, n in
+                itertools.product(args.windows, args.passes.split(","))] * ("guided" in methods)
+    settings += [dict(prior_method="crf", crf_spatial=r, crf_weight=w) for r, w in
+                 itertools.product(args.crf_spatial, args.crf_weights)] * ("crf" in methods)
+    doubts = [{"on": True, "off": False}[v] for v in args.doubt.split(",")]
+    print("| look | method | reach, passes or weight | doubt | confidence | " + " | ".join(levels) + " | ms/img |")
+    print("|---" * (len(levels) + 6) + "|")
     for look in (int(v) for v in args.looks.split(",")):
         sets = {lv: make_dataset(args.n, args.size, args.seed, scene_noise(lv, "rich"), make_look(look), SCENES["rich"])
                 for lv in levels}
         given = {lv: label_quality(d["masks"], d["gt"]) for lv, d in sets.items()}
-        print(f"| {look} | as given | | | " + " | ".join(f"{given[lv]['miou']:.3f}" for lv in levels) + " | |")
-        for window, passes, confidence in itertools.product(args.windows, [int(p) for p in args.passes.split(",")],
-                                                            args.confidences):
-            cfg = dataclasses.replace(LabelConfig(), prior_kernel=window, prior_passes=passes,
-                                      prior_confidence=confidence)
+        print(f"| {look} | as given | | | | " + " | ".join(f"{given[lv]['miou']:.3f}" for lv in levels) + " | |")
+        for setting, doubt, confidence in itertools.product(settings, doubts, args.confidences):
+            cfg = dataclasses.replace(LabelConfig(), **setting, prior_doubt=doubt, prior_confidence=confidence)
+            reach = (f"{cfg.crf_spatial:g} of the side, weight {cfg.crf_weight:g}" if cfg.prior_method == "crf" else
+                     f"{cfg.prior_kernel:g} of the side, {cfg.prior_passes} passes")
             cells, seconds, count = [], 0.0, 0
             for lv, d in sets.items():
                 start = time.perf_counter()
@@ -76,7 +92,7 @@ def main() -> None:
                 thin = ", ".join(f"{VOC_CLASSES[c]} {q['per_class'][c] - b['per_class'][c]:+.3f}" for c in THIN_SHAPES
                                  if present[c])
                 cells.append(f"{q['miou']:.3f} ({q['miou'] - b['miou']:+.3f}; worst {worst:+.3f}; {thin})")
-            print(f"| {look} | {window:g} | {passes} | {confidence:g} | " + " | ".join(cells)
+            print(f"| {look} | {cfg.prior_method} | {reach} | {'on' if doubt else 'off'} | {confidence:g} | " + " | ".join(cells)
                   + f" | {1000 * seconds / count:.1f} |", flush=True)
 
 

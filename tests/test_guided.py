@@ -7,7 +7,7 @@ import torch
 
 from syntagen_st.core.classes import IGNORE_INDEX
 from syntagen_st.core.config import LabelConfig
-from syntagen_st.core.guided import label_prior, refine_label, refine_scores, scores_to_labels
+from syntagen_st.core.guided import label_prior, refine_label, refine_probs, refine_scores, scores_to_labels
 
 CFG = LabelConfig()
 CAT = 8
@@ -125,18 +125,94 @@ def test_prior_puts_the_confidence_on_the_labelled_class():
     assert torch.allclose(prior[:, 1, 1], torch.tensor([0.5, 0.5]))  # a class not named: uniform
 
 
-def test_a_label_bleeding_past_the_edge_is_cut_back_over_passes_of_the_prior_window():
-    # A hard label 8 px too wide all round, over a flat background: each pass takes back part of
-    # the bleed, so three passes of the import's window beat one, and beat attention's window.
+def _bleeding_square():
+    """A hard label 8 px too wide all round a square, over a flat background."""
     image, truth = _square_scene(128, 40, 88)
     label = np.zeros((128, 128), np.uint8)
     label[32:96, 32:96] = CAT
+    return image, truth, label
+
+
+def test_a_label_bleeding_past_the_edge_is_cut_back_over_passes_of_the_prior_window():
+    # Each guided pass takes back part of the bleed, so three passes of the import's window
+    # beat one, and beat attention's window.
+    image, truth, label = _bleeding_square()
 
     def iou(**settings):
-        cfg = dataclasses.replace(CFG, **settings)
+        cfg = dataclasses.replace(CFG, prior_method="guided", prior_doubt=False, **settings)
         return _iou(refine_label(image, label, [CAT], cfg)[1].numpy() == CAT, truth)
 
     assert _iou(label == CAT, truth) < 0.57
     assert iou(prior_passes=3, prior_kernel=0.125) > 0.72
     assert iou(prior_passes=1, prior_kernel=0.125) < 0.62
     assert iou(prior_passes=3, prior_kernel=None, refine_kernel=0.0625) < 0.6
+
+
+def test_the_crf_cuts_a_bleeding_label_back_to_the_edge_in_one_pass():
+    # The appearance kernel reaches past the bleed: the dark ring the label wrongly holds is
+    # pulled to the dark background it matches. The label called it cat, so it becomes 255
+    # (doubt), or background without the doubt rule; the square itself is cat either way.
+    image, truth, label = _bleeding_square()
+    probs, refined = refine_label(image, label, [CAT], CFG)
+    assert CFG.prior_method == "crf" and CFG.prior_doubt
+    refined = refined.numpy()
+    assert _iou(refined == CAT, truth) > 0.99
+    ring = (label == CAT) & ~truth
+    assert (refined[ring] == IGNORE_INDEX).mean() > 0.99
+    assert (refined[label == 0] == 0).all()  # background the label and the image agree on stays
+    assert torch.allclose(probs.sum(0), torch.ones(128, 128), atol=1e-4)
+    erased = refine_label(image, label, [CAT], dataclasses.replace(CFG, prior_doubt=False))[1].numpy()
+    assert _iou(erased == CAT, truth) > 0.99 and (erased[ring] == 0).mean() > 0.99
+    # Without the appearance kernel the prior stands: it is what cuts the bleed.
+    weak = dataclasses.replace(CFG, crf_weight=0.0)
+    assert _iou(refine_label(image, label, [CAT], weak)[1].numpy() == CAT, truth) < 0.57
+
+
+def test_on_a_flat_image_the_crf_doubts_a_label_instead_of_erasing_it():
+    # No colour to follow: the wide appearance kernel smooths a small object toward the
+    # background around it. The doubt rule leaves it unsure (255), never background.
+    image = np.full((64, 64, 3), 90, dtype=np.uint8)
+    label = np.zeros((64, 64), np.uint8)
+    label[8:16, 8:16] = CAT
+    refined = refine_label(image, label, [CAT], CFG)[1].numpy()
+    assert set(np.unique(refined[label == CAT])) <= {CAT, IGNORE_INDEX}
+    assert (refined[label == 0] == 0).all()
+    erased = refine_label(image, label, [CAT], dataclasses.replace(CFG, prior_doubt=False))[1].numpy()
+    assert (erased[label == CAT] == 0).all()  # what the rule prevents
+
+
+def test_the_crf_sorts_two_classes_by_the_colours_their_labels_hold():
+    # Two squares of different colours, each label a blob bleeding into the other's and the
+    # background: every pixel goes to the class whose colour it has.
+    image, _ = _square_scene(128, 20, 60)
+    truth = np.zeros((128, 128), np.uint8)
+    truth[20:60, 20:60] = CAT
+    truth[64:108, 64:108] = 12
+    image[64:108, 64:108] = (30, 200, 90)
+    label = np.zeros((128, 128), np.uint8)
+    label[14:70, 14:70] = CAT
+    label[60:114, 60:114] = 12
+    label[58:66, 58:66] = IGNORE_INDEX
+    refined = refine_label(image, label, [CAT, 12], CFG)[1].numpy()
+    assert (label == truth).mean() < 0.9
+    labelled = refined != IGNORE_INDEX
+    assert (refined[labelled] == truth[labelled]).mean() > 0.999 and labelled.mean() > 0.8
+    assert (refined[truth > 0] == truth[truth > 0]).mean() > 0.99  # each square is its own class
+
+
+def test_refine_probs_keeps_a_prior_on_the_device_and_in_shape():
+    image, truth = _square_scene(64, 16, 48)
+    prior = label_prior(np.where(truth, CAT, 0).astype(np.uint8), [CAT], 0.8)
+    for method in ("crf", "guided"):
+        out = refine_probs(image, prior, dataclasses.replace(CFG, prior_method=method))
+        assert out.shape == prior.shape and out.dtype == torch.float32
+        assert torch.allclose(out.sum(0), torch.ones(64, 64), atol=1e-4)
+        assert ((out.argmax(0) == 1).numpy() == truth).mean() > 0.99
+
+
+def test_the_crf_takes_a_read_only_image():
+    # A decoded PIL image is read-only; pydensecrf needs a writeable buffer.
+    image, truth = _square_scene(64, 16, 48)
+    image.setflags(write=False)
+    label = np.where(truth, CAT, 0).astype(np.uint8)
+    assert np.array_equal(refine_label(image, label, [CAT], CFG)[1].numpy(), label)

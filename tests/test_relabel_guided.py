@@ -15,8 +15,10 @@ from syntagen_st.selftrain.combine import combine, guided_view
 
 CAT, DOG = 8, 12
 ALL_RELIABLE = np.ones(NUM_CLASSES, dtype=bool)
-FILTER = LabelConfig(refine_kernel=0.25)
+FILTER = LabelConfig(refine_kernel=0.25, prior_method="guided")
 """A window of a quarter of the side: a blurry model's confident core reaches the edges."""
+CRF = LabelConfig()
+"""The shipped relabel refinement: the dense CRF."""
 
 
 def iou(a: np.ndarray, b: np.ndarray, c: int) -> float:
@@ -61,19 +63,31 @@ def relabel(label, view):
     return rf.relabel(label, view, ALL_RELIABLE, relabel_confidence=0.8, keep_confidence=0.3)
 
 
-def test_a_blob_label_relabelled_with_the_image_follows_the_squares_edges():
+@pytest.mark.parametrize("method", [FILTER, CRF], ids=["guided", "crf"])
+def test_a_blob_label_relabelled_with_the_image_follows_the_squares_edges(method):
     image, truth, blob, model = square_scene()
     plain = relabel(blob, model)
-    guided = relabel(blob, guided_view(model, blob, image, 0.5, FILTER))
+    guided = relabel(blob, guided_view(model, blob, image, 0.5, method))
     assert iou(blob, truth, CAT) < 0.75
     assert iou(plain, truth, CAT) < 0.85  # the blurry model alone leaves a ragged 255 edge
     assert iou(guided, truth, CAT) > 0.97
     assert (guided == truth).mean() > 0.97
 
 
-def test_a_clean_label_comes_out_unchanged():
+def test_the_crf_relabel_takes_the_image_where_a_blurry_model_is_unsure():
+    # The model's blur alone: a 4 px band around the square under 0.8 confidence. The CRF's
+    # view is sure there and right, the guided filter's is not sure everywhere.
+    image, truth, blob, model = square_scene()
+    view = guided_view(model, blob, image, 0.5, CRF)
+    edge = (model.top < 0.8) & (np.abs(np.gradient((truth == CAT).astype(float))).sum(0) == 0)
+    assert edge.sum() > 100
+    assert (view.top[edge] >= 0.8).mean() > 0.95 and (view.pred[edge] == truth[edge]).mean() > 0.99
+
+
+@pytest.mark.parametrize("method", [FILTER, CRF], ids=["guided", "crf"])
+def test_a_clean_label_comes_out_unchanged(method):
     image, truth, _, model = square_scene()
-    assert np.array_equal(relabel(truth, guided_view(model, truth, image, 0.5, FILTER)), truth)
+    assert np.array_equal(relabel(truth, guided_view(model, truth, image, 0.5, method)), truth)
 
 
 def test_a_class_that_fails_the_gate_is_never_written_by_the_guided_view():
@@ -177,3 +191,8 @@ def test_the_relabel_filter_has_its_own_window_and_is_on_whatever_the_import_doe
 
     cfg = relabel_filter(RefineConfig(relabel_kernel=0.3, relabel_eps=0.02), LabelConfig(refine_image=False, refine_work_side=64))
     assert (cfg.refine_image, cfg.refine_kernel, cfg.refine_eps, cfg.refine_work_side) == (True, 0.3, 0.02, 64)
+    assert cfg.prior_method == "crf"
+    label = LabelConfig(prior_method="guided", crf_spatial=0.4)
+    cfg = relabel_filter(RefineConfig(relabel_method="crf"), label)
+    assert (cfg.prior_method, cfg.crf_spatial) == ("crf", 0.4)  # its own method, the label section's kernels
+    assert relabel_filter(RefineConfig(relabel_method="guided"), LabelConfig()).prior_method == "guided"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -433,10 +434,17 @@ def test_the_card_names_the_image_guided_refinement_only_when_it_was_on():
     on["loop"]["source"] = off["loop"]["source"] = "folder:/data"
     line = _labels_line(_card_of(on))
     assert "imported, each mask refined as a prior (0.9 on its class" in line
+    assert ("refined by the image with a fully connected CRF (pydensecrf, 10 mean-field iterations; appearance kernel "
+            "0.25 of the shorter side and 13 RGB levels, weight 10; smoothness kernel 1.5 px, weight 3)") in line
+    assert "guided" not in line
+    on["label"]["prior_method"] = "guided"
+    line = _labels_line(_card_of(on))
     assert ("snapped to the image's edges with kornia's guided filter (window 0.1 of the shorter side, eps 0.002, "
             "coefficients computed at about 96 px) in 2 passes, each from the last one's label") in line
-    # Recorded before the import had its own window and passes: the attention's window, one pass.
-    older = {**on, "label": {k: v for k, v in on["label"].items() if k not in ("prior_kernel", "prior_passes")}}
+    assert "CRF" not in line
+    # Recorded before the import had its own window, passes and method: the attention's window, one pass.
+    older = {**on, "label": {k: v for k, v in on["label"].items()
+                             if k not in ("prior_kernel", "prior_passes", "prior_method")}}
     assert "(window 0.05 of the shorter side, eps 0.002, coefficients computed at about 96 px) once;" in _labels_line(
         _card_of(older))
     assert "attention" not in line
@@ -450,6 +458,17 @@ def test_the_card_states_the_blind_model_rules_only_where_they_ran():
         return next(x for x in _card_of(config).splitlines() if x.startswith(start))
 
     now = Config().to_dict()
+    assert line(now, "- **Relabel**").startswith(
+        "- **Relabel**: where the held-out model (its softmax times the label's prior at 0.7, refined by the image "
+        "with a fully connected CRF (pydensecrf, 10 mean-field iterations;")
+    guided = copy.deepcopy(now)
+    guided["refine"]["relabel_method"] = "guided"
+    assert line(guided, "- **Relabel**").startswith(
+        "- **Relabel**: where the held-out model (its softmax times the label's prior at 0.7, snapped to the image "
+        "with kornia's guided filter (window 0.25 of the shorter side)) is >= 0.8 confident")
+    plain = copy.deepcopy(now)
+    del plain["refine"]["relabel_image"]  # recorded before the guided relabel: the model alone
+    assert line(plain, "- **Relabel**").startswith("- **Relabel**: where the held-out model is >= 0.8 confident")
     assert line(now, "- **Relabel**").endswith(
         "become 255; on a sample naming a class the model has not learnt, the model writes no background.")
     assert line(now, "- **Filter**").endswith("dropped, classes the model has not learnt left out of the agreement.")

@@ -123,6 +123,15 @@ def validate_label(cfg: LabelConfig) -> None:
            f"label.prior_kernel must be in (0, 1] or null, got {cfg.prior_kernel}")
     _check(type(cfg.prior_passes) is int and cfg.prior_passes >= 1,
            f"label.prior_passes must be an integer >= 1, got {cfg.prior_passes}")
+    _check(type(cfg.crf_iterations) is int and cfg.crf_iterations >= 1,
+           f"label.crf_iterations must be an integer >= 1, got {cfg.crf_iterations}")
+    _check(0 < cfg.crf_spatial <= 4, f"label.crf_spatial must be in (0, 4], got {cfg.crf_spatial}")
+    for name in ("crf_colour", "crf_smooth"):
+        _check(getattr(cfg, name) > 0, f"label.{name} must be > 0, got {getattr(cfg, name)}")
+    _check(cfg.crf_work_side is None or (type(cfg.crf_work_side) is int and cfg.crf_work_side >= 8),
+           f"label.crf_work_side must be an integer >= 8 or null, got {cfg.crf_work_side}")
+    for name in ("crf_weight", "crf_smooth_weight"):
+        _check(getattr(cfg, name) >= 0, f"label.{name} must be >= 0, got {getattr(cfg, name)}")
 
 
 def validate_grids(cfg: LabelConfig) -> None:

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..core.classes import VOC_CLASSES
 from ..core.gate import gate_rule
+from ..core.guided import recorded_label_config
 from ..core.layout import round_title
 from ..core.rules import MAX_PAIRS
 from . import figures
@@ -231,7 +232,9 @@ def sheets(facts: RunFacts, view: DatasetView) -> str:
     first = ("the mask as imported" if columns.imported else
              "the attention label (the one its attention scores give, before the image)")
     if columns.refined:
-        refined = ("; the refined label: that label snapped to the image's edges with the guided filter "
+        crf = columns.imported and recorded_label_config(facts.config.get("label")).prior_method == "crf"
+        method = "a fully connected CRF on the image" if crf else "the guided filter"
+        refined = (f"; the refined label: that label snapped to the image's edges with {method} "
                    "(label.refine_image), as the pool holds it")
     else:
         refined = ("; label.refine_image was off for this run, so the pool holds the "

@@ -1,5 +1,5 @@
 """The relabel step's view of a sample: the held-out model's restricted softmax times the label
-prior, snapped to the image by the one image-guided refinement (``core/guided.refine_scores``).
+prior, refined by the image as every prior is (``core/guided.refine_probs``).
 
 Pure array math, no I/O. The result is a ``Restricted`` like the model's own, so ``relabel``'s
 gate and confidence rules apply to it unchanged: a class that fails the gate is never written,
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..core.config import LabelConfig, RefineConfig
-from ..core.guided import label_prior, refine_scores
+from ..core.guided import label_prior, refine_probs
 from .refine import Restricted, predict
 
 
@@ -35,20 +35,21 @@ def combine(model: Restricted, label: np.ndarray, prior_confidence: float) -> np
 
 
 def relabel_filter(refine: RefineConfig, label: LabelConfig) -> LabelConfig:
-    """The filter settings of the relabel's refinement: its own window and regularisation
-    (a held-out model's softmax is blurred at another scale than attention), the label
-    section's working resolution, and on: ``refine.relabel_image`` chose to refine."""
-    return replace(label, refine_image=True, refine_kernel=refine.relabel_kernel, refine_eps=refine.relabel_eps)
+    """The settings of the relabel's refinement: its own method (``refine.relabel_method``), and
+    for the guided filter its own window and regularisation (a held-out model's softmax is
+    blurred at another scale than attention); the label section's CRF kernels and working
+    resolution; and on: ``refine.relabel_image`` chose to refine."""
+    return replace(label, refine_image=True, prior_method=refine.relabel_method, refine_kernel=refine.relabel_kernel,
+                   refine_eps=refine.relabel_eps)
 
 
 def guided_view(model: Restricted, label: np.ndarray, image: np.ndarray, prior_confidence: float,
                 cfg: LabelConfig) -> Restricted:
     """``combine``'s probabilities refined by the (H, W, 3) uint8 image over the named classes
-    with ``cfg``'s filter (``relabel_filter``), renormalised, with their argmax and top
-    probability (what ``relabel`` reads)."""
+    with ``cfg``'s method (``relabel_filter``), with their argmax and top probability (what
+    ``relabel`` reads)."""
     named = np.flatnonzero(model.named)
     probs = combine(model, label, prior_confidence)
-    refined = refine_scores(image, torch.from_numpy(probs[named]), cfg).numpy()
     out = np.zeros_like(probs)
-    out[named] = refined / np.maximum(refined.sum(axis=0, keepdims=True), 1e-6)
+    out[named] = refine_probs(image, torch.from_numpy(probs[named]), cfg).numpy()
     return Restricted(model.named, out, *predict(out))

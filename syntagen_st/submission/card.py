@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..core.classes import VOC_CLASSES
+from ..core.config import LabelConfig, RefineConfig
 from ..core.gate import gate_rule, refine_config
 from ..core.guided import recorded_label_config
 
@@ -34,6 +35,13 @@ def _class_table(classes: dict) -> list[str]:
     return rows
 
 
+def crf_line(label: LabelConfig) -> str:
+    """The dense CRF's settings, as the card and the report name them."""
+    return (f"refined by the image with a fully connected CRF (pydensecrf, {label.crf_iterations} mean-field iterations; "
+            f"appearance kernel {label.crf_spatial:g} of the shorter side and {label.crf_colour:g} RGB levels, weight "
+            f"{label.crf_weight:g}; smoothness kernel {label.crf_smooth:g} px, weight {label.crf_smooth_weight:g})")
+
+
 def _labels_line(cfg: dict) -> str:
     """How the masks were made: from attention, or imported; with the image-guided refinement when
     it was on (a config recorded before it existed lacks ``refine_image``: off)."""
@@ -45,15 +53,26 @@ def _labels_line(cfg: dict) -> str:
 
     if str(cfg["loop"].get("source", "sd")).startswith("folder:"):
         passes = "once" if label.prior_passes == 1 else f"in {label.prior_passes} passes, each from the last one's label"
+        how = (crf_line(label) if label.prior_method == "crf" else
+               f"snapped to the image's edges with {snap(label.prior_kernel or label.refine_kernel)} {passes}")
         return ("- **Labels**: imported as given." if not label.refine_image else
                 f"- **Labels**: imported, each mask refined as a prior ({label.prior_confidence:g} on its class, the rest "
-                f"shared over background and its classes, uniform where it was 255), snapped to the image's edges with "
-                f"{snap(label.prior_kernel or label.refine_kernel)} {passes}; a pixel takes its most "
+                f"shared over background and its classes, uniform where it was 255), {how}; a pixel takes its most "
                 f"probable class, and a 255 pixel stays 255 unless that reaches {label.fg_threshold}.")
     return (f"- **Labels**: cross-attention of the class tokens refined by self-attention to the power {label.tau}"
             + (f", upsampled to the image and snapped to its edges with {snap(label.refine_kernel)}" if label.refine_image else "") + "; "
             f"a class where its score >= {label.fg_threshold}, 255 in [{label.band_threshold}, {label.fg_threshold}), "
             f"background below; classes under {label.presence_threshold} of the strongest peak are absent.")
+
+
+def _relabel_view(refine: RefineConfig, cfg: dict) -> str:
+    """What the relabel reads besides the model, when ``relabel_image`` was on."""
+    if not refine.relabel_image:
+        return ""
+    label = recorded_label_config(cfg["label"])
+    how = (crf_line(label) if refine.relabel_method == "crf" else
+           f"snapped to the image with kornia's guided filter (window {refine.relabel_kernel:g} of the shorter side)")
+    return f" (its softmax times the label's prior at {refine.relabel_prior:g}, {how})"
 
 
 def render_card(sub: dict) -> str:
@@ -84,7 +103,8 @@ def render_card(sub: dict) -> str:
         _labels_line(cfg),
         f"- **Self-training**: {loop['rounds']} rounds, {loop['generate_total']} images generated "
         f"(budget split `{loop['budget_split']}`), {refine['folds']} cross-fitted round models of {loop['round_steps']} steps.",
-        f"- **Relabel**: where the held-out model is >= {refine['relabel_confidence']} confident, in the classes that "
+        f"- **Relabel**: where the held-out model{_relabel_view(recorded, cfg)} is >= {refine['relabel_confidence']} "
+        "confident, in the classes that "
         f"pass the gate: {gate_rule(recorded)}. Disagreements where neither is sure become 255"
         + ("." if recorded.background_when_blind else
            "; on a sample naming a class the model has not learnt, the model writes no background."),
