@@ -216,3 +216,12 @@ def test_the_crf_takes_a_read_only_image():
     image.setflags(write=False)
     label = np.where(truth, CAT, 0).astype(np.uint8)
     assert np.array_equal(refine_label(image, label, [CAT], CFG)[1].numpy(), label)
+
+
+def test_the_crf_solved_at_a_working_side_comes_back_at_full_size():
+    image, truth, label = _bleeding_square()
+    probs, refined = refine_label(image, label, [CAT], dataclasses.replace(CFG, crf_work_side=64))
+    assert probs.shape == (2, 128, 128) and torch.allclose(probs.sum(0), torch.ones(128, 128), atol=1e-4)
+    assert _iou(refined.numpy() == CAT, truth) > 0.95  # the edge within a pixel of the half-size grid
+    full = refine_label(image, label, [CAT], CFG)[0]
+    assert not torch.allclose(probs, full)  # solved at 64 px, not at 128

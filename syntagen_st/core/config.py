@@ -127,7 +127,7 @@ class LabelConfig:
     prior_method: Literal["crf", "guided"] = "crf"
     """How such a label (and, in the relabel, a model's probabilities) is refined by the image:
     "crf", a fully connected CRF (pydensecrf), or "guided", the guided filter in ``prior_passes``
-    passes of ``prior_kernel``. Rich noisy shapes at harsh: 0.402 -> 0.543 against 0.468."""
+    passes of ``prior_kernel``. Rich noisy shapes at harsh: 0.402 -> 0.537 against 0.468."""
     prior_doubt: bool = True
     """Where that refinement takes a pixel the label gave a class (or 255) to background, the
     pixel becomes 255: the image may doubt a label, not overwrite it with background. Rich noisy

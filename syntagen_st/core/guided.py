@@ -11,7 +11,7 @@ same maps, edge-aligned, come out, and the label with its 255 band follows from 
   ``refine_probs``: by default a fully connected CRF (``dense_crf``, pydensecrf), whose
   appearance kernel reaches a quarter of the side and so cuts back a label that bleeds a whole
   cell past an edge, which a windowed filter only moves part of the way (rich noisy shapes,
-  harsh: 0.402 -> 0.543 label mIoU, the guided filter in three passes 0.468; docs/masks.md).
+  harsh: 0.402 -> 0.537 label mIoU, the guided filter in three passes 0.468; docs/masks.md).
 """
 
 from __future__ import annotations
