@@ -1,6 +1,7 @@
 """An imported dataset's labels refined by the image alone: which method, reach and confidence.
 
-    python scripts/bench_import.py                          # the tables in docs/masks.md (~3 CPU minutes)
+    python scripts/bench_import.py --windows 0.125 --passes 3 --confidences 0.8   # the table in docs/masks.md (~4 CPU minutes)
+    python scripts/bench_import.py                          # the whole grid (~25 CPU minutes)
     python scripts/bench_import.py --looks 0 --methods guided --windows 0.125,0.25 --passes 1,2,3,4
     python scripts/bench_import.py --methods crf --crf-spatial 0.125,0.25,0.5 --crf-weights 5,10,20
 

@@ -3,6 +3,7 @@
 import dataclasses
 
 import numpy as np
+import pytest
 import torch
 
 from syntagen_st.core.classes import IGNORE_INDEX
@@ -225,3 +226,59 @@ def test_the_crf_solved_at_a_working_side_comes_back_at_full_size():
     assert _iou(refined.numpy() == CAT, truth) > 0.95  # the edge within a pixel of the half-size grid
     full = refine_label(image, label, [CAT], CFG)[0]
     assert not torch.allclose(probs, full)  # solved at 64 px, not at 128
+
+
+def test_doubt_reads_the_label_as_given_and_spares_a_sample_naming_no_class():
+    image, truth, label = _bleeding_square()
+    label[0:4, 0:4] = IGNORE_INDEX  # unsure in the label, background in the image: stays unsure
+    label[120:124, 0:4] = 15  # a class the sample does not name: uniform prior, background: unsure
+    refined = refine_label(image, label, [CAT], CFG)[1].numpy()
+    assert (refined[0:4, 0:4] == IGNORE_INDEX).all() and (refined[120:124, 0:4] == IGNORE_INDEX).all()
+    # Nothing named: background is all there is, and a 255 pixel may become it.
+    only = refine_label(image, np.full((128, 128), IGNORE_INDEX, np.uint8), [], CFG)[1].numpy()
+    assert (only == 0).all()
+    mixed = np.zeros((128, 128), np.uint8)
+    mixed[:8] = 15
+    assert (refine_label(image, mixed, [], CFG)[1].numpy() == 0).all()
+
+
+def test_an_image_of_another_size_is_one_clear_error():
+    image, truth = _square_scene(64, 16, 48)
+    prior = label_prior(np.zeros((32, 32), np.uint8), [CAT], 0.8)
+    with pytest.raises(ValueError, match=r"the image is \(64, 64, 3\), the probabilities \(2, 32, 32\)"):
+        refine_probs(image, prior, CFG)
+    with pytest.raises(ValueError, match="unknown refinement method 'CRF'"):
+        refine_probs(image, label_prior(np.zeros((64, 64), np.uint8), [CAT], 0.8),
+                     dataclasses.replace(CFG, prior_method="CRF"))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("prior_method", "CRF", "label.prior_method must be crf or guided, got 'CRF'"),
+    ("prior_doubt", 1, "label.prior_doubt must be true or false, got 1"),
+    ("crf_iterations", 0, "label.crf_iterations must be an integer >= 1, got 0"),
+    ("crf_spatial", 0.0, r"label.crf_spatial must be in \(0, 4\], got 0.0"),
+    ("crf_colour", 0.0, "label.crf_colour must be > 0, got 0.0"),
+    ("crf_weight", -1.0, "label.crf_weight must be >= 0, got -1.0"),
+    ("crf_work_side", 4, "label.crf_work_side must be an integer >= 8 or null, got 4"),
+])
+def test_the_crf_settings_are_checked(field, value, message):
+    from syntagen_st.core.checks import validate_label
+    from syntagen_st.core.errors import UserError
+
+    validate_label(CFG)
+    with pytest.raises(UserError, match=message):
+        validate_label(dataclasses.replace(CFG, **{field: value}))
+
+
+def test_over_guided_passes_doubt_reads_the_label_as_given(monkeypatch):
+    # Scripted passes: the first calls every pixel cat, the second background. A pixel the label
+    # gave background is background, not doubted because an earlier pass called it cat.
+    from syntagen_st.core import guided
+
+    passes = iter([torch.tensor([0.0, 1.0]), torch.tensor([1.0, 0.0])])
+    monkeypatch.setattr(guided, "refine_probs", lambda image, prior, cfg: next(passes)[:, None, None].expand(prior.shape))
+    label = np.zeros((4, 4), np.uint8)
+    label[:2] = CAT
+    cfg = dataclasses.replace(CFG, prior_method="guided", prior_passes=2)
+    out = refine_label(np.zeros((4, 4, 3), np.uint8), label, [CAT], cfg)[1].numpy()
+    assert (out[2:] == 0).all() and (out[:2] == IGNORE_INDEX).all()

@@ -1,6 +1,7 @@
 """The HTML report: written by fit, complete, offline, and honest about unfinished runs."""
 
 import base64
+import dataclasses
 import html
 import io
 import json
@@ -412,3 +413,10 @@ def test_an_imported_dataset_s_sheet_shows_its_mask_as_given_beside_the_refined_
     markup = sections.sheets(facts, dataset_view(facts))
     assert sheet_heads(markup) == ["image", "label as imported", "refined label", "relabelled label", "held-out prediction"]
     assert "no round has finished: still the pool's" in text(markup)
+    # A config recorded before the CRF: the guided filter; as fit saves it today: the CRF and its doubt rule.
+    assert "snapped to the image's edges with the guided filter" in text(markup)
+    run.config.write_text(yaml.safe_dump({"loop": {"source": f"folder:{data}", "rounds": 1},
+                                          "label": dataclasses.asdict(LabelConfig())}))
+    now = text(sections.sheets(read_run(run.root), dataset_view(facts)))
+    assert ("snapped to the image's edges with a fully connected CRF on the image, 255 where it doubts the mask's "
+            "class") in now and "guided filter" not in now

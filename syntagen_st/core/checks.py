@@ -123,6 +123,9 @@ def validate_label(cfg: LabelConfig) -> None:
            f"label.prior_kernel must be in (0, 1] or null, got {cfg.prior_kernel}")
     _check(type(cfg.prior_passes) is int and cfg.prior_passes >= 1,
            f"label.prior_passes must be an integer >= 1, got {cfg.prior_passes}")
+    _check(cfg.prior_method in get_args(get_type_hints(LabelConfig)["prior_method"]),
+           f"label.prior_method must be crf or guided, got {cfg.prior_method!r}")
+    _check(type(cfg.prior_doubt) is bool, f"label.prior_doubt must be true or false, got {cfg.prior_doubt!r}")
     _check(type(cfg.crf_iterations) is int and cfg.crf_iterations >= 1,
            f"label.crf_iterations must be an integer >= 1, got {cfg.crf_iterations}")
     _check(0 < cfg.crf_spatial <= 4, f"label.crf_spatial must be in (0, 4], got {cfg.crf_spatial}")
@@ -186,6 +189,8 @@ def validate_train(cfg: TrainConfig) -> None:
 
 def validate_refine(cfg: RefineConfig) -> None:
     _check(cfg.folds >= 2, f"refine.folds must be >= 2, got {cfg.folds}")
+    _check(cfg.relabel_method in get_args(get_type_hints(RefineConfig)["relabel_method"]),
+           f"refine.relabel_method must be crf or guided, got {cfg.relabel_method!r}")
     for name in (
         "relabel_confidence", "min_reliability", "max_core_agreement", "min_core_persistence", "keep_confidence",
         "drop_fraction", "min_weight", "label_sure", "confidence_weight",

@@ -109,7 +109,8 @@ class LabelConfig:
     extra_self_factor: int | None = None
     """A second self-attention grid (latent / factor): scores propagated at both are averaged; None: one grid."""
     refine_image: bool = True
-    """Snap the class maps to the image's edges with a guided filter (``core/guided.py``)."""
+    """Refine labels by the image (``core/guided.py``): the guided filter on attention scores,
+    ``prior_method`` on an imported label."""
     refine_kernel: float = 0.0625
     """The filter's window as a fraction of the image's shorter side (33 px at 512)."""
     refine_eps: float = 0.001
@@ -119,11 +120,13 @@ class LabelConfig:
     prior_confidence: float = 0.8
     """A hard label's probability on its own class when refined as a prior (imported datasets)."""
     prior_kernel: float | None = 0.125
-    """The window for such a label (fraction of the shorter side): one cell of a 1/8-resolution
-    label; an imported label's blur is unknown, unlike attention's. None: ``refine_kernel``."""
+    """With ``prior_method`` guided, the window for such a label (fraction of the shorter side):
+    one cell of a 1/8-resolution label; an imported label's blur is unknown, unlike attention's.
+    None: ``refine_kernel``."""
     prior_passes: int = 3
-    """Passes of that refinement, each taking the last one's label as its prior: a blob bleeding
-    further than one window is cut back over several, as a CRF's iterations cut it."""
+    """With ``prior_method`` guided, passes of that refinement, each taking the last one's label
+    as its prior: a blob bleeding further than one window is cut back over several, as a CRF's
+    iterations cut it."""
     prior_method: Literal["crf", "guided"] = "crf"
     """How such a label (and, in the relabel, a model's probabilities) is refined by the image:
     "crf", a fully connected CRF (pydensecrf), or "guided", the guided filter in ``prior_passes``
@@ -142,7 +145,7 @@ class LabelConfig:
     crf_weight: float = 10.0
     """The appearance kernel's weight against the prior."""
     crf_smooth: float = 1.5
-    """The CRF's smoothness kernel: its reach in pixels (small: thin parts survive)."""
+    """The CRF's smoothness kernel: its reach in pixels of the grid it is solved on (small: thin parts survive)."""
     crf_smooth_weight: float = 3.0
     """The smoothness kernel's weight."""
     crf_work_side: int | None = None
@@ -243,14 +246,14 @@ class RefineConfig:
     """Let the model write background on a sample naming a class it has not learnt (core IoU below
     ``min_reliability``). Off: such a model calls that class background (docs/loop-and-gate.md)."""
     relabel_image: bool = True
-    """Relabel from the held-out softmax times the label prior, snapped to the image (``label.refine_*``)."""
+    """Relabel from the held-out softmax times the label prior, refined by the image (``relabel_method``)."""
     relabel_prior: float = 0.7
     """The label prior's confidence on its own class in that product; 0 refines the model alone."""
     relabel_method: Literal["crf", "guided"] = "crf"
     """How that product is snapped to the image: the CRF of ``label.crf_*``, or the guided filter
     of ``relabel_kernel`` and ``relabel_eps``."""
     relabel_kernel: float = 0.25
-    """That refinement's window as a fraction of the image's shorter side (``label.refine_kernel``'s meaning)."""
+    """With ``relabel_method`` guided, that refinement's window as a fraction of the image's shorter side (``label.refine_kernel``'s meaning)."""
     relabel_eps: float = 0.001
     """That refinement's regularisation on [0, 1] colours (``label.refine_eps``'s meaning)."""
     flip_tta: bool = True
@@ -335,8 +338,8 @@ ADDED_SINCE: dict[tuple[str, str], object] = {
 }
 """Settings added after runs were first made whose default changes the result, with the value a
 run recorded before them was made with (without the image-guided refinement, the guided relabel,
-the flip, the gate's persistence rule, the blind-model rules; with one import pass at
-``refine_kernel``). A new such key belongs here; a changed default goes in ``CHANGED_DEFAULTS``."""
+the flip, the gate's persistence rule, the blind-model rules, the CRF and its doubt rule; with
+one import pass of the guided filter at ``refine_kernel``, the guided filter in the relabel). A new such key belongs here; a changed default goes in ``CHANGED_DEFAULTS``."""
 
 
 CHANGED_DEFAULTS: dict[tuple[str, str], object] = {

@@ -75,9 +75,11 @@ def dense_crf(image: np.ndarray | torch.Tensor, probs: torch.Tensor, cfg: LabelC
     bilinearly. The result is on ``probs``'s device.
     """
     c, h, w = probs.shape
-    if c < 2:
-        return probs.clone()
     rgb = image.cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if rgb.shape != (h, w, 3):
+        raise ValueError(f"the image is {rgb.shape}, the probabilities {tuple(probs.shape)}: expected ({h}, {w}, 3)")
+    if c < 2:
+        return probs.float().clone()
     p = probs.detach().float().cpu()
     scale = min(1.0, cfg.crf_work_side / min(h, w)) if cfg.crf_work_side else 1.0
     sh, sw = max(1, round(h * scale)), max(1, round(w * scale))
@@ -104,6 +106,8 @@ def refine_probs(image: np.ndarray | torch.Tensor, probs: torch.Tensor, cfg: Lab
     model's softmax times the label's."""
     if cfg.prior_method == "crf":
         return dense_crf(image, probs, cfg)
+    if cfg.prior_method != "guided":
+        raise ValueError(f"unknown refinement method {cfg.prior_method!r}: crf or guided")
     out = refine_scores(image, probs, cfg)
     return out / out.sum(0, keepdim=True).clamp_min(1e-6)
 
@@ -164,13 +168,13 @@ def refine_label(
     """
     allowed = torch.tensor([BACKGROUND] + [c for c in class_ids if c != BACKGROUND], dtype=torch.uint8)
     window = replace(cfg, refine_kernel=cfg.prior_kernel or cfg.refine_kernel)
-    current = torch.as_tensor(label)
+    current = torch.as_tensor(np.array(label, dtype=np.uint8))
+    # Doubt reads the label as given, not an earlier pass's; with no class named, background is all there is.
+    doubted = (current != BACKGROUND) & (cfg.prior_doubt and len(allowed) > 1)
     for _ in range(1 if cfg.prior_method == "crf" else cfg.prior_passes):
         probs = refine_probs(image, label_prior(current, class_ids, cfg.prior_confidence), window)
         top, arg = probs.max(dim=0)
-        unsure = (current == IGNORE_INDEX) & (top < cfg.fg_threshold)
-        if cfg.prior_doubt:
-            unsure |= (current != BACKGROUND) & (arg == 0)
+        unsure = ((current == IGNORE_INDEX) & (top < cfg.fg_threshold)) | (doubted & (arg == 0))
         current = torch.where(unsure, torch.full_like(arg, IGNORE_INDEX, dtype=torch.uint8), allowed[arg])
     return probs, current
 

@@ -232,8 +232,10 @@ def sheets(facts: RunFacts, view: DatasetView) -> str:
     first = ("the mask as imported" if columns.imported else
              "the attention label (the one its attention scores give, before the image)")
     if columns.refined:
-        crf = columns.imported and recorded_label_config(facts.config.get("label")).prior_method == "crf"
-        method = "a fully connected CRF on the image" if crf else "the guided filter"
+        label = recorded_label_config(facts.config.get("label"))
+        crf = columns.imported and label.prior_method == "crf"
+        method = ("a fully connected CRF on the image" + (", 255 where it doubts the mask's class" if label.prior_doubt
+                                                          else "") if crf else "the guided filter")
         refined = (f"; the refined label: that label snapped to the image's edges with {method} "
                    "(label.refine_image), as the pool holds it")
     else:

@@ -36,10 +36,11 @@ def _class_table(classes: dict) -> list[str]:
 
 
 def crf_line(label: LabelConfig) -> str:
-    """The dense CRF's settings, as the card and the report name them."""
+    """The dense CRF's settings, as the card names them."""
     return (f"refined by the image with a fully connected CRF (pydensecrf, {label.crf_iterations} mean-field iterations; "
             f"appearance kernel {label.crf_spatial:g} of the shorter side and {label.crf_colour:g} RGB levels, weight "
-            f"{label.crf_weight:g}; smoothness kernel {label.crf_smooth:g} px, weight {label.crf_smooth_weight:g})")
+            f"{label.crf_weight:g}; smoothness kernel {label.crf_smooth:g} px, weight {label.crf_smooth_weight:g}"
+            + (f"; solved at about {label.crf_work_side} px a side" if label.crf_work_side else "") + ")")
 
 
 def _labels_line(cfg: dict) -> str:
@@ -58,7 +59,9 @@ def _labels_line(cfg: dict) -> str:
         return ("- **Labels**: imported as given." if not label.refine_image else
                 f"- **Labels**: imported, each mask refined as a prior ({label.prior_confidence:g} on its class, the rest "
                 f"shared over background and its classes, uniform where it was 255), {how}; a pixel takes its most "
-                f"probable class, and a 255 pixel stays 255 unless that reaches {label.fg_threshold}.")
+                f"probable class, and a 255 pixel stays 255 unless that reaches {label.fg_threshold}"
+                + ("; a pixel the mask gave a class or 255 that comes out background is 255." if label.prior_doubt
+                   else "."))
     return (f"- **Labels**: cross-attention of the class tokens refined by self-attention to the power {label.tau}"
             + (f", upsampled to the image and snapped to its edges with {snap(label.refine_kernel)}" if label.refine_image else "") + "; "
             f"a class where its score >= {label.fg_threshold}, 255 in [{label.band_threshold}, {label.fg_threshold}), "
