@@ -36,7 +36,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pydensecrf.densecrf as dcrf  # noqa: E402
 from noisy_shapes import NOISE_LEVELS, SCENES, Noise, label_quality, make_dataset, make_look, scene_noise  # noqa: E402
 
 from syntagen_st.core.classes import VOC_CLASSES  # noqa: E402
@@ -62,12 +61,9 @@ def _densecrf(image: np.ndarray, prior: np.ndarray) -> np.ndarray:
 
 def _densecrf_deeplab(image: np.ndarray, prior: np.ndarray) -> np.ndarray:
     # The public dense CRF settings of DeepLab's post-processing, with the 10 iterations.
-    k, h, w = prior.shape
-    crf = dcrf.DenseCRF2D(w, h, k)
-    crf.setUnaryEnergy(np.ascontiguousarray(-np.log(np.clip(prior, 1e-6, 1)).reshape(k, -1)))
-    crf.addPairwiseGaussian(sxy=3, compat=3)
-    crf.addPairwiseBilateral(sxy=60, srgb=10, rgbim=np.ascontiguousarray(image), compat=5)
-    return np.array(crf.inference(10)).reshape(k, h, w)
+    deeplab = dataclasses.replace(CFG, crf_spatial=60 / min(prior.shape[1:]), crf_colour=10, crf_weight=5,
+                                  crf_smooth=3, crf_smooth_weight=3)
+    return dense_crf(image, torch.from_numpy(prior), deeplab).numpy()
 
 
 def _cv_guided(image: np.ndarray, prior: np.ndarray) -> np.ndarray:
