@@ -128,14 +128,11 @@ class LabelConfig:
     as its prior: a blob bleeding further than one window is cut back over several, as a CRF's
     iterations cut it."""
     prior_method: Literal["crf", "guided"] = "crf"
-    """How such a label (and, in the relabel, a model's probabilities) is refined by the image:
-    "crf", a fully connected CRF (pydensecrf), or "guided", the guided filter in ``prior_passes``
-    passes of ``prior_kernel``. Rich noisy shapes at harsh: 0.402 -> 0.537 against 0.468."""
+    """How such a label (in the relabel, a model's softmax times it) is refined: a fully connected
+    CRF, or the guided filter's passes. Rich shapes, harsh: 0.402 -> 0.537, guided 0.468."""
     prior_doubt: bool = True
-    """Where that refinement takes a pixel the label gave a class (or 255) to background, the
-    pixel becomes 255: the image may doubt a label, not overwrite it with background. Rich noisy
-    shapes, harsh: a model trained on the CRF's labels without it under-segmented the classes
-    (0.486 downstream against 0.503 for the labels as given, 0.520 with it; docs/masks.md)."""
+    """A pixel the label gave a class (or 255) that the refinement takes to background becomes
+    255: without it a model trained on the CRF's labels under-segmented (docs/masks.md)."""
     crf_iterations: int = 10
     """Mean-field iterations of the CRF."""
     crf_spatial: float = 0.25
@@ -145,12 +142,11 @@ class LabelConfig:
     crf_weight: float = 10.0
     """The appearance kernel's weight against the prior."""
     crf_smooth: float = 1.5
-    """The CRF's smoothness kernel: its reach in pixels of the grid it is solved on (small: thin parts survive)."""
+    """The smoothness kernel's reach in pixels of the grid it is solved on (small: thin parts survive)."""
     crf_smooth_weight: float = 3.0
     """The smoothness kernel's weight."""
     crf_work_side: int | None = None
-    """The CRF is solved at about this shorter side and its probabilities upsampled (its cost
-    grows with the pixels: 0.34 s at 512 px on one core); None: at full resolution."""
+    """Solve the CRF at about this shorter side and upsample (0.34 s at 512 px on a core); None: full size."""
 
 
 @dataclass
@@ -250,8 +246,7 @@ class RefineConfig:
     relabel_prior: float = 0.7
     """The label prior's confidence on its own class in that product; 0 refines the model alone."""
     relabel_method: Literal["crf", "guided"] = "crf"
-    """How that product is snapped to the image: the CRF of ``label.crf_*``, or the guided filter
-    of ``relabel_kernel`` and ``relabel_eps``."""
+    """How that product is refined: the CRF of ``label.crf_*``, or the guided filter (``relabel_kernel``, ``relabel_eps``)."""
     relabel_kernel: float = 0.25
     """With ``relabel_method`` guided, that refinement's window as a fraction of the image's shorter side (``label.refine_kernel``'s meaning)."""
     relabel_eps: float = 0.001
