@@ -9,8 +9,8 @@ class, uniform on 255, over background plus the classes the sample names) and is
 each candidate with the image alone; the label is the argmax (full coverage), so every
 candidate is compared on the same footing. ``prior`` is that argmax without the image (255 ->
 the first allowed class, background). The shipped import's label with its 255 band
-(``refine_label``: the CRF and the doubt rule) is reported too. Label mIoU is against the truth with 255 counted as a miss; the worst per-class
-change shows what a clean label can lose.
+(``refine_label``: the CRF and the doubt rule) is reported too. Label mIoU is against the truth
+with 255 counted as a miss; the worst per-class change shows what a clean label can lose.
 
 ``guided`` is the guided filter at generation's window; ``densecrf`` the shipped dense CRF
 (``core/guided.dense_crf``, the ``label.crf_*`` settings); ``densecrf_deeplab`` the same library

@@ -37,6 +37,7 @@ from syntagen_st.core.config import LabelConfig  # noqa: E402
 from syntagen_st.core.guided import refine_label  # noqa: E402
 from syntagen_st.segmentation.data import find_samples  # noqa: E402
 from syntagen_st.segmentation.evaluate import evaluate  # noqa: E402
+from syntagen_st.segmentation.metrics import iou_from_confusion  # noqa: E402
 from syntagen_st.segmentation.network import load_model  # noqa: E402
 from syntagen_st.segmentation.trainer import train  # noqa: E402
 
@@ -105,10 +106,9 @@ def main() -> None:
                 confusion = confusion + np.array(metrics["confusion_matrix"])
                 print(f"  {arm}, seed {seed}: held-out mIoU {scores[-1]:.3f}", flush=True)
             present = np.flatnonzero(confusion.sum(1))
-            with np.errstate(invalid="ignore", divide="ignore"):
-                iou = np.diag(confusion) / (confusion.sum(0) + confusion.sum(1) - np.diag(confusion))
-                ratio = confusion.sum(0) / confusion.sum(1)
-            per_class = ", ".join(f"{VOC_CLASSES[c]} {iou[c]:.2f} ({ratio[c]:.2f})" for c in present)
+            iou = iou_from_confusion(torch.from_numpy(confusion)).numpy()
+            ratio = confusion.sum(0)[present] / confusion.sum(1)[present]
+            per_class = ", ".join(f"{VOC_CLASSES[c]} {iou[c]:.2f} ({r:.2f})" for c, r in zip(present, ratio))
             rows.append(f"| {arm} | {q['miou']:.3f} | {q['coverage']:.3f} | {' / '.join(f'{s:.3f}' for s in scores)} "
                         f"| {np.mean(scores):.3f} | {per_class} |")
             print(rows[-1], flush=True)
