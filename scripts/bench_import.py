@@ -1,6 +1,8 @@
 """An imported dataset's labels refined by the image alone: which method, reach and confidence.
 
-    python scripts/bench_import.py --windows 0.125 --passes 3 --confidences 0.8   # the table in docs/masks.md (~4 CPU minutes)
+    python scripts/bench_import.py --windows 0.125 --passes 3 --confidences 0.8   # the table in docs/masks.md (~6 CPU minutes)
+    python scripts/bench_import.py --methods crf --crf-spatial 0.25 --crf-weights 10 --doubt on --confidences 0.8 \
+        --colour-weights 0,1,1.5,2 --colour-bins 6,8,12 --colour-powers 0,0.2,0.35,0.5 --colour-reaches none,0.125,0.25
     python scripts/bench_import.py                          # the whole grid (~25 CPU minutes)
     python scripts/bench_import.py --looks 0 --methods guided --windows 0.125,0.25 --passes 1,2,3,4
     python scripts/bench_import.py --methods crf --crf-spatial 0.125,0.25,0.5 --crf-weights 5,10,20
@@ -9,7 +11,9 @@ Each noisy label of the rich noisy shapes (scripts/noisy_shapes.py: 1/8-resoluti
 across edges, decoys, thin parts) is refined as ``--source folder:`` refines it
 (``core/guided.refine_label``: the label a prior of ``prior_confidence``, then the dense CRF of
 ``crf_spatial`` of the side and weight ``crf_weight``, or the guided filter at ``prior_kernel`` of
-the side, ``prior_passes`` times; with and without the doubt rule) at every combination given, and scored
+the side, ``prior_passes`` times; with and without the doubt rule; each after the per-image colour
+model at ``colour_weight``, ``colour_bins``, ``colour_class_power`` and ``colour_reach``) at every
+combination given, and scored
 against the truth with 255 counted as a miss, at every noise level and look: the gain, the worst
 class's change (what a clean label must not lose) and the thin classes' (bicycle, chair), which a
 wide window can erase. Not a test: the figures depend on the seed and the size.
@@ -55,6 +59,10 @@ def main() -> None:
     parser.add_argument("--crf-weights", type=floats, default=[5.0, 10.0], help="crf_weight values")
     parser.add_argument("--doubt", default="on,off", help="prior_doubt values")
     parser.add_argument("--confidences", type=floats, default=[0.7, 0.8], help="prior_confidence values")
+    parser.add_argument("--colour-weights", type=floats, default=[0.0, 1.0], help="colour_weight values")
+    parser.add_argument("--colour-bins", default="6", help="colour_bins values")
+    parser.add_argument("--colour-powers", type=floats, default=[0.2], help="colour_class_power values")
+    parser.add_argument("--colour-reaches", default="0.125", help="colour_reach values (none: anywhere)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     if any(int(p) < 1 for p in args.passes.split(",")):
@@ -71,15 +79,21 @@ def main() -> None:
     settings += [dict(prior_method="crf", crf_spatial=r, crf_weight=w) for r, w in
                  itertools.product(args.crf_spatial, args.crf_weights)] * ("crf" in methods)
     doubts = [{"on": True, "off": False}[v] for v in args.doubt.split(",")]
-    print("| look | method | reach, passes or weight | doubt | confidence | " + " | ".join(levels) + " | ms/img |")
-    print("|---" * (len(levels) + 6) + "|")
+    reaches = [None if v == "none" else float(v) for v in args.colour_reaches.split(",")]
+    colours = [dict(colour_weight=0.0)] * (0.0 in args.colour_weights)  # off once, not once per bins / power / reach
+    colours += [dict(colour_weight=w, colour_bins=int(b), colour_class_power=p, colour_reach=r) for w, b, p, r in
+                itertools.product(args.colour_weights, args.colour_bins.split(","), args.colour_powers, reaches) if w]
+    print("| look | method | reach, passes or weight | doubt | confidence | colour weight, bins, power, reach | "
+          + " | ".join(levels)
+          + " | ms/img |")
+    print("|---" * (len(levels) + 7) + "|")
     for look in (int(v) for v in args.looks.split(",")):
         sets = {lv: make_dataset(args.n, args.size, args.seed, scene_noise(lv, "rich"), make_look(look), SCENES["rich"])
                 for lv in levels}
         given = {lv: label_quality(d["masks"], d["gt"]) for lv, d in sets.items()}
-        print(f"| {look} | as given | | | | " + " | ".join(f"{given[lv]['miou']:.3f}" for lv in levels) + " | |")
-        for setting, doubt, confidence in itertools.product(settings, doubts, args.confidences):
-            cfg = dataclasses.replace(LabelConfig(), **setting, prior_doubt=doubt, prior_confidence=confidence)
+        print(f"| {look} | as given | | | | | " + " | ".join(f"{given[lv]['miou']:.3f}" for lv in levels) + " | |")
+        for setting, doubt, confidence, colour in itertools.product(settings, doubts, args.confidences, colours):
+            cfg = dataclasses.replace(LabelConfig(), **setting, **colour, prior_doubt=doubt, prior_confidence=confidence)
             reach = (f"{cfg.crf_spatial:g} of the side, weight {cfg.crf_weight:g}" if cfg.prior_method == "crf" else
                      f"{cfg.prior_kernel:g} of the side, {cfg.prior_passes} passes")
             cells, seconds, count = [], 0.0, 0
@@ -93,7 +107,10 @@ def main() -> None:
                 thin = ", ".join(f"{VOC_CLASSES[c]} {q['per_class'][c] - b['per_class'][c]:+.3f}" for c in THIN_SHAPES
                                  if present[c])
                 cells.append(f"{q['miou']:.3f} ({q['miou'] - b['miou']:+.3f}; worst {worst:+.3f}; {thin})")
-            print(f"| {look} | {cfg.prior_method} | {reach} | {'on' if doubt else 'off'} | {confidence:g} | " + " | ".join(cells)
+            shade = (f"{cfg.colour_weight:g}, {cfg.colour_bins}, {cfg.colour_class_power:g}, "
+                     f"{'anywhere' if cfg.colour_reach is None else f'{cfg.colour_reach:g}'}" if cfg.colour_weight else "off")
+            print(f"| {look} | {cfg.prior_method} | {reach} | {'on' if doubt else 'off'} | {confidence:g} | {shade} | "
+                  + " | ".join(cells)
                   + f" | {1000 * seconds / count:.1f} |", flush=True)
 
 

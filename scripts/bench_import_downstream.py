@@ -45,9 +45,10 @@ REPO = Path(__file__).resolve().parents[1]
 ARMS: dict[str, dict | None] = {
     "given": None,
     "truth": None,
-    "crf": {},  # the shipped import: the dense CRF with the doubt rule
-    "crf-no-doubt": {"prior_doubt": False},
-    "guided": {"prior_method": "guided"},  # the import before the CRF: three guided passes
+    "crf": {},  # the shipped import: the colour model, the dense CRF and the doubt rule
+    "crf-no-colour": {"colour_weight": 0.0},
+    "crf-no-doubt": {"colour_weight": 0.0, "prior_doubt": False},
+    "guided": {"prior_method": "guided", "colour_weight": 0.0},  # the import before the CRF: three guided passes
 }
 
 

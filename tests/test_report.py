@@ -419,4 +419,5 @@ def test_an_imported_dataset_s_sheet_shows_its_mask_as_given_beside_the_refined_
                                           "label": dataclasses.asdict(LabelConfig())}))
     now = text(sections.sheets(read_run(run.root), dataset_view(facts)))
     assert ("snapped to the image's edges with a fully connected CRF on the image, 255 where it doubts the mask's "
-            "class") in now and "guided filter" not in now
+            "class, after the image's colour model of each class (label.refine_image)") in now
+    assert "guided filter" not in now

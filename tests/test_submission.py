@@ -434,9 +434,18 @@ def test_the_card_names_the_image_guided_refinement_only_when_it_was_on():
     on["loop"]["source"] = off["loop"]["source"] = "folder:/data"
     line = _labels_line(_card_of(on))
     assert "imported, each mask refined as a prior (0.9 on its class" in line
-    assert ("refined by the image with a fully connected CRF (pydensecrf, 10 mean-field iterations; appearance kernel "
-            "0.25 of the shorter side and 13 RGB levels, weight 10; smoothness kernel 1.5 px, weight 3)") in line
+    assert ("weighed by the image's colour model of each class (RGB histograms of 6 levels a channel, each class's "
+            "pixel count to the power 0.2, the model to the power 1.5, a class's colour claimed within about 0.125 of "
+            "the shorter side of its own pixels), then refined by the image with a fully connected "
+            "CRF (pydensecrf, 10 mean-field iterations; appearance kernel 0.25 of the shorter side and 13 RGB levels, "
+            "weight 10; smoothness kernel 1.5 px, weight 3)") in line
     assert "guided" not in line
+    anywhere = copy.deepcopy(on)
+    anywhere["label"]["colour_reach"] = None
+    assert "the power 1.5), then refined by the image" in _labels_line(_card_of(anywhere))
+    # Recorded before the colour model: made without it, and the card says nothing of it.
+    assert "colour model" not in _labels_line(_card_of({**on, "label": {k: v for k, v in on["label"].items()
+                                                                       if k != "colour_weight"}}))
     on["label"]["prior_method"] = "guided"
     line = _labels_line(_card_of(on))
     assert ("snapped to the image's edges with kornia's guided filter (window 0.1 of the shorter side, eps 0.002, "
@@ -459,13 +468,19 @@ def test_the_card_states_the_blind_model_rules_only_where_they_ran():
 
     now = Config().to_dict()
     assert line(now, "- **Relabel**").startswith(
-        "- **Relabel**: where the held-out model (its softmax times the label's prior at 0.7, refined by the image "
-        "with a fully connected CRF (pydensecrf, 10 mean-field iterations;")
+        "- **Relabel**: where the held-out model (its softmax times the label's prior at 0.7, weighed by the image's "
+        "colour model of each class (RGB histograms of 6 levels a channel, each class's pixel count to the power 0.2, "
+        "the model to the power 1.5, a class's colour claimed within about 0.125 of the shorter side of its own "
+        "pixels), then refined by the image with a fully connected CRF (pydensecrf, 10 mean-field "
+        "iterations;")
     guided = copy.deepcopy(now)
     guided["refine"]["relabel_method"] = "guided"
     assert line(guided, "- **Relabel**").startswith(
-        "- **Relabel**: where the held-out model (its softmax times the label's prior at 0.7, snapped to the image "
-        "with kornia's guided filter (window 0.25 of the shorter side)) is >= 0.8 confident")
+        "- **Relabel**: where the held-out model (its softmax times the label's prior at 0.7, weighed by the image's "
+        "colour model of each class (RGB histograms of 6 levels a channel, each class's pixel count to the power 0.2, "
+        "the model to the power 1.5, a class's colour claimed within about 0.125 of the shorter side of its own "
+        "pixels), then snapped to the image with kornia's guided filter (window 0.25 of the shorter "
+        "side)) is >= 0.8 confident")
     plain = copy.deepcopy(now)
     del plain["refine"]["relabel_image"]  # recorded before the guided relabel: the model alone
     assert line(plain, "- **Relabel**").startswith("- **Relabel**: where the held-out model is >= 0.8 confident")

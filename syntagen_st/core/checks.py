@@ -135,6 +135,12 @@ def validate_label(cfg: LabelConfig) -> None:
            f"label.crf_work_side must be an integer >= 8 or null, got {cfg.crf_work_side}")
     for name in ("crf_weight", "crf_smooth_weight"):
         _check(getattr(cfg, name) >= 0, f"label.{name} must be >= 0, got {getattr(cfg, name)}")
+    _check(0 <= cfg.colour_weight <= 4, f"label.colour_weight must be in [0, 4], got {cfg.colour_weight}")
+    _check(type(cfg.colour_bins) is int and 2 <= cfg.colour_bins <= 64,
+           f"label.colour_bins must be an integer in [2, 64], got {cfg.colour_bins}")
+    _check(0 <= cfg.colour_class_power <= 1, f"label.colour_class_power must be in [0, 1], got {cfg.colour_class_power}")
+    _check(cfg.colour_reach is None or 0 < cfg.colour_reach <= 4,
+           f"label.colour_reach must be in (0, 4] or null, got {cfg.colour_reach}")
 
 
 def validate_grids(cfg: LabelConfig) -> None:

@@ -23,9 +23,8 @@ NEUTRAL_KEYS = frozenset({
     "name", "model.device", "generate.batch_size", "generate.num_images", "train.num_workers", "train.devices",
     "train.num_nodes", "train.accelerator", "train.logger", "train.wandb_project",
 })
-"""Settings that never change a run's samples or models: names, placement, speed, logging, and
-generate.num_images (fit draws from loop.generate_total; generate makes more of the same samples).
-A rerun may change them freely."""
+"""Settings that never change a run's samples or models (names, placement, speed, logging, and
+generate.num_images: fit draws from loop.generate_total); a rerun may change them freely."""
 
 
 @dataclass
@@ -67,8 +66,7 @@ class GenerateConfig:
     max_classes_per_prompt: int = 3
     """At most this many classes named in one prompt."""
     prompt_source: Literal["templates", "file", "llm"] = "templates"
-    """Where captions come from: the built-in templates, ``prompts_file``, or the language model
-    ``llm``. Each round's prompts are saved to RUN/prompts/round<r>.jsonl before any image."""
+    """Where captions come from: the templates, ``prompts_file`` or ``llm``; saved to RUN/prompts/ first."""
     prompts_file: str | None = None
     """JSONL ({"prompt": ..., "classes": [...]}) or plain lines; read when prompt_source is 'file'."""
     llm: str = "Qwen/Qwen2.5-1.5B-Instruct"
@@ -120,19 +118,15 @@ class LabelConfig:
     prior_confidence: float = 0.8
     """A hard label's probability on its own class when refined as a prior (imported datasets)."""
     prior_kernel: float | None = 0.125
-    """With ``prior_method`` guided, the window for such a label (fraction of the shorter side):
-    one cell of a 1/8-resolution label; an imported label's blur is unknown, unlike attention's.
-    None: ``refine_kernel``."""
+    """With ``prior_method`` guided, the window for such a label (fraction of the shorter side): one
+    cell of a 1/8-resolution label, as an import's blur is unknown; None: ``refine_kernel``."""
     prior_passes: int = 3
-    """With ``prior_method`` guided, passes of that refinement, each taking the last one's label
-    as its prior: a blob bleeding further than one window is cut back over several, as a CRF's
-    iterations cut it."""
+    """With ``prior_method`` guided, passes of that refinement, each from the last one's label: a blob
+    bleeding further than one window is cut back over several."""
     prior_method: Literal["crf", "guided"] = "crf"
-    """How such a label (in the relabel, a model's softmax times it) is refined: a fully connected
-    CRF, or the guided filter's passes. Rich shapes, harsh: 0.402 -> 0.537, guided 0.468."""
+    """How such a label (in the relabel, a model's softmax times it) is refined: a fully connected CRF, or the guided filter."""
     prior_doubt: bool = True
-    """A pixel the label gave a class (or 255) that the refinement takes to background becomes
-    255: without it a model trained on the CRF's labels under-segmented (docs/masks.md)."""
+    """A pixel the label gave a class (or 255) that the refinement takes to background becomes 255."""
     crf_iterations: int = 10
     """Mean-field iterations of the CRF."""
     crf_spatial: float = 0.25
@@ -147,6 +141,14 @@ class LabelConfig:
     """The smoothness kernel's weight."""
     crf_work_side: int | None = None
     """Solve the CRF at about this shorter side and upsample (0.34 s at 512 px on a core); None: full size."""
+    colour_weight: float = 1.5
+    """Exponent of the per-image colour model (``core/colour.py``) on a prior before it is refined; 0: off."""
+    colour_bins: int = 6
+    """That model's RGB histogram levels a channel."""
+    colour_class_power: float = 0.2
+    """How much a class's pixel count weighs in it: 0 none (clean labels suffer), 1 fully (thin parts lost)."""
+    colour_reach: float | None = 0.125
+    """A class claims its colour within about this share of the side of its own pixels; None: anywhere."""
 
 
 @dataclass
@@ -229,10 +231,9 @@ class RefineConfig:
     depth; the model's boundary errors fade (rich shapes: noisy classes 0.93-1.08, clean ones
     0.40-0.67, among them a small class whose core IoU fell in the band). 0 turns the test off."""
     core_margin: float = 1 / 32
-    """Reliability is measured only on label pixels at least this share of the image side away
-    from a boundary or the 255 band, where attention labels are mostly right. Agreement over
-    every pixel is capped by the label noise: a model well above labels at 0.54 mIoU agreed with
-    them at 0.33-0.59 per class. 0 measures every pixel."""
+    """Reliability is measured only on label pixels at least this share of the side from a boundary
+    or the 255 band, where attention labels are mostly right (over every pixel, agreement is capped
+    by the label noise: 0.33-0.59 per class for a model well above its labels). 0: every pixel."""
     keep_confidence: float = 0.3
     """Where model and label disagree, the label stays only if the model gives its class at
     least this probability (or attention is sure); otherwise the pixel becomes 255."""
@@ -324,6 +325,7 @@ ADDED_SINCE: dict[tuple[str, str], object] = {
     ("label", "prior_passes"): 1,
     ("label", "prior_method"): "guided",
     ("label", "prior_doubt"): False,
+    ("label", "colour_weight"): 0.0,
     ("refine", "relabel_image"): False,
     ("refine", "flip_tta"): False,
     ("refine", "relabel_method"): "guided",
@@ -331,10 +333,8 @@ ADDED_SINCE: dict[tuple[str, str], object] = {
     ("refine", "background_when_blind"): True,
     ("refine", "score_blind_classes"): True,
 }
-"""Settings added after runs were first made whose default changes the result, with the value a
-run recorded before them was made with (without the image-guided refinement, the guided relabel,
-the flip, the gate's persistence rule, the blind-model rules, the CRF and its doubt rule; with
-one import pass of the guided filter at ``refine_kernel``, the guided filter in the relabel). A new such key belongs here; a changed default goes in ``CHANGED_DEFAULTS``."""
+"""Settings added after runs were first made whose default changes the result, with the value a run
+recorded before them was made with. A new such key belongs here; a changed default goes in ``CHANGED_DEFAULTS``."""
 
 
 CHANGED_DEFAULTS: dict[tuple[str, str], object] = {

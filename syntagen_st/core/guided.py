@@ -8,10 +8,11 @@ same maps, edge-aligned, come out, and the label with its 255 band follows from 
   full resolution: plain torch ops on the scores' device, the GPU in a GPU run.
 - A prior, that is probabilities over background + the named classes (an imported hard label
   from ``label_prior``; in the relabel, a model's softmax times it), goes through
-  ``refine_probs``: by default a fully connected CRF (``dense_crf``, pydensecrf), whose
-  appearance kernel reaches a quarter of the side and so cuts back a label that bleeds a whole
-  cell past an edge, which a windowed filter only moves part of the way (rich noisy shapes,
-  harsh: 0.402 -> 0.537 label mIoU, the guided filter in three passes 0.468; docs/masks.md).
+  ``refine_probs``: weighed by the image's colour model of each class (``core/colour.py``), then
+  by default a fully connected CRF (``dense_crf``, pydensecrf), whose appearance kernel reaches a
+  quarter of the side and so cuts back a label that bleeds a whole cell past an edge, which a
+  windowed filter only moves part of the way (rich noisy shapes, harsh: 0.397 -> 0.515 label
+  mIoU with the CRF alone, 0.589 with the colour model; docs/masks.md).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from kornia.filters import guided_blur
 
 from .classes import BACKGROUND, IGNORE_INDEX
+from .colour import with_colour
 from .config import LabelConfig, recorded_section
 
 
@@ -103,11 +105,14 @@ def refine_probs(image: np.ndarray | torch.Tensor, probs: torch.Tensor, cfg: Lab
     """(C, H, W) probabilities over background + named classes -> the same refined by the image
     with ``cfg.prior_method``: the dense CRF, or the guided filter of ``cfg.refine_kernel``
     renormalised. The one refinement of a prior: an imported label's, or in the relabel a
-    model's softmax times the label's."""
+    model's softmax times the label's. First the prior is weighed by the image's per-class
+    colour model (``core/colour.py``, ``colour_weight``), which brings back the parts of an object
+    its label mostly calls background: thin ones, or the rest of a half-labelled one."""
+    if cfg.prior_method not in ("crf", "guided"):
+        raise ValueError(f"unknown refinement method {cfg.prior_method!r}: crf or guided")
+    probs = with_colour(image, probs, cfg.colour_weight, cfg.colour_bins, cfg.colour_class_power, cfg.colour_reach)
     if cfg.prior_method == "crf":
         return dense_crf(image, probs, cfg)
-    if cfg.prior_method != "guided":
-        raise ValueError(f"unknown refinement method {cfg.prior_method!r}: crf or guided")
     out = refine_scores(image, probs, cfg)
     return out / out.sum(0, keepdim=True).clamp_min(1e-6)
 

@@ -236,6 +236,8 @@ def sheets(facts: RunFacts, view: DatasetView) -> str:
         crf = columns.imported and label.prior_method == "crf"
         method = ("a fully connected CRF on the image" + (", 255 where it doubts the mask's class" if label.prior_doubt
                                                           else "") if crf else "the guided filter")
+        if columns.imported and label.colour_weight:
+            method += ", after the image's colour model of each class"
         refined = (f"; the refined label: that label snapped to the image's edges with {method} "
                    "(label.refine_image), as the pool holds it")
     else:

@@ -43,6 +43,15 @@ def crf_line(label: LabelConfig) -> str:
             + (f"; solved at about {label.crf_work_side} px a side" if label.crf_work_side else "") + ")")
 
 
+def colour_line(label: LabelConfig) -> str:
+    """The colour model's settings, as the card names them before the refinement; "" when off."""
+    reach = (f", a class's colour claimed within about {label.colour_reach:g} of the shorter side of its own pixels"
+             if label.colour_reach is not None else "")
+    return (f"weighed by the image's colour model of each class (RGB histograms of {label.colour_bins} levels a "
+            f"channel, each class's pixel count to the power {label.colour_class_power:g}, the model to the power "
+            f"{label.colour_weight:g}{reach}), then " if label.colour_weight else "")
+
+
 def _labels_line(cfg: dict) -> str:
     """How the masks were made: from attention, or imported; with the image-guided refinement when
     it was on (a config recorded before it existed lacks ``refine_image``: off)."""
@@ -54,8 +63,8 @@ def _labels_line(cfg: dict) -> str:
 
     if str(cfg["loop"].get("source", "sd")).startswith("folder:"):
         passes = "once" if label.prior_passes == 1 else f"in {label.prior_passes} passes, each from the last one's label"
-        how = (crf_line(label) if label.prior_method == "crf" else
-               f"snapped to the image's edges with {snap(label.prior_kernel or label.refine_kernel)} {passes}")
+        how = colour_line(label) + (crf_line(label) if label.prior_method == "crf" else
+                                    f"snapped to the image's edges with {snap(label.prior_kernel or label.refine_kernel)} {passes}")
         return ("- **Labels**: imported as given." if not label.refine_image else
                 f"- **Labels**: imported, each mask refined as a prior ({label.prior_confidence:g} on its class, the rest "
                 f"shared over background and its classes, uniform where it was 255), {how}; a pixel takes its most "
@@ -73,8 +82,8 @@ def _relabel_view(refine: RefineConfig, cfg: dict) -> str:
     if not refine.relabel_image:
         return ""
     label = recorded_label_config(cfg["label"])
-    how = (crf_line(label) if refine.relabel_method == "crf" else
-           f"snapped to the image with kornia's guided filter (window {refine.relabel_kernel:g} of the shorter side)")
+    how = colour_line(label) + (crf_line(label) if refine.relabel_method == "crf" else
+                                f"snapped to the image with kornia's guided filter (window {refine.relabel_kernel:g} of the shorter side)")
     return f" (its softmax times the label's prior at {refine.relabel_prior:g}, {how})"
 
 
