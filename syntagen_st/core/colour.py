@@ -33,6 +33,16 @@ def _bin_index(image: np.ndarray, bins: int) -> np.ndarray:
     return (q[:, 0] * bins + q[:, 1]) * bins + q[:, 2]
 
 
+def image_array(image: np.ndarray | torch.Tensor, probs: torch.Tensor) -> np.ndarray:
+    """The (H, W, 3) image as a numpy array on the CPU, checked against (C, H, W) ``probs``:
+    another size is one clear error."""
+    h, w = probs.shape[-2:]
+    rgb = image.cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if rgb.shape != (h, w, 3):
+        raise ValueError(f"the image is {rgb.shape}, the probabilities {tuple(probs.shape)}: expected ({h}, {w}, 3)")
+    return rgb
+
+
 def colour_posterior(image: np.ndarray | torch.Tensor, probs: torch.Tensor, bins: int, class_power: float,
                      reach: float | None) -> torch.Tensor:
     """(C, H, W) probabilities and the (H, W, 3) uint8 image -> (C, H, W) p(class | colour).
@@ -46,9 +56,7 @@ def colour_posterior(image: np.ndarray | torch.Tensor, probs: torch.Tensor, bins
     it takes only colours the others hardly hold, wherever they are. One class: ones.
     """
     c, h, w = probs.shape
-    rgb = image.cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-    if rgb.shape != (h, w, 3):
-        raise ValueError(f"the image is {rgb.shape}, the probabilities {tuple(probs.shape)}: expected ({h}, {w}, 3)")
+    rgb = image_array(image, probs)
     if c < 2:
         return torch.ones_like(probs, dtype=torch.float32)
     cell = _bin_index(rgb, bins)
@@ -59,7 +67,7 @@ def colour_posterior(image: np.ndarray | torch.Tensor, probs: torch.Tensor, bins
     hist = torch.from_numpy(counts.astype(np.float32))[:, None]
     kernel = _SMOOTH[:, None, None] * _SMOOTH[None, :, None] * _SMOOTH[None, None, :]
     hist = F.conv3d(hist, kernel[None, None], padding=1)[:, 0].reshape(c, -1)
-    floor = 1e-3  # a colour no class holds is left to the prior: every class alike there
+    floor = 1e-3  # keeps every share above 0; at a colour no class holds, the smallest class wins (a known flaw)
     likelihood = (hist + floor) / (hist.sum(1, keepdim=True) + floor * hist.shape[1])
     size = hist.sum(1).clamp_min(1.0)
     share = likelihood * size[:, None] ** class_power

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from kornia.filters import guided_blur
 
 from .classes import BACKGROUND, IGNORE_INDEX
-from .colour import with_colour
+from .colour import image_array, with_colour
 from .config import LabelConfig, recorded_section
 
 
@@ -77,9 +77,7 @@ def dense_crf(image: np.ndarray | torch.Tensor, probs: torch.Tensor, cfg: LabelC
     bilinearly. The result is on ``probs``'s device.
     """
     c, h, w = probs.shape
-    rgb = image.cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-    if rgb.shape != (h, w, 3):
-        raise ValueError(f"the image is {rgb.shape}, the probabilities {tuple(probs.shape)}: expected ({h}, {w}, 3)")
+    rgb = image_array(image, probs)
     if c < 2:
         return probs.float().clone()
     p = probs.detach().float().cpu()
