@@ -4,9 +4,12 @@ the key. One function per section."""
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import re
 from typing import get_args, get_type_hints
+
+import numpy as np
 
 from .classes import canonical
 from .config import (
@@ -31,6 +34,11 @@ from .rules import MAX_PAIRS
 def _check(cond: bool, message: str) -> None:
     if not cond:
         raise ConfigError(message)
+
+
+def _real(value: object) -> bool:
+    """A number (numpy's too), not a bool (YAML's true is an int to Python) nor null."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
 def _fraction(name: str, value: float) -> None:
@@ -135,12 +143,14 @@ def validate_label(cfg: LabelConfig) -> None:
            f"label.crf_work_side must be an integer >= 8 or null, got {cfg.crf_work_side}")
     for name in ("crf_weight", "crf_smooth_weight"):
         _check(getattr(cfg, name) >= 0, f"label.{name} must be >= 0, got {getattr(cfg, name)}")
-    _check(0 <= cfg.colour_weight <= 4, f"label.colour_weight must be in [0, 4], got {cfg.colour_weight}")
+    _check(_real(cfg.colour_weight) and 0 <= cfg.colour_weight <= 4,
+           f"label.colour_weight must be in [0, 4], got {cfg.colour_weight!r}")
     _check(type(cfg.colour_bins) is int and 2 <= cfg.colour_bins <= 64,
-           f"label.colour_bins must be an integer in [2, 64], got {cfg.colour_bins}")
-    _check(0 <= cfg.colour_class_power <= 1, f"label.colour_class_power must be in [0, 1], got {cfg.colour_class_power}")
-    _check(cfg.colour_reach is None or 0 < cfg.colour_reach <= 4,
-           f"label.colour_reach must be in (0, 4] or null, got {cfg.colour_reach}")
+           f"label.colour_bins must be an integer in [2, 64], got {cfg.colour_bins!r}")
+    _check(_real(cfg.colour_class_power) and 0 <= cfg.colour_class_power <= 1,
+           f"label.colour_class_power must be in [0, 1], got {cfg.colour_class_power!r}")
+    _check(cfg.colour_reach is None or (_real(cfg.colour_reach) and 0 < cfg.colour_reach <= 4),
+           f"label.colour_reach must be in (0, 4] or null, got {cfg.colour_reach!r}")
 
 
 def validate_grids(cfg: LabelConfig) -> None:

@@ -24,6 +24,11 @@ CONFIDENT = 0.5
 """A pixel whose top probability exceeds this fits its class's histogram; a 255 pixel's
 uniform prior, or a model's unsure one, fits none."""
 
+EVIDENCE = 1.0
+"""Pixels behind a colour (within the classes' reach) at which its posterior is half the
+histograms' say and half even shares: a colour no class holds says nothing, rather than going
+to the smallest class."""
+
 _SMOOTH = torch.tensor([0.25, 0.5, 0.25])
 
 
@@ -33,57 +38,87 @@ def _bin_index(image: np.ndarray, bins: int) -> np.ndarray:
     return (q[:, 0] * bins + q[:, 1]) * bins + q[:, 2]
 
 
+def _smooth(hist: torch.Tensor) -> torch.Tensor:
+    """(C, B, B, B) counts -> the same blurred by one cell a channel (zero beyond the cube)."""
+    kernel = _SMOOTH[:, None, None] * _SMOOTH[None, :, None] * _SMOOTH[None, None, :]
+    return F.conv3d(hist[:, None], kernel[None, None], padding=1)[:, 0]
+
+
 def image_array(image: np.ndarray | torch.Tensor, probs: torch.Tensor) -> np.ndarray:
-    """The (H, W, 3) image as a numpy array on the CPU, checked against (C, H, W) ``probs``:
-    another size is one clear error."""
+    """The (H, W, 3) uint8 image as a numpy array on the CPU, checked against (C, H, W) ``probs``:
+    another size or type is one clear error."""
     h, w = probs.shape[-2:]
     rgb = image.cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     if rgb.shape != (h, w, 3):
         raise ValueError(f"the image is {rgb.shape}, the probabilities {tuple(probs.shape)}: expected ({h}, {w}, 3)")
+    if rgb.dtype != np.uint8:
+        raise ValueError(f"the image is {rgb.dtype}: expected uint8 RGB in 0-255")
     return rgb
+
+
+def _shares(evidence: torch.Tensor, claims: torch.Tensor) -> torch.Tensor:
+    """(K, N) pixels behind each class's colour and its weighted claims -> (K, N) shares of the
+    claims, blended toward 1 / K by how little evidence there is."""
+    total = evidence.sum(0, keepdim=True)
+    trust = total / (total + EVIDENCE)
+    share = claims / claims.sum(0, keepdim=True).clamp_min(1e-30)
+    return trust * share + (1 - trust) / claims.shape[0]
 
 
 def colour_posterior(image: np.ndarray | torch.Tensor, probs: torch.Tensor, bins: int, class_power: float,
                      reach: float | None) -> torch.Tensor:
-    """(C, H, W) probabilities and the (H, W, 3) uint8 image -> (C, H, W) p(class | colour).
+    """(C, H, W) probabilities and the (H, W, 3) uint8 image -> (C, H, W) p(class | colour), a
+    factor for the prior (``with_colour`` renormalises).
 
     Each class's histogram counts the pixels whose top class it is above ``CONFIDENT``,
     over ``bins`` levels a channel, smoothed by one cell so that a colour next to the class's
-    counts too. p(class | colour) is the class's share of that colour, its histogram normalised
-    and weighted by (its pixel count) ** ``class_power``, and for a class other than background
-    by exp(-distance to its nearest confident pixel / (``reach`` x the shorter side)) (None: 1).
-    A class with no confident pixel has a flat histogram (any colour alike) and a weight of 1:
-    it takes only colours the others hardly hold, wherever they are. One class: ones.
+    counts too. A class's claim on a pixel is its histogram at the pixel's colour, normalised and
+    weighted by (its pixel count) ** ``class_power``, and for a class other than background
+    times exp(-distance to its nearest confident pixel / (``reach`` x the shorter side)) (None: 1).
+    The colour says nothing where no evidence stands behind it: the claims' shares are blended
+    toward even shares, half-way where the claims add up to ``EVIDENCE`` pixels, so a colour no
+    class holds nearby is left to the prior. A class with no confident pixel gets the even share
+    everywhere: its prior alone decides. Under two classes, or under two confident: ones.
     """
     c, h, w = probs.shape
     rgb = image_array(image, probs)
     if c < 2:
         return torch.ones_like(probs, dtype=torch.float32)
-    cell = _bin_index(rgb, bins)
+    cell = torch.from_numpy(_bin_index(rgb, bins))
     top, arg = probs.detach().float().cpu().reshape(c, -1).max(dim=0)
     owner = torch.where(top > CONFIDENT, arg, torch.full_like(arg, c)).numpy()
     # One bincount for all classes: class k's pixels land in k * bins^3 + their cell; row c is the unsure.
-    counts = np.bincount(owner * bins**3 + cell, minlength=(c + 1) * bins**3).reshape(c + 1, bins, bins, bins)[:c]
-    hist = torch.from_numpy(counts.astype(np.float32))[:, None]
-    kernel = _SMOOTH[:, None, None] * _SMOOTH[None, :, None] * _SMOOTH[None, None, :]
-    hist = F.conv3d(hist, kernel[None, None], padding=1)[:, 0].reshape(c, -1)
-    floor = 1e-3  # keeps every share above 0; at a colour no class holds, the smallest class wins (a known flaw)
-    likelihood = (hist + floor) / (hist.sum(1, keepdim=True) + floor * hist.shape[1])
-    size = hist.sum(1).clamp_min(1.0)
-    share = likelihood * size[:, None] ** class_power
-    post = share[:, torch.from_numpy(cell)]
-    if reach is not None:
+    counts = np.bincount(owner * bins**3 + cell.numpy(), minlength=(c + 1) * bins**3).reshape(c + 1, -1)[:c]
+    held = np.flatnonzero(counts.sum(1))
+    if len(held) < 2:
+        return torch.ones_like(probs, dtype=torch.float32)
+    hist = _smooth(torch.from_numpy(counts[held].astype(np.float32)).reshape(-1, bins, bins, bins))
+    # In pixels: a neighbouring cell's count weighs as much as the kernel gives it against the cell's own.
+    hist = hist.reshape(len(held), -1) / float(_SMOOTH.max()) ** 3
+    # Normalised by the raw counts, not the blurred ones: at the cube's edge the blur spills out
+    # of it, and a class holding an edge colour (black, a saturated hue) would claim it more firmly.
+    weight = torch.from_numpy(counts[held].sum(1).astype(np.float32))[:, None] ** (class_power - 1.0)
+    if reach is None:
+        post = _shares(hist, hist * weight)[:, cell]  # per colour cell, then looked up
+    else:
+        near = hist[:, cell]
         own = owner.reshape(h, w)
-        for k in range(1, c):  # background is everywhere
-            if (own == k).any():
+        for row, k in enumerate(held.tolist()):
+            if k != 0:  # background is everywhere
                 far = cv2.distanceTransform((own != k).astype(np.uint8), cv2.DIST_L2, 3)
-                post[k] *= torch.from_numpy(np.exp(-far / (reach * min(h, w)))).reshape(-1)
-    return (post / post.sum(0, keepdim=True)).reshape(c, h, w).to(probs.device)
+                near[row] *= torch.from_numpy(np.exp(-far / (reach * min(h, w)))).reshape(-1)
+        post = _shares(near, near * weight)
+    if len(held) == c:
+        return post.reshape(c, h, w).to(probs.device)
+    out = torch.full((c, h * w), 1.0 / len(held))
+    out[torch.from_numpy(held)] = post
+    return out.reshape(c, h, w).to(probs.device)
 
 
 def with_colour(image: np.ndarray | torch.Tensor, probs: torch.Tensor, weight: float, bins: int,
                 class_power: float, reach: float | None) -> torch.Tensor:
-    """``probs`` times ``colour_posterior`` ** ``weight``, renormalised; ``weight`` 0: a copy."""
+    """``probs`` times ``colour_posterior`` ** ``weight``, renormalised; ``weight`` 0 or under two
+    classes: a copy."""
     if weight == 0 or probs.shape[0] < 2:
         return probs.float().clone()
     out = probs.float() * colour_posterior(image, probs, bins, class_power, reach) ** weight

@@ -12,7 +12,7 @@ same maps, edge-aligned, come out, and the label with its 255 band follows from 
   by default a fully connected CRF (``dense_crf``, pydensecrf), whose appearance kernel reaches a
   quarter of the side and so cuts back a label that bleeds a whole cell past an edge, which a
   windowed filter only moves part of the way (rich noisy shapes, harsh: 0.397 -> 0.515 label
-  mIoU with the CRF alone, 0.589 with the colour model; docs/masks.md).
+  mIoU with the CRF alone, 0.588 with the colour model; docs/masks.md).
 """
 
 from __future__ import annotations
@@ -161,7 +161,8 @@ def refine_label(
 
     With ``prior_method`` "crf", one pass of the dense CRF (its iterations do what passes would).
     With "guided", the window is ``prior_kernel`` (``refine_kernel`` when None), and the filter
-    runs ``prior_passes`` times, each pass taking the last one's label as its prior. Every pixel
+    runs ``prior_passes`` times, each pass taking the last one's label as its prior (the colour
+    model on the first pass only). Every pixel
     takes its most probable class, except that a 255 pixel stays 255 unless its top
     probability reaches ``fg_threshold``: the band can only shrink. (Turning every pixel below
     ``fg_threshold`` into 255 blurred clean labels' edges into a band: 3 points lost on clean
@@ -174,8 +175,10 @@ def refine_label(
     current = torch.as_tensor(np.array(label, dtype=np.uint8))
     # Doubt reads the label as given, not an earlier pass's; with no class named, background is all there is.
     doubted = (current != BACKGROUND) & (cfg.prior_doubt and len(allowed) > 1)
-    for _ in range(1 if cfg.prior_method == "crf" else cfg.prior_passes):
-        probs = refine_probs(image, label_prior(current, class_ids, cfg.prior_confidence), window)
+    for step in range(1 if cfg.prior_method == "crf" else cfg.prior_passes):
+        # The colour model weighs the label as given once; on every pass its weight would compound.
+        settings = window if step == 0 else replace(window, colour_weight=0.0)
+        probs = refine_probs(image, label_prior(current, class_ids, cfg.prior_confidence), settings)
         top, arg = probs.max(dim=0)
         unsure = ((current == IGNORE_INDEX) & (top < cfg.fg_threshold)) | (doubted & (arg == 0))
         current = torch.where(unsure, torch.full_like(arg, IGNORE_INDEX, dtype=torch.uint8), allowed[arg])
