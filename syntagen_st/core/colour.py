@@ -108,8 +108,6 @@ def colour_posterior(image: np.ndarray | torch.Tensor, probs: torch.Tensor, bins
                 far = cv2.distanceTransform((own != k).astype(np.uint8), cv2.DIST_L2, 3)
                 near[row] *= torch.from_numpy(np.exp(-far / (reach * min(h, w)))).reshape(-1)
         post = _shares(near, near * weight)
-    if len(held) == c:
-        return post.reshape(c, h, w).to(probs.device)
     out = torch.full((c, h * w), 1.0 / len(held))
     out[torch.from_numpy(held)] = post
     return out.reshape(c, h, w).to(probs.device)
