@@ -211,3 +211,21 @@ def test_every_setting_recorded_as_added_or_changed_is_a_real_key_whose_default_
     for (section, key), earlier in {**ADDED_SINCE, **CHANGED_DEFAULTS}.items():
         now = getattr(getattr(Config(), section), key)
         assert now != earlier, f"{section}.{key}"
+
+
+@pytest.mark.parametrize("section, field, value, message", [
+    ("refine", "keep_confidence", None, r"refine.keep_confidence must be a number, got None"),
+    ("train", "lr", "fast", r"train.lr must be a number, got 'fast'"),
+    ("label", "prior_kernel", True, r"label.prior_kernel must be a number or null, got True"),
+])
+def test_a_setting_typed_a_number_that_holds_no_number_is_one_clear_line(section, field, value, message):
+    import dataclasses
+
+    from syntagen_st.core.checks import validate
+    from syntagen_st.core.cli import load_config_file
+    from syntagen_st.core.errors import ConfigError
+
+    cfg = load_config_file(SMOKE)
+    bad = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{field: value})})
+    with pytest.raises(ConfigError, match=message):
+        validate(bad)

@@ -41,11 +41,22 @@ def _real(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
+def _numbers(section: str, cfg: object) -> None:
+    """Every setting typed a float (or float | None) holds a number (or null): a null or a string
+    is one clear line here, not a TypeError in the range checks that follow."""
+    for name, hint in get_type_hints(type(cfg)).items():
+        if hint in (float, float | None):
+            value = getattr(cfg, name)
+            _check(_real(value) or (value is None and hint != float),
+                   f"{section}.{name} must be a number{'' if hint == float else ' or null'}, got {value!r}")
+
+
 def _fraction(name: str, value: float) -> None:
     _check(0.0 <= value <= 1.0, f"{name} must be in [0, 1], got {value}")
 
 
 def validate_model(cfg: ModelConfig) -> None:
+    _numbers("model", cfg)
     ref = cfg.pretrained
     if ref in TINY_MODELS:
         pass
@@ -65,6 +76,7 @@ def validate_model(cfg: ModelConfig) -> None:
 
 
 def validate_generate(cfg: GenerateConfig, label: LabelConfig) -> None:
+    _numbers("generate", cfg)
     _check(cfg.num_images >= 0, f"generate.num_images must be >= 0, got {cfg.num_images}")
     _check(cfg.batch_size >= 1, f"generate.batch_size must be >= 1, got {cfg.batch_size}")
     _check(cfg.steps >= 1, f"generate.steps must be >= 1, got {cfg.steps}")
@@ -115,6 +127,7 @@ def validate_llm(cfg: GenerateConfig) -> None:
 
 
 def validate_label(cfg: LabelConfig) -> None:
+    _numbers("label", cfg)
     _check(cfg.tau >= 0, f"label.tau must be >= 0, got {cfg.tau}")
     for name in ("fg_threshold", "band_threshold", "presence_threshold"):
         _fraction(f"label.{name}", getattr(cfg, name))
@@ -143,14 +156,12 @@ def validate_label(cfg: LabelConfig) -> None:
            f"label.crf_work_side must be an integer >= 8 or null, got {cfg.crf_work_side}")
     for name in ("crf_weight", "crf_smooth_weight"):
         _check(getattr(cfg, name) >= 0, f"label.{name} must be >= 0, got {getattr(cfg, name)}")
-    _check(_real(cfg.colour_weight) and 0 <= cfg.colour_weight <= 4,
-           f"label.colour_weight must be in [0, 4], got {cfg.colour_weight!r}")
+    _check(0 <= cfg.colour_weight <= 4, f"label.colour_weight must be in [0, 4], got {cfg.colour_weight}")
     _check(type(cfg.colour_bins) is int and 2 <= cfg.colour_bins <= 64,
            f"label.colour_bins must be an integer in [2, 64], got {cfg.colour_bins!r}")
-    _check(_real(cfg.colour_class_power) and 0 <= cfg.colour_class_power <= 1,
-           f"label.colour_class_power must be in [0, 1], got {cfg.colour_class_power!r}")
-    _check(cfg.colour_reach is None or (_real(cfg.colour_reach) and 0 < cfg.colour_reach <= 4),
-           f"label.colour_reach must be in (0, 4] or null, got {cfg.colour_reach!r}")
+    _check(0 <= cfg.colour_class_power <= 1, f"label.colour_class_power must be in [0, 1], got {cfg.colour_class_power}")
+    _check(cfg.colour_reach is None or 0 < cfg.colour_reach <= 4,
+           f"label.colour_reach must be in (0, 4] or null, got {cfg.colour_reach}")
 
 
 def validate_grids(cfg: LabelConfig) -> None:
@@ -182,6 +193,7 @@ def validate_grids(cfg: LabelConfig) -> None:
 
 
 def validate_train(cfg: TrainConfig) -> None:
+    _numbers("train", cfg)
     for name in ("max_steps", "batch_size", "crop_size", "num_nodes", "log_every", "val_every", "checkpoint_every"):
         _check(getattr(cfg, name) >= 1, f"train.{name} must be >= 1, got {getattr(cfg, name)}")
     _check(cfg.num_workers >= 0, f"train.num_workers must be >= 0, got {cfg.num_workers}")
@@ -204,6 +216,7 @@ def validate_train(cfg: TrainConfig) -> None:
 
 
 def validate_refine(cfg: RefineConfig) -> None:
+    _numbers("refine", cfg)
     _check(cfg.folds >= 2, f"refine.folds must be >= 2, got {cfg.folds}")
     _check(cfg.relabel_method in get_args(get_type_hints(RefineConfig)["relabel_method"]),
            f"refine.relabel_method must be crf or guided, got {cfg.relabel_method!r}")
@@ -222,6 +235,7 @@ def validate_refine(cfg: RefineConfig) -> None:
 
 
 def validate_loop(cfg: LoopConfig) -> None:
+    _numbers("loop", cfg)
     _check(cfg.rounds >= 1, f"loop.rounds must be >= 1, got {cfg.rounds}")
     _check(
         1 <= cfg.max_pairs <= MAX_PAIRS,
