@@ -6,12 +6,15 @@
     python scripts/bench_import.py                          # the whole grid (~25 CPU minutes)
     python scripts/bench_import.py --looks 0 --methods guided --windows 0.125,0.25 --passes 1,2,3,4
     python scripts/bench_import.py --methods crf --crf-spatial 0.125,0.25,0.5 --crf-weights 5,10,20
+    python scripts/bench_import.py --methods crf --crf-spatial 0.25 --crf-weights 10 --doubt on --absent-doubt on,off \
+        --confidences 0.8 --colour-weights 1.5                 # the absent-class rule, shipped setting otherwise
 
 Each noisy label of the rich noisy shapes (scripts/noisy_shapes.py: 1/8-resolution blobs that bleed
 across edges, decoys, thin parts) is refined as ``--source folder:`` refines it
 (``core/guided.refine_label``: the label a prior of ``prior_confidence``, then the dense CRF of
 ``crf_spatial`` of the side and weight ``crf_weight``, or the guided filter at ``prior_kernel`` of
-the side, ``prior_passes`` times; with and without the doubt rule; each after the per-image colour
+the side, ``prior_passes`` times; with and without the doubt rule and the absent-class rule
+(``absent_doubt``); each after the per-image colour
 model at ``colour_weight``, ``colour_bins``, ``colour_class_power`` and ``colour_reach``) at every
 combination given, and scored
 against the truth with 255 counted as a miss, at every noise level and look: the gain, the worst
@@ -58,6 +61,7 @@ def main() -> None:
     parser.add_argument("--crf-spatial", type=floats, default=[0.125, 0.25, 0.5], help="crf_spatial values")
     parser.add_argument("--crf-weights", type=floats, default=[5.0, 10.0], help="crf_weight values")
     parser.add_argument("--doubt", default="on,off", help="prior_doubt values")
+    parser.add_argument("--absent-doubt", default="on", help="absent_doubt values (on, off)")
     parser.add_argument("--confidences", type=floats, default=[0.7, 0.8], help="prior_confidence values")
     parser.add_argument("--colour-weights", type=floats, default=[0.0, 1.0], help="colour_weight values")
     parser.add_argument("--colour-bins", default="6", help="colour_bins values")
@@ -67,8 +71,9 @@ def main() -> None:
     args = parser.parse_args()
     if any(int(p) < 1 for p in args.passes.split(",")):
         parser.error("--passes: every value must be >= 1")
-    if not set(args.doubt.split(",")) <= {"on", "off"}:
-        parser.error("--doubt: choose from on, off")
+    for flag, value in (("--doubt", args.doubt), ("--absent-doubt", args.absent_doubt)):
+        if not set(value.split(",")) <= {"on", "off"}:
+            parser.error(f"{flag}: choose from on, off")
     torch.set_num_threads(args.threads)
     levels = args.levels.split(",")
     methods = args.methods.split(",")
@@ -78,12 +83,12 @@ def main() -> None:
                 itertools.product(args.windows, args.passes.split(","))] * ("guided" in methods)
     settings += [dict(prior_method="crf", crf_spatial=r, crf_weight=w) for r, w in
                  itertools.product(args.crf_spatial, args.crf_weights)] * ("crf" in methods)
-    doubts = [{"on": True, "off": False}[v] for v in args.doubt.split(",")]
+    doubts = [(d, a) for d in args.doubt.split(",") for a in args.absent_doubt.split(",")]
     reaches = [None if v == "none" else float(v) for v in args.colour_reaches.split(",")]
     colours = [dict(colour_weight=0.0)] * (0.0 in args.colour_weights)  # off once, not once per bins / power / reach
     colours += [dict(colour_weight=w, colour_bins=int(b), colour_class_power=p, colour_reach=r) for w, b, p, r in
                 itertools.product(args.colour_weights, args.colour_bins.split(","), args.colour_powers, reaches) if w]
-    print("| look | method | reach, passes or weight | doubt | confidence | colour weight, bins, power, reach | "
+    print("| look | method | reach, passes or weight | doubt, absent doubt | confidence | colour weight, bins, power, reach | "
           + " | ".join(levels)
           + " | ms/img |")
     print("|---" * (len(levels) + 7) + "|")
@@ -93,7 +98,8 @@ def main() -> None:
         given = {lv: label_quality(d["masks"], d["gt"]) for lv, d in sets.items()}
         print(f"| {look} | as given | | | | | " + " | ".join(f"{given[lv]['miou']:.3f}" for lv in levels) + " | |")
         for setting, doubt, confidence, colour in itertools.product(settings, doubts, args.confidences, colours):
-            cfg = dataclasses.replace(LabelConfig(), **setting, **colour, prior_doubt=doubt, prior_confidence=confidence)
+            cfg = dataclasses.replace(LabelConfig(), **setting, **colour, prior_doubt=doubt[0] == "on",
+                                      absent_doubt=doubt[1] == "on", prior_confidence=confidence)
             reach = (f"{cfg.crf_spatial:g} of the side, weight {cfg.crf_weight:g}" if cfg.prior_method == "crf" else
                      f"{cfg.prior_kernel:g} of the side, {cfg.prior_passes} passes")
             cells, seconds, count = [], 0.0, 0
@@ -109,7 +115,7 @@ def main() -> None:
                 cells.append(f"{q['miou']:.3f} ({q['miou'] - b['miou']:+.3f}; worst {worst:+.3f}; {thin})")
             shade = (f"{cfg.colour_weight:g}, {cfg.colour_bins}, {cfg.colour_class_power:g}, "
                      f"{'anywhere' if cfg.colour_reach is None else f'{cfg.colour_reach:g}'}" if cfg.colour_weight else "off")
-            print(f"| {look} | {cfg.prior_method} | {reach} | {'on' if doubt else 'off'} | {confidence:g} | {shade} | "
+            print(f"| {look} | {cfg.prior_method} | {reach} | {doubt[0]}, {doubt[1]} | {confidence:g} | {shade} | "
                   + " | ".join(cells)
                   + f" | {1000 * seconds / count:.1f} |", flush=True)
 

@@ -6,6 +6,7 @@
     python scripts/bench_refine.py --work DIR -- --refine.min_reliability 0.4   # extra flags go to fit
     python scripts/bench_refine.py --work DIR --refine-again   # redo refinement with the current code
     python scripts/bench_refine.py --work DIR --refine-again --no-arms -- --refine.relabel_kernel 0.125
+    python scripts/bench_refine.py --work DIR --refine-again --arms image,refined --arm-seeds 5 --arm-seed-start 5
 
 Builds a noisy-shapes training set with known truth (scripts/noisy_shapes.py, ``--scene rich`` by
 default: textured backgrounds, decoys, thin parts, holes, blobby 1/8-resolution labels that bleed
@@ -19,10 +20,13 @@ moderate, harsh; ``--noise`` picks some):
    before (no image in the relabel); relabelled with the image; and, over the exported (kept)
    samples, after the filter; with coverage and the ignore-255 mIoU beside them, the thin classes
    (bicycle, chair) apart, and how good each round's held-out fold models are against the truth;
-2. the clean held-out mIoU of two models trained with the same arch, steps and seed, one on the
-   unrefined labels of every sample, one on the refined labels of the kept samples, for each of
-   ``--arm-seeds`` seeds (3), averaged: one seed's gap is noise (the same labels gave 0.46-0.53).
-The loop's own final training is cut to one step: the two arms are trained here, on the same PNGs.
+2. the clean held-out mIoU of models trained with the same arch, steps and seed (``--arms``): on
+   the unrefined labels of every sample (``unrefined``), on the import's refinement by the image
+   alone of every sample (``image``, the run's pool), and on the refined labels of the kept samples
+   (``refined``, the export), for each of ``--arm-seeds`` seeds (3) from ``--arm-seed-start``,
+   averaged, with each arm's gain over ``unrefined`` and its standard error: one seed's gap is
+   noise (the same labels gave 0.46-0.53, and a gain of +4.5 had a standard deviation of 2.3).
+The loop's own final training is cut to one step: the arms are trained here, on the same PNGs.
 A markdown table of every level ends the output.
 
 ``--refine-again`` keeps a work folder's data and round-0 fold models and reruns the loop from
@@ -41,6 +45,7 @@ import json
 import logging
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -234,29 +239,44 @@ def fmt_named(values: dict[str, float | None]) -> str:
     return " ".join(f"{name} {v:.2f}" for name, v in values.items() if v is not None)
 
 
-def arms_report(run: Path, train_dir: Path, held_dir: Path, steps: int, seeds: list[int]) -> dict[str, float]:
-    """Two models per seed, same arch / steps: unrefined labels of all samples vs refined kept ones.
-    One seed is not enough: at 1,000 steps from scratch the same labels gave 0.46-0.53 over seeds."""
+ARMS = ("unrefined", "image", "refined")
+"""The comparison models' labels: as given (every sample), the import's refinement by the image alone
+(every sample: the run's pool), and the loop's export (the kept samples, refined)."""
+
+
+def arm_samples(name: str, run: Path, train_dir: Path) -> list[Sample]:
+    return {"unrefined": lambda: find_samples(train_dir), "image": lambda: find_samples(run / "pool"),
+            "refined": lambda: find_samples(run)}[name]()
+
+
+def arms_report(run: Path, train_dir: Path, held_dir: Path, steps: int, seeds: list[int], names: list[str]) -> dict:
+    """One model per arm and seed, same arch / steps, scored on the clean held-out images. One
+    seed is not enough: at 1,000 steps from scratch the same labels gave 0.46-0.53 over seeds."""
     cfg = replace(load_run_config(RunLayout(run).config).train, max_steps=steps, checkpoint_every=steps,
                   logger="none")
-    arms: dict[str, list[Sample]] = {"unrefined": find_samples(train_dir), "refined": find_samples(run)}
+    arms = {name: arm_samples(name, run, train_dir) for name in names}
     held = find_samples(held_dir)
     scores: dict[str, list[float]] = {name: [] for name in arms}
     for seed in seeds:
         for name, samples in arms.items():
             out = run.parent / f"arm_{name}_seed{seed}"
+            if name == "refined":
+                # A --refine-again rewrites the export: a model trained on the earlier one would resume as done.
+                shutil.rmtree(out, ignore_errors=True)
             weights = train(cfg, samples, out, seed=seed, run_name=f"bench-{name}", progress=False)
             scores[name].append(evaluate(load_model(weights), held, "cpu")["mIoU"])
             print(f"  {name}, seed {seed}: {len(samples)} samples, {steps} steps -> held-out mIoU {scores[name][-1]:.3f}",
                   flush=True)
-    miou = {name: float(np.mean(v)) for name, v in scores.items()}
-    gains = np.subtract(scores["refined"], scores["unrefined"])
-    print(
-        f"held-out model mIoU ({len(held)} clean images, mean of {len(seeds)} seeds): unrefined {miou['unrefined']:.3f}, "
-        f"refined {miou['refined']:.3f} ({miou['refined'] - miou['unrefined']:+.3f}; per seed "
-        + " ".join(f"{g:+.3f}" for g in gains) + ")"
-    )
-    return miou | {"arm_gains": [float(g) for g in gains]}
+    span = f"seed {seeds[0]}" if len(seeds) == 1 else f"mean of {len(seeds)} seeds, {seeds[0]}-{seeds[-1]}"
+    print(f"held-out model mIoU ({len(held)} clean images, {span}): "
+          + ", ".join(f"{name} {np.mean(v):.3f}" for name, v in scores.items()))
+    figures: dict = {"arms": {name: float(np.mean(v)) for name, v in scores.items()}, "arm_gains": {}}
+    for name in (n for n in arms if n != "unrefined" and "unrefined" in arms):
+        gains = np.subtract(scores[name], scores["unrefined"])
+        se = float(gains.std(ddof=1) / np.sqrt(len(gains))) if len(gains) > 1 else float("nan")
+        figures["arm_gains"][name] = {"mean": float(gains.mean()), "se": se, "per_seed": [float(g) for g in gains]}
+        print(f"  {name} over unrefined: {gains.mean():+.3f} ({se_text(se)}per seed " + " ".join(f"{g:+.3f}" for g in gains) + ")")
+    return figures
 
 
 def round0_training(name: str) -> bool:
@@ -294,7 +314,7 @@ def refine_again(run: Path, command: list[str]) -> None:
 
 
 def bench(work: Path, level: str, look: int, scene: str, budget: Budget, size: int, seed: int, threads: int,
-          extra: list[str], again: bool, arms: bool) -> dict:
+          extra: list[str], again: bool, arms: list[str], arm_seed_start: int) -> dict:
     noise = scene_noise(level, scene)
     data = make_dataset(budget.train_images, size, seed, noise, make_look(look), SCENES[scene])
     print(f"\n=== noise {level}, look {look}, scene {scene}: {noise}", flush=True)
@@ -321,20 +341,31 @@ def bench(work: Path, level: str, look: int, scene: str, budget: Budget, size: i
     figures = label_report(run, data, plain)
     if arms:
         figures |= arms_report(run, work / "train", work / "held", budget.arm_steps,
-                               list(range(seed, seed + budget.arm_seeds)))
+                               list(range(arm_seed_start, arm_seed_start + budget.arm_seeds)), arms)
     return figures
+
+
+def se_text(se: float) -> str:
+    """A standard error for the text, none from one seed."""
+    return "" if np.isnan(se) else f"standard error {se:.3f}; "
+
+
+def gain_cell(gain: dict) -> str:
+    se = "" if np.isnan(gain["se"]) else f" ± {gain['se']:.3f}"
+    return f" ({gain['mean']:+.3f}{se})"
 
 
 def summary(results: dict[str, dict]) -> str:
     lines = [
         "| noise | as given | image alone | relabelled as before | relabelled + image | kept: as given -> filtered "
         "| worst class: image / relabel + image | thin: given -> image -> relabelled -> + image | gate open "
-        "| model: unrefined | model: refined |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| models (mean over the seeds; gain over unrefined, standard error) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for level, f in results.items():
-        model = (f"{f['unrefined']:.3f} | {f['refined']:.3f} ({f['refined'] - f['unrefined']:+.3f}; per seed "
-             + " ".join(f"{g:+.3f}" for g in f["arm_gains"]) + ")" if "refined" in f else "- | -")
+        model = "; ".join(
+            f"{name} {v:.3f}" + (gain_cell(d) if (d := f["arm_gains"].get(name)) else "")
+            for name, v in f["arms"].items()) if "arms" in f else "-"
         thin = "; ".join(f"{name} " + " -> ".join(f"{v:.3f}" for v in vals) for name, vals in f["thin"].items()) or "-"
         g = f["given"]
         lines.append(
@@ -362,7 +393,9 @@ def main() -> None:
     parser.add_argument("--look", type=int, default=0, help="shapes and colours: 0 fixed, N drawn from N")
     parser.add_argument("--scene", choices=list(SCENES), default="rich", help="plain: the shapes of earlier versions")
     parser.add_argument("--refine-again", action="store_true", help="reuse --work's data and round-0 folds")
-    parser.add_argument("--no-arms", action="store_true", help="skip the two held-out comparison models")
+    parser.add_argument("--no-arms", action="store_true", help="skip the held-out comparison models")
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comparison models, from {', '.join(ARMS)} (default: all)")
+    parser.add_argument("--arm-seed-start", type=int, default=None, help="the comparison models' first seed (default --seed)")
     args, extra = parser.parse_known_args()
     extra = [a for a in extra if a != "--"]
     levels = args.noise.split(",")
@@ -371,6 +404,9 @@ def main() -> None:
         parser.error(f"unknown noise level {unknown[0]!r}; choose from {', '.join(NOISE_LEVELS)}")
     if args.arm_seeds is not None and args.arm_seeds < 1:
         parser.error("--arm-seeds must be >= 1 (--no-arms skips the comparison models)")
+    arms = args.arms.split(",")
+    if not arms or not set(arms) <= set(ARMS) or len(set(arms)) < len(arms):
+        parser.error(f"--arms: distinct names from {', '.join(ARMS)}")
     if args.refine_again and not args.work:
         parser.error("--refine-again needs --work")
     base = QUICK if args.quick else FULL
@@ -389,7 +425,8 @@ def main() -> None:
         root = Path(args.work or tmp)
         for level in levels:
             results[level] = bench(root / level, level, args.look, args.scene, budget, args.size, args.seed,
-                                   args.threads, extra, args.refine_again, not args.no_arms)
+                                   args.threads, extra, args.refine_again, [] if args.no_arms else arms,
+                                   args.seed if args.arm_seed_start is None else args.arm_seed_start)
     print("\n" + summary(results))
     usage = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = sum(u.ru_utime + u.ru_stime for u in usage)

@@ -185,6 +185,33 @@ def test_on_a_flat_image_the_crf_doubts_a_label_instead_of_erasing_it():
     assert (erased[label == CAT] == 0).all()  # what the rule prevents
 
 
+def test_a_label_absent_of_a_class_it_names_keeps_no_background():
+    # A cat square the label places, and a dog (class 12) it names but holds no pixel of: the dog
+    # may be anywhere the label says background, so none of it stays background. The cat stays.
+    image, truth = _square_scene(64, 16, 48)
+    label = np.where(truth, CAT, 0).astype(np.uint8)
+    refined = refine_label(image, label, [CAT, 12], CFG)[1].numpy()
+    assert CFG.absent_doubt
+    assert _iou(refined == CAT, truth) > 0.99
+    assert (refined[~truth] == IGNORE_INDEX).all()
+    assert not (refined == 0).any()
+    # Without the rule, or with every named class placed, background the label and the image agree on stays.
+    kept = refine_label(image, label, [CAT, 12], dataclasses.replace(CFG, absent_doubt=False))[1].numpy()
+    assert (kept[~truth] == 0).all()
+    placed = label.copy()
+    placed[0:2, 0:2] = 12
+    both = refine_label(image, placed, [CAT, 12], CFG)[1].numpy()
+    assert (both[4:, 4:][~truth[4:, 4:]] == 0).all()
+    # A class placed as given but lost in the refinement is no absent class: its pixels are doubted (255) instead.
+    flat = np.full((64, 64, 3), 90, dtype=np.uint8)
+    small = np.zeros((64, 64), np.uint8)
+    small[8:16, 8:16] = CAT
+    lost = refine_label(flat, small, [CAT], CFG)[1].numpy()
+    assert not (lost == CAT).any() and (lost[small == 0] == 0).all()
+    # Naming no class, a label is all background and stays so.
+    assert (refine_label(image, np.zeros((64, 64), np.uint8), [], CFG)[1].numpy() == 0).all()
+
+
 def test_the_crf_sorts_two_classes_by_the_colours_their_labels_hold():
     # Two squares of different colours, each label a blob bleeding into the other's and the
     # background: every pixel goes to the class whose colour it has.
@@ -258,6 +285,7 @@ def test_an_image_of_another_size_is_one_clear_error():
 @pytest.mark.parametrize("field, value, message", [
     ("prior_method", "CRF", "label.prior_method must be crf or guided, got 'CRF'"),
     ("prior_doubt", 1, "label.prior_doubt must be true or false, got 1"),
+    ("absent_doubt", "yes", "label.absent_doubt must be true or false, got 'yes'"),
     ("crf_iterations", 0, "label.crf_iterations must be an integer >= 1, got 0"),
     ("crf_spatial", 0.0, r"label.crf_spatial must be in \(0, 4\], got 0.0"),
     ("crf_colour", 0.0, "label.crf_colour must be > 0, got 0.0"),

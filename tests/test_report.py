@@ -415,9 +415,11 @@ def test_an_imported_dataset_s_sheet_shows_its_mask_as_given_beside_the_refined_
     assert "no round has finished: still the pool's" in text(markup)
     # A config recorded before the CRF: the guided filter; as fit saves it today: the CRF and its doubt rule.
     assert "snapped to the image's edges with the guided filter" in text(markup)
+    assert "no background where" not in text(markup)  # recorded before absent_doubt: made without it
     run.config.write_text(yaml.safe_dump({"loop": {"source": f"folder:{data}", "rounds": 1},
                                           "label": dataclasses.asdict(LabelConfig())}))
     now = text(sections.sheets(read_run(run.root), dataset_view(facts)))
     assert ("snapped to the image's edges with a fully connected CRF on the image, 255 where it doubts the mask's "
-            "class, after the image's colour model of each class (label.refine_image)") in now
+            "class, after the image's colour model of each class (label.refine_image); no background where the "
+            "mask places no pixel of a class it names") in now
     assert "guided filter" not in now

@@ -443,6 +443,10 @@ def test_the_card_names_the_image_guided_refinement_only_when_it_was_on():
     anywhere = copy.deepcopy(on)
     anywhere["label"]["colour_reach"] = None
     assert "the power 1.5), then refined by the image" in _labels_line(_card_of(anywhere))
+    assert line.endswith("; a pixel the mask gave a class or 255 that comes out background is 255; a label that "
+                         "places no pixel of a class it names keeps no background (255).")
+    assert _labels_line(_card_of({**on, "label": {k: v for k, v in on["label"].items() if k != "absent_doubt"}})) \
+        .endswith("comes out background is 255.")  # recorded before the rule: made without it
     # Recorded before the colour model: made without it, and the card says nothing of it.
     assert "colour model" not in _labels_line(_card_of({**on, "label": {k: v for k, v in on["label"].items()
                                                                        if k != "colour_weight"}}))

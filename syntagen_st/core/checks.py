@@ -147,6 +147,7 @@ def validate_label(cfg: LabelConfig) -> None:
     _check(cfg.prior_method in get_args(get_type_hints(LabelConfig)["prior_method"]),
            f"label.prior_method must be crf or guided, got {cfg.prior_method!r}")
     _check(type(cfg.prior_doubt) is bool, f"label.prior_doubt must be true or false, got {cfg.prior_doubt!r}")
+    _check(type(cfg.absent_doubt) is bool, f"label.absent_doubt must be true or false, got {cfg.absent_doubt!r}")
     _check(type(cfg.crf_iterations) is int and cfg.crf_iterations >= 1,
            f"label.crf_iterations must be an integer >= 1, got {cfg.crf_iterations}")
     _check(0 < cfg.crf_spatial <= 4, f"label.crf_spatial must be in (0, 4], got {cfg.crf_spatial}")

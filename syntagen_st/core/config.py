@@ -107,8 +107,7 @@ class LabelConfig:
     extra_self_factor: int | None = None
     """A second self-attention grid (latent / factor): scores propagated at both are averaged; None: one grid."""
     refine_image: bool = True
-    """Refine labels by the image (``core/guided.py``): the guided filter on attention scores,
-    ``prior_method`` on an imported label."""
+    """Refine labels by the image (``core/guided.py``): the guided filter on scores, ``prior_method`` on an import."""
     refine_kernel: float = 0.0625
     """The filter's window as a fraction of the image's shorter side (33 px at 512)."""
     refine_eps: float = 0.001
@@ -118,15 +117,15 @@ class LabelConfig:
     prior_confidence: float = 0.8
     """A hard label's probability on its own class when refined as a prior (imported datasets)."""
     prior_kernel: float | None = 0.125
-    """With ``prior_method`` guided, the window for such a label (fraction of the shorter side): one
-    cell of a 1/8-resolution label, as an import's blur is unknown; None: ``refine_kernel``."""
+    """With ``prior_method`` guided, its window (of the shorter side; a 1/8-resolution cell); None: refine_kernel."""
     prior_passes: int = 3
-    """With ``prior_method`` guided, passes of that refinement, each from the last one's label: a blob
-    bleeding further than one window is cut back over several."""
+    """With ``prior_method`` guided, passes, each from the last one's label: cuts back a blob bleeding past a window."""
     prior_method: Literal["crf", "guided"] = "crf"
     """How such a label (in the relabel, a model's softmax times it) is refined: a fully connected CRF, or the guided filter."""
     prior_doubt: bool = True
     """A pixel the label gave a class (or 255) that the refinement takes to background becomes 255."""
+    absent_doubt: bool = True
+    """A refined label with no pixel of a class it names keeps no background: 255, as the class may lie anywhere."""
     crf_iterations: int = 10
     """Mean-field iterations of the CRF."""
     crf_spatial: float = 0.25
@@ -325,6 +324,7 @@ ADDED_SINCE: dict[tuple[str, str], object] = {
     ("label", "prior_passes"): 1,
     ("label", "prior_method"): "guided",
     ("label", "prior_doubt"): False,
+    ("label", "absent_doubt"): False,
     ("label", "colour_weight"): 0.0,
     ("refine", "relabel_image"): False,
     ("refine", "flip_tta"): False,

@@ -168,11 +168,14 @@ def refine_label(
     ``fg_threshold`` into 255 blurred clean labels' edges into a band: 3 points lost on clean
     shapes with 255 counted as a miss, docs/masks.md.) With ``prior_doubt``, a pixel the label
     gave a class or 255 that comes out background becomes 255: background stays only where the
-    label and the image agree on it.
+    label and the image agree on it. With ``absent_doubt``, a label that holds no pixel of a class
+    in ``class_ids`` keeps no background at all: it names the class without placing it, so any
+    background pixel may be it (a model trained on such labels learns the class as background:
+    harsh shapes, docs/masks.md). A class it places is guarded by ``prior_doubt`` instead.
     """
     allowed = torch.tensor([BACKGROUND] + [c for c in class_ids if c != BACKGROUND], dtype=torch.uint8)
     window = replace(cfg, refine_kernel=cfg.prior_kernel or cfg.refine_kernel)
-    current = torch.as_tensor(np.array(label, dtype=np.uint8))
+    current = given = torch.as_tensor(np.array(label, dtype=np.uint8))
     # Doubt reads the label as given, not an earlier pass's; with no class named, background is all there is.
     doubted = (current != BACKGROUND) & (cfg.prior_doubt and len(allowed) > 1)
     for step in range(1 if cfg.prior_method == "crf" else cfg.prior_passes):
@@ -182,6 +185,8 @@ def refine_label(
         top, arg = probs.max(dim=0)
         unsure = ((current == IGNORE_INDEX) & (top < cfg.fg_threshold)) | (doubted & (arg == 0))
         current = torch.where(unsure, torch.full_like(arg, IGNORE_INDEX, dtype=torch.uint8), allowed[arg])
+    if cfg.absent_doubt and not all((given == c).any() for c in allowed[1:]):
+        current = torch.where(current == BACKGROUND, torch.full_like(current, IGNORE_INDEX), current)
     return probs, current
 
 

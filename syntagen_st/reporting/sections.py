@@ -238,8 +238,10 @@ def sheets(facts: RunFacts, view: DatasetView) -> str:
                                                           else "") if crf else "the guided filter")
         if columns.imported and label.colour_weight:
             method += ", after the image's colour model of each class"
+        absent = ("; no background where the mask places no pixel of a class it names"
+                  if columns.imported and label.absent_doubt else "")
         refined = (f"; the refined label: that label snapped to the image's edges with {method} "
-                   "(label.refine_image), as the pool holds it")
+                   f"(label.refine_image){absent}, as the pool holds it")
     else:
         refined = ("; label.refine_image was off for this run, so the pool holds the "
                    + ("mask as imported" if columns.imported else "attention label") + " itself: no refined-label column")

@@ -69,7 +69,9 @@ def _labels_line(cfg: dict) -> str:
                 f"- **Labels**: imported, each mask refined as a prior ({label.prior_confidence:g} on its class, the rest "
                 f"shared over background and its classes, uniform where it was 255), {how}; a pixel takes its most "
                 f"probable class, and a 255 pixel stays 255 unless that reaches {label.fg_threshold}"
-                + ("; a pixel the mask gave a class or 255 that comes out background is 255." if label.prior_doubt
+                + ("; a pixel the mask gave a class or 255 that comes out background is 255" if label.prior_doubt
+                   else "")
+                + ("; a label that places no pixel of a class it names keeps no background (255)." if label.absent_doubt
                    else "."))
     return (f"- **Labels**: cross-attention of the class tokens refined by self-attention to the power {label.tau}"
             + (f", upsampled to the image and snapped to its edges with {snap(label.refine_kernel)}" if label.refine_image else "") + "; "
