@@ -125,7 +125,7 @@ class LabelConfig:
     prior_doubt: bool = True
     """A pixel the label gave a class (or 255) that the refinement takes to background becomes 255."""
     absent_doubt: bool = True
-    """A refined label with no pixel of a class it names keeps no background: 255, as the class may lie anywhere."""
+    """A label holding no pixel of a class it names keeps no background when refined: 255 (the class may be there)."""
     crf_iterations: int = 10
     """Mean-field iterations of the CRF."""
     crf_spatial: float = 0.25
