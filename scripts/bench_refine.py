@@ -245,8 +245,7 @@ ARMS = ("unrefined", "image", "refined")
 
 
 def arm_samples(name: str, run: Path, train_dir: Path) -> list[Sample]:
-    return {"unrefined": lambda: find_samples(train_dir), "image": lambda: find_samples(run / "pool"),
-            "refined": lambda: find_samples(run)}[name]()
+    return find_samples({"unrefined": train_dir, "image": run / "pool", "refined": run}[name])
 
 
 def arms_report(run: Path, train_dir: Path, held_dir: Path, steps: int, seeds: list[int], names: list[str]) -> dict:
@@ -275,7 +274,8 @@ def arms_report(run: Path, train_dir: Path, held_dir: Path, steps: int, seeds: l
         gains = np.subtract(scores[name], scores["unrefined"])
         se = float(gains.std(ddof=1) / np.sqrt(len(gains))) if len(gains) > 1 else float("nan")
         figures["arm_gains"][name] = {"mean": float(gains.mean()), "se": se, "per_seed": [float(g) for g in gains]}
-        print(f"  {name} over unrefined: {gains.mean():+.3f} ({se_text(se)}per seed " + " ".join(f"{g:+.3f}" for g in gains) + ")")
+        print(f"  {name} over unrefined:{gain_text(figures['arm_gains'][name])}, per seed "
+              + " ".join(f"{g:+.3f}" for g in gains))
     return figures
 
 
@@ -345,12 +345,8 @@ def bench(work: Path, level: str, look: int, scene: str, budget: Budget, size: i
     return figures
 
 
-def se_text(se: float) -> str:
-    """A standard error for the text, none from one seed."""
-    return "" if np.isnan(se) else f"standard error {se:.3f}; "
-
-
-def gain_cell(gain: dict) -> str:
+def gain_text(gain: dict) -> str:
+    """An arm's mean gain with its standard error (none from one seed)."""
     se = "" if np.isnan(gain["se"]) else f" ± {gain['se']:.3f}"
     return f" ({gain['mean']:+.3f}{se})"
 
@@ -364,7 +360,7 @@ def summary(results: dict[str, dict]) -> str:
     ]
     for level, f in results.items():
         model = "; ".join(
-            f"{name} {v:.3f}" + (gain_cell(d) if (d := f["arm_gains"].get(name)) else "")
+            f"{name} {v:.3f}" + (gain_text(d) if (d := f["arm_gains"].get(name)) else "")
             for name, v in f["arms"].items()) if "arms" in f else "-"
         thin = "; ".join(f"{name} " + " -> ".join(f"{v:.3f}" for v in vals) for name, vals in f["thin"].items()) or "-"
         g = f["given"]

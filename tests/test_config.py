@@ -217,8 +217,10 @@ def test_every_setting_recorded_as_added_or_changed_is_a_real_key_whose_default_
     ("refine", "keep_confidence", None, r"refine.keep_confidence must be a number, got None"),
     ("train", "lr", "fast", r"train.lr must be a number, got 'fast'"),
     ("label", "prior_kernel", True, r"label.prior_kernel must be a number or null, got True"),
+    ("refine", "flip_tta", 1, r"refine.flip_tta must be true or false, got 1"),
+    ("train", "confidence_weighting", "no", r"train.confidence_weighting must be true or false, got 'no'"),
 ])
-def test_a_setting_typed_a_number_that_holds_no_number_is_one_clear_line(section, field, value, message):
+def test_a_setting_typed_a_number_or_a_flag_that_holds_none_is_one_clear_line(section, field, value, message):
     import dataclasses
 
     from syntagen_st.core.checks import validate

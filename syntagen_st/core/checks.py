@@ -41,14 +41,17 @@ def _real(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
-def _numbers(section: str, cfg: object) -> None:
-    """Every setting typed a float (or float | None) holds a number (or null): a null or a string
-    is one clear line here, not a TypeError in the range checks that follow."""
+def _typed(section: str, cfg: object) -> None:
+    """Every setting typed a float (or float | None) holds a number (or null), and every one typed
+    bool holds true or false: a null or a string is one clear line here, not a TypeError in the
+    range checks that follow, nor a flag read as truthy."""
     for name, hint in get_type_hints(type(cfg)).items():
+        value = getattr(cfg, name)
         if hint in (float, float | None):
-            value = getattr(cfg, name)
             _check(_real(value) or (value is None and hint != float),
                    f"{section}.{name} must be a number{'' if hint == float else ' or null'}, got {value!r}")
+        elif hint is bool:
+            _check(type(value) is bool, f"{section}.{name} must be true or false, got {value!r}")
 
 
 def _fraction(name: str, value: float) -> None:
@@ -56,7 +59,7 @@ def _fraction(name: str, value: float) -> None:
 
 
 def validate_model(cfg: ModelConfig) -> None:
-    _numbers("model", cfg)
+    _typed("model", cfg)
     ref = cfg.pretrained
     if ref in TINY_MODELS:
         pass
@@ -76,7 +79,7 @@ def validate_model(cfg: ModelConfig) -> None:
 
 
 def validate_generate(cfg: GenerateConfig, label: LabelConfig) -> None:
-    _numbers("generate", cfg)
+    _typed("generate", cfg)
     _check(cfg.num_images >= 0, f"generate.num_images must be >= 0, got {cfg.num_images}")
     _check(cfg.batch_size >= 1, f"generate.batch_size must be >= 1, got {cfg.batch_size}")
     _check(cfg.steps >= 1, f"generate.steps must be >= 1, got {cfg.steps}")
@@ -127,7 +130,7 @@ def validate_llm(cfg: GenerateConfig) -> None:
 
 
 def validate_label(cfg: LabelConfig) -> None:
-    _numbers("label", cfg)
+    _typed("label", cfg)
     _check(cfg.tau >= 0, f"label.tau must be >= 0, got {cfg.tau}")
     for name in ("fg_threshold", "band_threshold", "presence_threshold"):
         _fraction(f"label.{name}", getattr(cfg, name))
@@ -146,8 +149,6 @@ def validate_label(cfg: LabelConfig) -> None:
            f"label.prior_passes must be an integer >= 1, got {cfg.prior_passes}")
     _check(cfg.prior_method in get_args(get_type_hints(LabelConfig)["prior_method"]),
            f"label.prior_method must be crf or guided, got {cfg.prior_method!r}")
-    _check(type(cfg.prior_doubt) is bool, f"label.prior_doubt must be true or false, got {cfg.prior_doubt!r}")
-    _check(type(cfg.absent_doubt) is bool, f"label.absent_doubt must be true or false, got {cfg.absent_doubt!r}")
     _check(type(cfg.crf_iterations) is int and cfg.crf_iterations >= 1,
            f"label.crf_iterations must be an integer >= 1, got {cfg.crf_iterations}")
     _check(0 < cfg.crf_spatial <= 4, f"label.crf_spatial must be in (0, 4], got {cfg.crf_spatial}")
@@ -194,7 +195,7 @@ def validate_grids(cfg: LabelConfig) -> None:
 
 
 def validate_train(cfg: TrainConfig) -> None:
-    _numbers("train", cfg)
+    _typed("train", cfg)
     for name in ("max_steps", "batch_size", "crop_size", "num_nodes", "log_every", "val_every", "checkpoint_every"):
         _check(getattr(cfg, name) >= 1, f"train.{name} must be >= 1, got {getattr(cfg, name)}")
     _check(cfg.num_workers >= 0, f"train.num_workers must be >= 0, got {cfg.num_workers}")
@@ -217,7 +218,7 @@ def validate_train(cfg: TrainConfig) -> None:
 
 
 def validate_refine(cfg: RefineConfig) -> None:
-    _numbers("refine", cfg)
+    _typed("refine", cfg)
     _check(cfg.folds >= 2, f"refine.folds must be >= 2, got {cfg.folds}")
     _check(cfg.relabel_method in get_args(get_type_hints(RefineConfig)["relabel_method"]),
            f"refine.relabel_method must be crf or guided, got {cfg.relabel_method!r}")
@@ -236,7 +237,7 @@ def validate_refine(cfg: RefineConfig) -> None:
 
 
 def validate_loop(cfg: LoopConfig) -> None:
-    _numbers("loop", cfg)
+    _typed("loop", cfg)
     _check(cfg.rounds >= 1, f"loop.rounds must be >= 1, got {cfg.rounds}")
     _check(
         1 <= cfg.max_pairs <= MAX_PAIRS,
